@@ -1,0 +1,1 @@
+"""The convllava-edge command line (a thin layer over the library)."""

@@ -1,0 +1,126 @@
+"""The vision encoder: pixel_values [1, 3, H, W] -> image embeddings [n_tokens, n_embd], in ONNX Runtime.
+
+The graph (written by convllava_edge.export) holds the ConvNeXt tower, the 5th stage and the
+projector, so its output is already in the LLM's embedding space.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+import numpy as np
+
+from .errors import BundleError, ConfigError, unknown_choice
+
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES = ("auto", "cpu", "cuda")
+INPUT_NAME = "pixel_values"  # [1, 3, H, W] float32, H and W multiples of the total stride
+OUTPUT_NAME = "image_embeds"  # [1, (H/64) * (W/64), n_embd] float32, tokens in row-major order
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+class VisionEncoder(Protocol):
+    """What the pipeline needs from a vision backend."""
+
+    providers: list[str]
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 [1, 3, H, W] -> float32 [n_tokens, n_embd]."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    providers: list[str]
+    note: str  # one line for the user: what runs the graph and, on a fallback, why
+
+
+def choose_providers(device: str, available: Sequence[str], tensorrt_libs: bool) -> ProviderChoice:
+    """Pick ONNX Runtime execution providers for ``device``.
+
+    onnxruntime-gpu lists the CUDA and TensorRT providers whether or not a GPU or the TensorRT
+    libraries are present, so ``available`` alone is not proof; the session reports what it really
+    got (see OnnxVisionEncoder.providers). TensorRT goes first only when its libraries are installed.
+    """
+    if device not in DEVICES:
+        raise unknown_choice("device", device, DEVICES)
+    if device == "cpu":
+        return ProviderChoice([CPU], "vision on CPU (ONNX Runtime)")
+    if CUDA in available:
+        chain = ([TENSORRT] if tensorrt_libs and TENSORRT in available else []) + [CUDA, CPU]
+        return ProviderChoice(chain, f"vision on GPU ({chain[0].removesuffix('ExecutionProvider')})")
+    if device == "cuda":
+        raise ConfigError(
+            "--device cuda: this onnxruntime has no CUDA provider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu (the 'gpu' extra)"
+        )
+    return ProviderChoice([CPU], "vision on CPU (no CUDA provider in this onnxruntime)")
+
+
+def tensorrt_libraries_present() -> bool:
+    """True when TensorRT's runtime can be loaded (pip 'tensorrt' wheels or a system libnvinfer)."""
+    return importlib.util.find_spec("tensorrt_libs") is not None or ctypes.util.find_library("nvinfer") is not None
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (honours taskset/cgroup limits, unlike os.cpu_count())."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxVisionEncoder:
+    """An ONNX Runtime session over a vision graph."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"{self.path}: vision graph not found")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        choice = choose_providers(device, ort.get_available_providers(), tensorrt_libraries_present())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or default_threads()
+        options.log_severity_level = 3  # errors only: ORT's fallback warnings go to our note instead
+        provider_options = [self._provider_options(p, cache_dir) for p in choice.providers]
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                                providers=choice.providers, provider_options=provider_options)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types, all from RuntimeError or Exception
+            raise BundleError(f"{self.path}: ONNX Runtime cannot load the vision graph: {e}") from e
+        self.providers: list[str] = self.session.get_providers()
+        self.threads = options.intra_op_num_threads
+        wanted_gpu = choice.providers[0] != CPU
+        if wanted_gpu and self.providers[0] == CPU:
+            self.note = "vision on CPU: the CUDA provider failed to start (no GPU or CUDA libraries)"
+            if device == "cuda":
+                raise ConfigError(f"--device cuda: {self.note}")
+        else:
+            self.note = choice.note
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in {o.name for o in self.session.get_outputs()}:
+            raise BundleError(f"{self.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
+
+    @staticmethod
+    def _provider_options(provider: str, cache_dir: str | os.PathLike | None) -> dict[str, str]:
+        if provider == TENSORRT and cache_dir is not None:
+            # Engines take minutes to build for the full tower: keep them between runs.
+            return {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache_dir), "trt_fp16_enable": "1"}
+        return {}
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        if pixel_values.ndim != 4 or pixel_values.shape[:2] != (1, 3):
+            raise ConfigError(f"pixel_values must be [1, 3, H, W], got {list(pixel_values.shape)}")
+        (embeds,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})
+        return embeds[0]

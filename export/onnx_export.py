@@ -1,0 +1,131 @@
+"""PyTorch vision module -> one ONNX graph, validated against PyTorch right after it is written.
+
+The graph: ``pixel_values [1, 3, 64*grid_height, 64*grid_width]`` -> ``image_embeds [1,
+grid_height*grid_width, n_embd]``. H and W are dynamic but must be multiples of the tower's total
+stride, which torch.export states as derived dimensions, so the constraint is in the graph itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch.export import Dim
+
+from ..errors import ExportError
+from ..metrics import relative_max_error
+from ..vision import INPUT_NAME, OUTPUT_NAME, OnnxVisionEncoder
+
+# LayerNormalization entered ONNX at opset 17, and TensorRT 8.6 (JetPack 5) reads up to 17; TensorRT
+# 10 reads 9-20. torch's exporter emits 18 and converts down; none of our ops changed between the two.
+OPSET = 17
+# Graphs whose weights exceed this go to ONNX external data: protobuf cannot serialise a message
+# over 2 GiB, and the 1536 tower alone holds ~669M fp32 parameters (2.7 GB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MAX_GRID = 256  # largest H/64 or W/64 the graph accepts: 16384 px, far beyond any preprocessing mode
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """One exported graph compared with PyTorch at one input shape."""
+
+    height: int
+    width: int
+    rel_error: float  # max |onnx - torch| / max |torch|
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_error <= self.tolerance
+
+
+# fp32 ONNX Runtime vs fp32 PyTorch: only summation order differs; 1e-4 of the output's scale leaves
+# room for deep towers' accumulated rounding while still catching any wrong op (those give ~1e-1).
+FP32_TOLERANCE = 1e-4
+
+
+def export_onnx(model: torch.nn.Module, path: Path, sample_hw: tuple[int, int], stride: int) -> Path:
+    """Trace ``model`` with dynamic H/W and write ``path`` (+ ``path.data`` when large)."""
+    model = model.eval()
+    gh, gw = Dim("grid_height", min=1, max=MAX_GRID), Dim("grid_width", min=1, max=MAX_GRID)
+    sample = torch.zeros(1, 3, *sample_hw)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                model, (sample,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=OPSET, dynamo=True, dynamic_shapes={"pixel_values": {2: stride * gh, 3: stride * gw}},
+                verbose=False,
+            )
+        except Exception as e:  # torch.export raises many types; all mean "this module did not trace"
+            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    model_proto = program.model_proto
+    opset = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != OPSET:
+        raise ExportError(f"exporter produced opset {opset}, expected {OPSET}")
+    _name_output_dims(model_proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = n_bytes > EXTERNAL_DATA_THRESHOLD
+    if external:
+        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model_proto, str(path))
+    return path
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The graph file and its external-data file, when it has one."""
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def _name_output_dims(model: onnx.ModelProto) -> None:
+    """Give the token axis a readable name instead of the exporter's symbol (e.g. 's87*s93')."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) == 3 and not dims[1].dim_value:
+        dims[1].dim_param = "grid_height*grid_width"
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints progress lines and warns about opset conversion; the export reports instead."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def validate_onnx(path: Path, model: torch.nn.Module, inputs: Sequence[np.ndarray],
+                  tolerance: float = FP32_TOLERANCE, threads: int | None = None) -> list[ValidationResult]:
+    """Run the graph and the module on each input; raise ExportError listing every failure."""
+    encoder = OnnxVisionEncoder(path, device="cpu", threads=threads)
+    results = []
+    with torch.no_grad():
+        for pixels in inputs:
+            expected = model(torch.from_numpy(pixels)).numpy()[0]
+            got = encoder.encode(pixels)
+            if got.shape != expected.shape:
+                raise ExportError(f"{path.name}: output shape {list(got.shape)} for input {list(pixels.shape)}, "
+                                  f"PyTorch gives {list(expected.shape)}")
+            results.append(ValidationResult(pixels.shape[2], pixels.shape[3], relative_max_error(got, expected), tolerance))
+    failures = [r for r in results if not r.passed]
+    if failures:
+        detail = "; ".join(f"{r.height}x{r.width}: max error {r.rel_error:.2e} of the output's scale" for r in failures)
+        raise ExportError(f"{path.name} does not match PyTorch (tolerance {tolerance:.0e}): {detail}")
+    return results

@@ -1,0 +1,96 @@
+"""The vision side of an export: fp32 graph, variants, validation, accuracy and lint, in one pass.
+
+Every graph is checked right after it is written: the fp32 graph against PyTorch (tolerance
+FP32_TOLERANCE, at a square and two non-square shapes), each variant against the fp32 graph on probe
+images (per-token cosine and relative L2), and every graph by the TensorRT lint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..metrics import EmbeddingAgreement, compare_embeddings
+from ..preprocess import PreprocessConfig, preprocess
+from ..vision import OnnxVisionEncoder
+from .onnx_export import ValidationResult, export_onnx, graph_files, validate_onnx
+from .probe_images import images_in, probe_images
+from .trt_lint import LintReport, lint
+from .vision_model import VisionCheckpoint, load_vision_model
+
+N_PROBE_IMAGES = 6  # accuracy figures are pooled over this many images (x 16 to 576 tokens each)
+MAX_CALIBRATION_IMAGES = 64
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class VisionGraph:
+    variant: str  # fp32 | fp16 | int8
+    path: Path
+    method: str
+    lint: LintReport
+    accuracy: EmbeddingAgreement | None = None  # against the fp32 graph; None for fp32 itself
+    validation: list[ValidationResult] = field(default_factory=list)  # fp32 against PyTorch
+
+    @property
+    def files(self) -> list[Path]:
+        return graph_files(self.path)
+
+
+@dataclass
+class VisionExport:
+    preprocess: PreprocessConfig
+    n_embd: int
+    stride: int
+    graphs: list[VisionGraph]
+    notes: list[str]
+
+
+def validation_shapes(config: PreprocessConfig) -> list[tuple[int, int]]:
+    """The square training shape and a wide and a tall one, all multiples of the stride."""
+    h, w = config.crop_size
+    s = config.stride
+    return [(h, w), (h, max(s, (w // 2) // s * s)), (max(s, (h * 3 // 4) // s * s), w)]
+
+
+def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str] = ("fp32",),
+                  calibration_dir: Path | None = None, progress: Progress = lambda msg: None,
+                  threads: int | None = None) -> VisionExport:
+    from ..quantize.onnx_variants import make_variant  # quantize/ is imported lazily: it pulls onnxruntime tools
+
+    config = ckpt.tower.preprocess
+    progress("loading the vision tower and projector")
+    model = load_vision_model(ckpt)
+    progress("exporting the fp32 graph")
+    fp32_path = export_onnx(model, out_dir / "vision-fp32.onnx", config.crop_size, config.stride)
+    rng = np.random.default_rng(0)
+    shapes = validation_shapes(config)
+    inputs = [rng.normal(0, 1, size=(1, 3, h, w)).astype(np.float32) for h, w in shapes]
+    progress(f"validating the fp32 graph against PyTorch at {', '.join(f'{h}x{w}' for h, w in shapes)}")
+    validation = validate_onnx(fp32_path, model, inputs, threads=threads)
+    del model
+    graphs = [VisionGraph("fp32", fp32_path, "fp32, exported by torch.onnx (dynamo)", lint(fp32_path),
+                          validation=validation)]
+
+    calibration = None
+    if calibration_dir is not None:
+        calibration = [preprocess(im, config) for im in images_in(calibration_dir, MAX_CALIBRATION_IMAGES)]
+    probes = [preprocess(im, config, aspect) for im, aspect in
+              zip(probe_images(N_PROBE_IMAGES, seed=1), ["pad", "pad", "pad", "pad", "native", "native"])]
+    reference = [OnnxVisionEncoder(fp32_path, "cpu", threads).encode(p) for p in probes] if len(variants) > 1 else []
+    for variant in variants:
+        if variant == "fp32":
+            continue
+        progress(f"making the {variant} graph")
+        path, method = make_variant(variant, fp32_path, out_dir / f"vision-{variant}.onnx",
+                                    calibration if variant == "int8" else None)
+        encoder = OnnxVisionEncoder(path, "cpu", threads)
+        accuracy = compare_embeddings([encoder.encode(p) for p in probes], reference)
+        graphs.append(VisionGraph(variant, path, method, lint(path), accuracy=accuracy))
+    order = {v: i for i, v in enumerate(variants)}
+    graphs.sort(key=lambda g: order.get(g.variant, len(order)))
+    return VisionExport(config, ckpt.llava.llm.hidden_size, config.stride, graphs, list(ckpt.notes))
