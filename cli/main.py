@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConvLlavaEdgeError
@@ -24,23 +25,37 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class StageLog:
-    """Prints each export stage with its duration; the current one shows a spinner."""
+class StageProgress:
+    """One line per stage with its duration; a bar while a stage reports counts (tensors converted)."""
 
     def __init__(self, console: Console):
-        self.console, self.status, self.label, self.start = console, None, None, 0.0
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    def __call__(self, label: str) -> None:
+        self.console = console
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        self.task, self.label, self.start = None, None, 0.0
+
+    def stage(self, label: str) -> None:
         self.finish()
         self.label, self.start = label, time.perf_counter()
-        self.status = self.console.status(label)
-        self.status.start()
+        if not self.bar.live.is_started:
+            self.bar.start()
+        self.task = self.bar.add_task(label, total=None)
+
+    def advance(self, done: int, total: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=done, total=total)
 
     def finish(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.console.print(f"[green]✓[/] {self.label} [dim]({time.perf_counter() - self.start:.1f} s)[/]")
-            self.status = None
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.console.print(f"[green]✓[/] {escape(self.label)} [dim]({time.perf_counter() - self.start:.1f} s)[/]")
+            self.task = None
+
+    def close(self) -> None:
+        self.finish()
+        self.bar.stop()
 
 
 def _size(n: int) -> str:
@@ -56,38 +71,54 @@ def export_cmd(
     checkpoint: Path = typer.Argument(..., help="ConvLLaVA model folder (config.json + .bin/.safetensors shards)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to create."),
     vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="ConvNeXt tower folder; default: the copy in the shards."),
+    llm_type: str = typer.Option("Q4_K_M", "--llm-type", help="Q4_K_M, Q4_0, Q5_K_M, Q6_K, Q8_0 (llama.cpp quantizer), or F16, BF16, F32."),
     vision_type: List[str] = typer.Option(["fp32"], "--vision-type", help="fp32, fp16 or int8; repeat to ship several (the first is the default)."),
     calibration_images: Optional[Path] = typer.Option(None, "--calibration-images", help="Folder of images: static (TensorRT-ready QDQ) int8 instead of dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for validation."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for validation and quantization."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON at the end."),
 ) -> None:
-    """Turn a checkpoint into a bundle: validated ONNX vision graphs and a manifest."""
+    """Turn a checkpoint into a bundle: validated ONNX vision graphs, a GGUF LLM and a manifest."""
     from ..export.bundle import ExportOptions, export_bundle  # needs the export extra (torch)
 
-    options = ExportOptions(vision_types=tuple(vision_type), calibration_images=calibration_images, force=force,
-                            threads=threads)
-    log = StageLog(err)
+    options = ExportOptions(vision_types=tuple(vision_type), llm_type=llm_type, calibration_images=calibration_images,
+                            force=force, threads=threads)
+    progress = StageProgress(err)
     try:
-        manifest = export_bundle(checkpoint, out_dir, options, vision_tower, progress=log)
+        manifest = export_bundle(checkpoint, out_dir, options, vision_tower, progress=progress)
     finally:
-        log.finish()
+        progress.close()
     for note in manifest.source.get("notes", []):
         err.print(f"note: {note}", markup=False)
+    warning = manifest.accuracy.get("llm_fallback_warning")
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
-    table = Table(title=f"bundle {out_dir}")
-    for col in ("file", "size", "type", "accuracy vs fp32", "TensorRT"):
+    out.print(_files_table(manifest, str(out_dir)))
+
+
+def _files_table(manifest, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("file", "size", "type", "accuracy", "notes"):
         table.add_column(col)
     sizes = {f.path: f.size for f in manifest.files}
     for entry in manifest.vision:
         acc = entry.accuracy
-        figure = (f"cos mean {acc['cosine_mean']:.5f} min {acc['cosine_min']:.5f}, rel L2 {acc['rel_l2']:.2e}"
+        figure = (f"vs fp32: cos mean {acc['cosine_mean']:.5f} min {acc['cosine_min']:.5f}, rel L2 {acc['rel_l2']:.1e}"
                   if acc else "reference")
-        table.add_row(entry.graph, _size(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}", figure,
-                      "ready" if entry.tensorrt_ready else "no (see lint)")
-    out.print(table)
+        table.add_row(escape(entry.graph), _size(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}",
+                      figure, "TensorRT-ready" if entry.tensorrt_ready else "not TensorRT-ready (see lint)")
+    if manifest.llm:
+        agree = manifest.accuracy.get("llm_vs_unquantized")
+        figure = (f"vs unquantized: top-1 {agree['top1']:.1%}, KL mean {agree['kl_mean']:.4f} p99 {agree['kl_p99']:.4f}"
+                  if agree else "reference")
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(manifest.llm.tensor_types.items()))
+        fallback = f"{manifest.llm.fallbacks} fallbacks" if manifest.llm.fallbacks else ""
+        table.add_row(escape(manifest.llm.file), _size(sizes[manifest.llm.file]), f"LLM {manifest.llm.type}", figure,
+                      escape(f"{types} {fallback}".strip()))
+    return table
 
 
 @app.command("info")
@@ -109,10 +140,10 @@ def info_cmd(
               f"{manifest.tokens_per_image['square']} tokens of width {manifest.n_embd} "
               f"(rule {manifest.tokens_per_image['rule']})")
     for entry in manifest.vision:
-        out.print(f"vision {entry.variant}: {entry.graph} - {entry.method}")
-    for record in manifest.files:
-        out.print(f"  {record.path}  {_size(record.size)}  sha256 {record.sha256[:16]}…")
-    out.print("files verified" if verify else "files not verified (--no-verify)")
+        out.print(f"vision {entry.variant}: {escape(entry.method)}")
+    if manifest.template:
+        out.print(f"template: {manifest.template['name']}")
+    out.print(_files_table(manifest, f"files ({'SHA-256 verified' if verify else 'not verified: --no-verify'})"))
 
 
 @app.command("lint")
@@ -177,26 +208,124 @@ def encode_cmd(
               f"encode {result['timings']['encode_ms']:.0f} ms")
 
 
+def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, aspect: Optional[str]):
+    from ..llm import SamplingOptions
+    from ..pipeline import AskOptions
+
+    options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature, top_p, seed), aspect=aspect)
+    options.validate()
+    return options
+
+
+def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool):
+    from ..default_model import default_bundle
+    from ..pipeline import Model
+
+    bundle = model
+    if bundle is None:
+        bundle = default_bundle()
+        err.print(f"using the demo model shipped with convllava-edge ({bundle.name}); pass --model for another",
+                  markup=False)
+    loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache)
+    return loaded
+
+
+def _checked_image(path: Path) -> bytes:
+    """Read and decode the image before any model loads, so a bad file fails fast with its name."""
+    from ..image import open_image, read_image_bytes
+
+    _, data = read_image_bytes(path)
+    open_image(data, name=str(path))
+    return data
+
+
+MODEL_HELP = "Bundle folder (default: the demo model shipped with the package)."
+
+
+@app.command("ask")
+def ask_cmd(
+    image: Path = typer.Argument(..., help="Image file."),
+    question: str = typer.Argument(..., help="Question about the image."),
+    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy and deterministic (official default 0.2)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all available)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, default) or native (keep aspect ratio)."),
+    vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
+) -> None:
+    """Ask a question about an image; the answer streams as it is generated."""
+    options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
+    image_data = _checked_image(image)
+    loaded = _load_model(model, device, threads, vision_type, no_cache)
+    if device == "auto" and not as_json:
+        err.print(loaded.note, markup=False)
+    stream = loaded.ask_stream(image_data, question, options, use_cache=not no_cache)
+    if as_json:
+        for _ in stream:
+            pass
+        print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision.providers}))
+        return
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    t = stream.answer.timings
+    err.print(f"[dim]{stream.answer.n_image_tokens} image tokens; first token after {t['time_to_first_token_ms']:.0f} ms "
+              f"(encode {t['encode_ms']:.0f} ms{', cached' if stream.answer.cache_hit else ''}); "
+              f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
+
+
+@app.command("chat")
+def chat_cmd(
+    image: Path = typer.Argument(..., help="Image file."),
+    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    max_tokens: int = typer.Option(512, "--max-tokens"),
+    temperature: float = typer.Option(0.2, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    device: str = typer.Option("auto", "--device"),
+    aspect: Optional[str] = typer.Option(None, "--aspect"),
+    vision_type: Optional[str] = typer.Option(None, "--vision-type"),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+) -> None:
+    """Talk about an image over several turns (an empty line or end of input quits)."""
+    options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
+    image_data = _checked_image(image)
+    loaded = _load_model(model, device, threads, vision_type, no_cache)
+    err.print(loaded.note, markup=False)
+    conversation = loaded.chat(image_data, options, use_cache=not no_cache)
+    while True:
+        err.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            break
+        stream = conversation.ask_stream(line)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        a = stream.answer
+        err.print(f"[dim]evaluated {a.n_evaluated} of {a.n_prompt_positions} prompt positions "
+                  f"({a.n_prompt_positions - a.n_evaluated} reused from the KV cache); "
+                  f"first token after {a.timings['time_to_first_token_ms']:.0f} ms; "
+                  f"{a.timings['decode_tokens_per_s']:.1f} tokens/s[/]")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: the one place where library errors become a clean line and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="convllava-edge")  # standalone: usage errors print and raise SystemExit(2)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except ConvLlavaEdgeError as e:
         print(f"error: {e}", file=sys.stderr)  # plain: messages hold [shapes] that rich would read as markup
         return e.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
-    except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            err.print("aborted")
-            return 1
-        raise
     return 0
 
 

@@ -6,3 +6,14 @@ llama-cpp-python; it never imports torch. ``convllava_edge.export`` makes bundle
 """
 
 __version__ = "0.1.0"
+
+
+def load(bundle=None, **kwargs):
+    """Load a bundle for asking questions: ``convllava_edge.load("bundle/").ask("cat.jpg", "What is it?")``.
+
+    With no bundle, the demo model shipped with the package. Keyword arguments: device ("auto",
+    "cpu", "cuda"), threads, vision_type, n_ctx, cache (True, False or an EmbeddingCache).
+    """
+    from .pipeline import load as _load
+
+    return _load(bundle, **kwargs)

@@ -29,11 +29,15 @@ MAX_IMAGE_PIXELS = 89_478_485
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def open_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
-    """Open ``source`` (a path, encoded bytes or a PIL image) as an RGB image, upright."""
+def open_image(source: str | os.PathLike | bytes | Image.Image, name: str | None = None) -> Image.Image:
+    """Open ``source`` (a path, encoded bytes or a PIL image) as an RGB image, upright.
+
+    ``name`` is what error messages call the image (default: its path, or "<bytes>").
+    """
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source))
-    name, data = _read_source(source)
+    default_name, data = read_image_bytes(source)
+    name = name or default_name
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -76,7 +80,8 @@ def _sixteen_to_eight(values: np.ndarray) -> np.ndarray:
     return ((values * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _read_source(source: str | os.PathLike | bytes) -> tuple[str, bytes]:
+def read_image_bytes(source: str | os.PathLike | bytes) -> tuple[str, bytes]:
+    """(name for messages, encoded bytes) of a path or bytes, with the same checks as decoding."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError("<bytes>: empty image data")

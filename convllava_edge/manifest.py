@@ -63,8 +63,10 @@ class Manifest:
     n_embd: int  # width of the image embeddings = the LLM's embedding width
     tokens_per_image: dict[str, Any]  # {"stride": 64, "rule": ..., "square": n}
     vision: tuple[VisionEntry, ...]  # the first is the default
+    tower: dict[str, Any] = field(default_factory=dict)  # depths, hidden_sizes, patch_size, projector (for FLOP counts)
     llm: LlmEntry | None = None
-    template: dict[str, Any] | None = None
+    template: dict[str, Any] | None = None  # prompt.Template.to_dict()
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # add_space_prefix, space_after_special (HF "legacy")
     accuracy: dict[str, Any] = field(default_factory=dict)  # figures measured at export
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint name, notes
 

@@ -58,3 +58,27 @@ def relative_max_error(candidate: np.ndarray, reference: np.ndarray) -> float:
     scale = float(np.max(np.abs(reference)))
     err = float(np.max(np.abs(candidate.astype(np.float64) - reference.astype(np.float64))))
     return err / scale if scale > 0 else err
+
+
+def convllava_vision_macs(depths, hidden_sizes, patch_size: int, height: int, width: int, n_embd: int,
+                          projector: str = "mlp2x_gelu") -> int:
+    """Multiply-accumulates of tower + projector for one H x W image (convs and matmuls only).
+
+    Per block of width C on an h x w grid: depthwise 7x7 (49 C per position) plus the two pointwise
+    layers (C -> 4C -> C: 8 C^2 per position). Stem: 4x4 patches, 3 -> C0. Downsampling: 2x2, C_in ->
+    C_out at the output grid. E.g. the 5-stage tower at 768 px: ~472 GMACs, stage 3 the largest part.
+    """
+    h, w = height // patch_size, width // patch_size
+    macs = h * w * hidden_sizes[0] * 3 * patch_size * patch_size
+    prev = hidden_sizes[0]
+    for stage, (depth, c) in enumerate(zip(depths, hidden_sizes)):
+        if stage > 0:
+            h, w = h // 2, w // 2
+            macs += h * w * c * prev * 4
+        macs += depth * h * w * (49 * c + 8 * c * c)
+        prev = c
+    tokens = h * w
+    n_linear = int(projector[3:-6]) if projector.startswith("mlp") else (1 if projector == "linear" else 0)
+    if n_linear:
+        macs += tokens * (prev * n_embd + (n_linear - 1) * n_embd * n_embd)
+    return macs

@@ -221,3 +221,81 @@ def write_convllava_checkpoint(folder: Path, spec: LlamaSpec, tower: TowerConfig
     for name, data in extra_files:
         (folder / name).write_bytes(data)
     return folder
+
+
+def write_tiny_convllava(out: Path, *, seed: int = 0, fmt: str = "bin", shards: int = 2) -> tuple[Path, Path]:
+    """A tiny random ConvLLaVA: ``out/sft`` (checkpoint) and ``out/tower`` (ConvNeXt folder)."""
+    out = Path(out)
+    spec = LlamaSpec()
+    vision = random_vision_state(TINY_TOWER, "mlp2x_gelu", spec.hidden_size, seed=seed)
+    llm = random_llama_state(spec, seed=seed + 1)
+    tower = write_tower_folder(out / "tower", TINY_TOWER, vision)
+    sft = write_convllava_checkpoint(out / "sft", spec, TINY_TOWER, vision_state=vision, llm_state=llm, fmt=fmt,
+                                     shards=shards)
+    return sft, tower
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random ConvLLaVA checkpoint in the released layout.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--format", choices=("bin", "safetensors"), default="bin")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sft_dir, tower_dir = write_tiny_convllava(args.out, seed=args.seed, fmt=args.format, shards=args.shards)
+    print(f"checkpoint: {sft_dir}\ntower:      {tower_dir}")
+
+
+# -- tokenizer --------------------------------------------------------------------------------------
+# The trainer options of Llama-2 / Vicuna's tokenizer.model (its trainer_spec and normalizer_spec):
+# BPE, byte fallback, digits split, no normalization, a dummy-prefix space, unk/bos/eos = 0/1/2.
+LLAMA_SENTENCEPIECE_OPTIONS = dict(
+    model_type="bpe", byte_fallback=True, split_digits=True, split_by_unicode_script=True, split_by_number=True,
+    split_by_whitespace=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+    normalization_rule_name="identity", add_dummy_prefix=True, max_sentencepiece_length=16,
+    character_coverage=0.99995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", hard_vocab_limit=False,
+)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                 "detailed, and polite answers to the user's questions.")
+
+
+def default_corpus() -> list[str]:
+    """English-ish lines around the vicuna_v1 template: enough for a few hundred merges."""
+    words = ("the a an image picture photo shows what is are there how many color colour shape left right red green "
+             "blue yellow circle square triangle yes no one two three of in on and with describe question answer "
+             "this that it small large bright dark above below next to where which who why when does do can see").split()
+    rng = torch.Generator().manual_seed(1234)
+    lines = [VICUNA_SYSTEM, "USER: <image>\nWhat is in the image? ASSISTANT: A picture.</s>USER: Why? ASSISTANT:"]
+    for _ in range(400):
+        n = int(torch.randint(3, 12, (1,), generator=rng))
+        idx = torch.randint(0, len(words), (n,), generator=rng).tolist()
+        lines.append("USER: " + " ".join(words[i] for i in idx) + "? ASSISTANT: " + str(int(idx[0]) * 7) + ".")
+    return lines
+
+
+def write_llama_tokenizer(folder: Path, vocab_size: int, corpus: list[str] | None = None, *,
+                          legacy: bool = False) -> Path:
+    """tokenizer.model (SentencePiece, Llama's options) + tokenizer_config / special_tokens_map / generation_config."""
+    import io
+
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus or default_corpus()), model_writer=model,
+                                   vocab_size=vocab_size, num_threads=1, minloglevel=2, **LLAMA_SENTENCEPIECE_OPTIONS)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
+    write_json(folder / "special_tokens_map.json", special)
+    write_json(folder / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": legacy,
+        "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        **special,
+    })
+    write_json(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                                   "max_length": 4096, "temperature": 0.9, "top_p": 0.6})
+    return folder / "tokenizer.model"

@@ -48,6 +48,7 @@ class VisionExport:
     stride: int
     graphs: list[VisionGraph]
     notes: list[str]
+    tower: dict  # architecture summary for the manifest: depths, hidden_sizes, patch_size, projector
 
 
 def validation_shapes(config: PreprocessConfig) -> list[tuple[int, int]]:
@@ -81,7 +82,8 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
         calibration = [preprocess(im, config) for im in images_in(calibration_dir, MAX_CALIBRATION_IMAGES)]
     probes = [preprocess(im, config, aspect) for im, aspect in
               zip(probe_images(N_PROBE_IMAGES, seed=1), ["pad", "pad", "pad", "pad", "native", "native"])]
-    reference = [OnnxVisionEncoder(fp32_path, "cpu", threads).encode(p) for p in probes] if len(variants) > 1 else []
+    reference = [OnnxVisionEncoder(fp32_path, "cpu", threads).encode(p) for p in probes] \
+        if any(v != "fp32" for v in variants) else []
     for variant in variants:
         if variant == "fp32":
             continue
@@ -93,4 +95,7 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
         graphs.append(VisionGraph(variant, path, method, lint(path), accuracy=accuracy))
     order = {v: i for i, v in enumerate(variants)}
     graphs.sort(key=lambda g: order.get(g.variant, len(order)))
-    return VisionExport(config, ckpt.llava.llm.hidden_size, config.stride, graphs, list(ckpt.notes))
+    tc = ckpt.tower.config
+    tower = {"depths": list(tc.depths), "hidden_sizes": list(tc.hidden_sizes), "patch_size": tc.patch_size,
+             "projector": ckpt.llava.mm.projector_type}
+    return VisionExport(config, ckpt.llava.llm.hidden_size, config.stride, graphs, list(ckpt.notes), tower)

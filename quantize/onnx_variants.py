@@ -14,8 +14,9 @@ optimum's quantizer is itself a wrapper over the onnxruntime.quantization calls 
   depthwise/downsampling Convs this way made the graph slower than fp32 (0.57x). CPU-oriented:
   MatMulInteger/DynamicQuantizeLinear are not TensorRT ops.
 - int8, static (calibration images given): QDQ format, per-channel symmetric int8 weights and
-  symmetric int8 activations (zero points 0, as TensorRT requires) around MatMul and Conv; this is
-  the variant TensorRT builds as an explicitly quantized network.
+  symmetric int8 activations (zero points 0, as TensorRT requires) around MatMul and Conv, except the
+  stem Conv on raw pixels (see _stem_convs); this is the variant TensorRT builds as an explicitly
+  quantized network.
 """
 
 from __future__ import annotations
@@ -98,12 +99,23 @@ def quantize_int8_static(src: Path, dst: Path, calibration: Iterable[np.ndarray]
 
     with _quiet():
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Conv"], per_channel=True,
+                        op_types_to_quantize=["MatMul", "Conv"], per_channel=True, nodes_to_exclude=_stem_convs(src),
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=_has_external_data(src),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
                         calibration_providers=["CPUExecutionProvider"])
     return dst
+
+
+def _stem_convs(path: Path) -> list[str]:
+    """The Conv(s) reading the raw pixels stay fp32.
+
+    Measured on the tiny tower (9 held-out images): quantizing everything else gives mean cosine
+    0.9990; quantizing the 4x4 patch-embedding stem too drops it to 0.964 (min 0.79), for ~0.2% of
+    the compute. Depthwise and downsampling Convs alone cost 0.0005 each.
+    """
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "Conv" and INPUT_NAME in n.input]
 
 
 def _has_external_data(path: Path) -> bool:
@@ -118,7 +130,7 @@ def make_variant(variant: str, fp32_path: Path, dst: Path, calibration: list[np.
     if variant == "int8":
         if calibration:
             return (quantize_int8_static(fp32_path, dst, calibration),
-                    f"static QDQ int8 (MatMul, Conv; per-channel symmetric), calibrated on {len(calibration)} images")
+                    f"static QDQ int8 (MatMul, Conv but the stem; per-channel symmetric), calibrated on {len(calibration)} images")
         return quantize_int8_dynamic(fp32_path, dst), "dynamic int8 (MatMul weights per-channel, activations at run time)"
     raise unknown_choice("vision variant", variant, [v for v in VARIANTS if v != "fp32"])
 

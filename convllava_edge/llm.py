@@ -1,0 +1,314 @@
+"""The language backend: llama.cpp through llama-cpp-python's C API, with embedding injection.
+
+A llama_batch carries token ids or embeddings, never both, so a prompt is evaluated as runs:
+text tokens, then the image's rows through ``llama_batch.embd``, then text tokens again, at
+consecutive positions of one sequence. The high-level ``Llama`` class is not used: its prompt cache
+matches on token ids only and cannot tell two images apart, so this class keeps its own record of
+what the KV cache holds (see pipeline.py).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import BundleError, ConfigError, ConvLlavaEdgeError
+from .vision import default_threads
+
+_backend_ready = False
+
+
+@contextlib.contextmanager
+def llama_log(on_line: Callable[[str], None]) -> Iterator[None]:
+    """Route llama.cpp's log lines to ``on_line`` for the duration, then restore llama-cpp-python's logger."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    pending = [""]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):  # runs on the calling thread: quantization is synchronous
+        pending[0] += text.decode("utf-8", errors="replace")
+        *lines, pending[0] = pending[0].split("\n")
+        for line in lines:
+            on_line(line)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        if pending[0]:
+            on_line(pending[0])
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+class ContextOverflowError(ConvLlavaEdgeError):
+    """The prompt (plus the answer's budget) does not fit in the context window."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.2  # the official CLI's default; 0 = greedy and deterministic
+    top_p: float = 1.0  # nucleus sampling threshold; 1.0 keeps every token
+    seed: int = 0  # for temperature > 0
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _ensure_backend(quiet: bool) -> None:
+    global _backend_ready
+    import llama_cpp
+    from llama_cpp import _logger
+
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+    # llama-cpp-python's log callback prints everything unless told otherwise, including lines
+    # llama.cpp writes when a context is freed, long after loading: keep it to errors.
+    _logger.set_verbose(not quiet)
+
+
+class LlamaCppBackend:
+    """One model, one context, one sequence (seq 0)."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
+                 n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True):
+        import llama_cpp
+
+        self._l = llama_cpp
+        _ensure_backend(quiet)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"{self.path}: LLM file not found")
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        log: list[str] = []
+        with llama_log(log.append if quiet else print):
+            self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+            if not self.model:
+                raise BundleError(f"{self.path}: llama.cpp cannot load this GGUF "
+                                  f"({next((l for l in reversed(log) if 'error' in l.lower()), 'see llama.cpp log')})")
+            self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+            self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_ctx or self.n_ctx_train
+            cparams.n_batch = cparams.n_ubatch = n_batch
+            cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
+            if kv_f32:
+                cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32 (default F16 rounds keys and values)
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise BundleError(f"{self.path}: llama.cpp could not create a context of {cparams.n_ctx} tokens")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = n_batch
+        self.threads = cparams.n_threads
+        self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.gpu_offload = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        self.n_past = 0
+        self._batch_tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch_embd = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+
+    # -- tokens ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._l.llama_token * capacity)()
+        n = self._l.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            capacity = -n
+            buf = (self._l.llama_token * capacity)()
+            n = self._l.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._l.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._l.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._l.llama_vocab_is_eog(self.vocab, token))
+
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id for the control tokens (<s>, </s>, <unk>) the prompt may spell out."""
+        out = {}
+        for token in range(self.n_vocab):
+            attr = self._l.llama_vocab_get_attr(self.vocab, token)
+            if attr & (1 << 3):  # LLAMA_TOKEN_ATTR_CONTROL
+                out[self._l.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")] = token
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def truncate(self, n_past: int) -> None:
+        """Forget KV entries from position ``n_past`` on (keeps what a later prompt shares)."""
+        mem = self._l.llama_get_memory(self.ctx)
+        if not self._l.llama_memory_seq_rm(mem, 0, n_past, -1):
+            self._l.llama_memory_clear(mem, True)
+            n_past = 0
+        self.n_past = n_past
+
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(f"the prompt needs {self.n_past + n} positions but the context holds {self.n_ctx}")
+
+    def eval_tokens(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray | None:
+        """Evaluate ``tokens`` at the next positions. Logits are kept for the last one, or with
+        ``all_logits`` returned for every position as float32 [len(tokens), n_vocab]."""
+        self._check_room(len(tokens))
+        batch = self._batch_tokens
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            part = tokens[start:start + self.n_batch]
+            for i, token in enumerate(part):
+                batch.token[i] = token
+                self._slot(batch, i, self.n_past + i, last=all_logits or start + i == len(tokens) - 1)
+            batch.n_tokens = len(part)
+            self._decode(batch, f"{len(part)} tokens")
+            self.n_past += len(part)
+            if all_logits:
+                rows += [self._logits_at(i) for i in range(len(part))]
+        return np.stack(rows) if all_logits else None
+
+    def eval_embeddings(self, embeds: np.ndarray) -> None:
+        """Inject rows of ``embeds`` [n, n_embd] as input embeddings at the next positions."""
+        if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
+            raise ConfigError(f"image embeddings have shape {list(embeds.shape)}, the LLM expects [n, {self.n_embd}]")
+        self._check_room(len(embeds))
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        batch = self._batch_embd
+        dst = np.ctypeslib.as_array(batch.embd, shape=(self.n_batch * self.n_embd,))
+        for start in range(0, len(embeds), self.n_batch):
+            part = embeds[start:start + self.n_batch]
+            dst[: part.size] = part.reshape(-1)
+            for i in range(len(part)):
+                self._slot(batch, i, self.n_past + i, last=start + i == len(embeds) - 1)
+            batch.n_tokens = len(part)
+            self._decode(batch, f"{len(part)} image embeddings")
+            self.n_past += len(part)
+
+    @staticmethod
+    def _slot(batch, i: int, pos: int, last: bool) -> None:
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = last
+
+    def _decode(self, batch, what: str) -> None:
+        rc = self._l.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise ConvLlavaEdgeError(f"llama.cpp failed to evaluate {what} at position {self.n_past} (code {rc})")
+
+    def logits(self) -> np.ndarray:
+        """float32 [n_vocab] after the last evaluated position."""
+        return self._logits_at(-1)
+
+    def _logits_at(self, i: int) -> np.ndarray:
+        ptr = self._l.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sampler(self, options: SamplingOptions) -> "Sampler":
+        return Sampler(self, options)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._l.llama_batch_free(self._batch_tokens)
+            self._l.llama_batch_free(self._batch_embd)
+            self._l.llama_free(self.ctx)
+            self._l.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Sampler:
+    """A llama.cpp sampler chain: greedy at temperature 0, else top-p, temperature, seeded draw."""
+
+    def __init__(self, backend: LlamaCppBackend, options: SamplingOptions):
+        options.validate()
+        l = backend._l
+        self._l, self._ctx = l, backend.ctx
+        self.chain = l.llama_sampler_chain_init(l.llama_sampler_chain_default_params())
+        if options.temperature == 0:
+            l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_greedy())
+        else:
+            if options.top_p < 1:
+                l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_top_p(options.top_p, 1))
+            l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_temp(options.temperature))
+            l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_dist(options.seed & 0xFFFFFFFF))
+
+    def sample(self) -> int:
+        return self._l.llama_sampler_sample(self.chain, self._ctx, -1)
+
+    def __del__(self):
+        try:
+            self._l.llama_sampler_free(self.chain)
+        except Exception:
+            pass
+
+
+class TextStream:
+    """Token pieces -> text, holding back incomplete UTF-8 and stop strings that may still complete."""
+
+    def __init__(self, stops: Sequence[str]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything decoded so far
+        self._emitted = 0
+        self.stopped = False
+
+    def push(self, piece: bytes) -> str:
+        """Add a token's bytes; return the text that is now safe to show."""
+        self.text += self._decoder.decode(piece)
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        hold = 0 if self.stopped else max((self._partial_stop(s) for s in self.stops), default=0)
+        return self._take(len(self.text) - hold)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)
+        return self._take(len(self.text))
+
+    def _partial_stop(self, stop: str) -> int:
+        """Length of the longest proper prefix of ``stop`` that the text ends with."""
+        for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(stop[:k]):
+                return k
+        return 0
+
+    def _take(self, end: int) -> str:
+        if self._emitted == 0:  # the answer's leading space (from SentencePiece's '▁') is not shown
+            stripped = len(self.text) - len(self.text.lstrip())
+            if stripped >= end:
+                return ""
+            self._emitted = stripped
+        out = self.text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return out

@@ -1,0 +1,326 @@
+"""A bundle, loaded: image -> embeddings -> spliced prompt -> llama.cpp -> streamed answer.
+
+``Model.ask`` and ``Model.ask_stream`` answer one question; ``Model.chat`` keeps a conversation in
+the official multi-turn format. The KV cache is reused across calls: the model remembers which
+tokens and which image (by content key) fill it, evaluates only what differs from that record,
+and re-tokenizes the whole conversation as the official code does, so reuse never changes ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .cache import EmbeddingCache, cache_key
+from .errors import BundleError, ConfigError
+from .image import open_image, read_image_bytes
+from .llm import ContextOverflowError, LlamaCppBackend, SamplingOptions, TextStream
+from .manifest import Manifest, load_manifest, resolve_inside
+from .preprocess import ASPECTS, PreprocessConfig, preprocess
+from .prompt import IMAGE_TOKEN, ImageSlot, Item, Template, common_prefix, positions, splice
+from .vision import DEVICES, OnnxVisionEncoder
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+_SENTINEL = "\x01"  # see _ids_without_prefix
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    max_tokens: int = 512  # the official CLI's max_new_tokens
+    sampling: SamplingOptions = SamplingOptions()
+    aspect: str | None = None  # None: the bundle's default ("pad", as trained)
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.aspect is not None and self.aspect not in ASPECTS:
+            raise ConfigError(f"unknown aspect mode {self.aspect!r} (known: {', '.join(ASPECTS)})")
+        self.sampling.validate()
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    n_image_tokens: int
+    n_prompt_positions: int  # prompt length in KV positions (text tokens + image rows)
+    n_evaluated: int  # positions evaluated for this prompt; the rest came from the KV cache
+    stop_reason: str  # "eos", "stop" (a stop string such as </s> in the text) or "length"
+    cache_hit: bool  # the image embeddings came from the cache (no encoder run)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"answer": self.text, "token_ids": self.token_ids, "n_image_tokens": self.n_image_tokens,
+                "n_prompt_positions": self.n_prompt_positions, "n_evaluated": self.n_evaluated,
+                "stop_reason": self.stop_reason, "cache_hit": self.cache_hit, "timings": self.timings}
+
+
+@dataclass
+class _Embedded:
+    slot: ImageSlot
+    embeds: np.ndarray
+    hit: bool
+    preprocess_ms: float
+    encode_ms: float
+
+
+class Model:
+    """A loaded bundle. Not thread-safe: one conversation at a time per Model."""
+
+    def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                 vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
+                 kv_f32: bool = False, verify: bool = True):
+        if device not in DEVICES:
+            raise ConfigError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+        self.bundle = Path(bundle)
+        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        if self.manifest.llm is None or self.manifest.template is None:
+            raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
+        entry = self.manifest.vision_entry(vision_type)
+        self.vision_entry = entry
+        self.preprocess_config = PreprocessConfig.from_manifest(self.manifest.preprocess)
+        self.template = Template.from_dict(self.manifest.template)
+        self.tokenizer_info = self.manifest.tokenizer
+        self.vision = OnnxVisionEncoder(resolve_inside(self.bundle, entry.graph), device=device, threads=threads)
+        self.llm = LlamaCppBackend(resolve_inside(self.bundle, self.manifest.llm.file), n_ctx=n_ctx, threads=threads,
+                                   n_gpu_layers=gpu_layers(device), kv_f32=kv_f32)
+        self.note = f"{self.vision.note}; LLM on {'GPU' if self.llm.gpu_offload else 'CPU'} (llama.cpp)"
+        if self.llm.n_embd != self.manifest.n_embd:
+            raise BundleError(f"{self.bundle}: the LLM's embedding width {self.llm.n_embd} differs from the "
+                              f"vision graph's {self.manifest.n_embd}")
+        self.cache = EmbeddingCache() if cache is True else (cache or None)
+        self._graph_sha = next(f.sha256 for f in self.manifest.files if f.path == entry.graph)
+        self._specials = self.llm.special_tokens()
+        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True)) + ")") \
+            if self._specials else None
+        self._kv: list[Item] = []  # what the KV cache holds, item by item
+        self._memory: dict[str, np.ndarray] = {}  # embeddings of recent images, by slot key
+
+    # -- text ------------------------------------------------------------------------------------
+    def tokenize_chunk(self, text: str) -> list[int]:
+        """``tokenizer(text).input_ids`` of the checkpoint's tokenizer: BOS, then the text's ids."""
+        ids = [self.llm.bos]
+        parts = self._special_re.split(text) if self._special_re else [text]
+        after_special = False
+        for part in parts:
+            if part in self._specials:
+                ids.append(self._specials[part])
+                after_special = True
+            elif part:
+                prefix = not after_special or self.tokenizer_info.get("space_after_special", True)
+                ids += self.llm.tokenize(part) if prefix else self._ids_without_prefix(part)
+                after_special = False
+        return ids
+
+    def _ids_without_prefix(self, text: str) -> list[int]:
+        """Tokenize ``text`` without SentencePiece's dummy-prefix space.
+
+        HF's tokenizer with ``legacy: false`` adds no space to text that follows a special token
+        (``</s>USER:`` -> ``US ER :``); llama.cpp always does. A leading control byte cannot merge with
+        any piece, so tokenizing it first and dropping its tokens leaves the text's own ids -- the
+        same trick HF itself plays with ``<unk>``.
+        """
+        if not self.tokenizer_info.get("add_space_prefix", True):
+            return self.llm.tokenize(text)
+        probe = self.llm.tokenize(_SENTINEL)
+        ids = self.llm.tokenize(_SENTINEL + text)
+        if ids[: len(probe)] != probe:
+            raise BundleError("the vocabulary merges a control byte with text; cannot tokenize without a prefix")
+        return ids[len(probe):]
+
+    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot) -> list[Item]:
+        prompt = self.template.render(turns)
+        return splice([self.tokenize_chunk(chunk) for chunk in prompt.split(IMAGE_TOKEN)], slot, self.llm.bos)
+
+    # -- image -------------------------------------------------------------------------------------
+    def embed(self, image: ImageInput, aspect: str | None = None, use_cache: bool = True) -> _Embedded:
+        aspect = aspect or self.manifest.preprocess.get("aspect", "pad")
+        t0 = time.perf_counter()
+        picture, digest = _load(image)
+        key = cache_key(digest, self.manifest.preprocess, aspect, self._graph_sha)
+        embeds = self._memory.get(key)
+        if embeds is None and use_cache and self.cache is not None:
+            embeds = self.cache.get(key)
+        if embeds is not None:
+            t1 = time.perf_counter()
+            return _Embedded(ImageSlot(key, len(embeds)), embeds, True, (t1 - t0) * 1e3, 0.0)
+        pixels = preprocess(open_image(picture), self.preprocess_config, aspect)
+        t1 = time.perf_counter()
+        embeds = self.vision.encode(pixels)
+        t2 = time.perf_counter()
+        if use_cache and self.cache is not None:
+            self.cache.put(key, embeds)
+        self._memory = {key: embeds}  # one image at a time in memory is what chat needs
+        return _Embedded(ImageSlot(key, len(embeds)), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    # -- generation --------------------------------------------------------------------------------
+    def _run(self, items: list[Item], embedded: _Embedded, options: AskOptions, answer_out: list[Answer]) -> Iterator[str]:
+        options.validate()
+        self._memory[embedded.slot.key] = embedded.embeds
+        needed = positions(items)
+        if needed + options.max_tokens > self.llm.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt takes {needed} positions ({embedded.slot.n_tokens} image + {needed - embedded.slot.n_tokens} "
+                f"text) and the answer up to {options.max_tokens} more, but the context holds {self.llm.n_ctx}; "
+                "use fewer --max-tokens, a smaller image (--aspect native), or a shorter conversation")
+        t0 = time.perf_counter()
+        keep = common_prefix(self._kv, items)
+        keep = min(keep, len(items) - 1)  # the last prompt item is always evaluated: its logits start the answer
+        self.llm.truncate(positions(items[:keep]))
+        self._kv = list(items[:keep])
+        evaluated = 0
+        i = keep
+        while i < len(items):
+            if isinstance(items[i], ImageSlot):
+                self.llm.eval_embeddings(self._memory[items[i].key])
+                evaluated += items[i].n_tokens
+                self._kv.append(items[i])
+                i += 1
+            else:
+                j = i
+                while j < len(items) and not isinstance(items[j], ImageSlot):
+                    j += 1
+                self.llm.eval_tokens(items[i:j])
+                evaluated += j - i
+                self._kv.extend(items[i:j])
+                i = j
+        t1 = time.perf_counter()
+        sampler = self.llm.sampler(options.sampling)
+        stream = TextStream(self.template.stop)
+        tokens: list[int] = []
+        reason, first_token_at = "length", None
+        while len(tokens) < options.max_tokens:
+            token = sampler.sample()
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if self.llm.is_end(token):
+                reason = "eos"
+                break
+            tokens.append(token)
+            text = stream.push(self.llm.piece(token))
+            if text:
+                yield text
+            if stream.stopped:
+                reason = "stop"
+                break
+            if len(tokens) < options.max_tokens:
+                self.llm.eval_tokens([token])
+                self._kv.append(token)
+        tail = stream.finish()
+        if tail:
+            yield tail
+        t2 = time.perf_counter()
+        first_token_at = first_token_at or t2
+        decode_s = t2 - t1
+        answer_out.append(Answer(
+            text=stream.text.strip(), token_ids=tokens, n_image_tokens=embedded.slot.n_tokens,
+            n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=reason, cache_hit=embedded.hit,
+            timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
+                     "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
+                     "time_to_first_token_ms": embedded.preprocess_ms + embedded.encode_ms + (first_token_at - t0) * 1e3,
+                     "decode_ms": decode_s * 1e3,
+                     "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}))
+
+    def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions(),
+                   use_cache: bool = True) -> "AnswerStream":
+        """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted."""
+        embedded = self.embed(image, options.aspect, use_cache)
+        items = self.prompt_items([(question, None)], embedded.slot)
+        return AnswerStream(self, items, embedded, options)
+
+    def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), use_cache: bool = True) -> Answer:
+        stream = self.ask_stream(image, question, options, use_cache)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def chat(self, image: ImageInput, options: AskOptions = AskOptions(), use_cache: bool = True) -> "Chat":
+        return Chat(self, self.embed(image, options.aspect, use_cache), options)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class AnswerStream:
+    """Iterate for text pieces; ``.answer`` holds the Answer once the stream is exhausted."""
+
+    def __init__(self, model: Model, items: list[Item], embedded: _Embedded, options: AskOptions,
+                 on_done: Callable[[Answer], None] = lambda answer: None):
+        self._out: list[Answer] = []
+        self._gen = model._run(items, embedded, options, self._out)
+        self._on_done = on_done
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._gen
+        self._on_done(self.answer)
+
+    @property
+    def answer(self) -> Answer:
+        if not self._out:
+            raise RuntimeError("the stream has not been consumed yet")
+        return self._out[0]
+
+
+class Chat:
+    """A multi-turn conversation about one image (``... ASSISTANT: A1</s>USER: Q2 ASSISTANT:``)."""
+
+    def __init__(self, model: Model, embedded: _Embedded, options: AskOptions):
+        self.model, self.embedded, self.options = model, embedded, options
+        self.turns: list[tuple[str, str]] = []
+
+    def ask_stream(self, question: str, options: AskOptions | None = None) -> AnswerStream:
+        items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot)
+        stream = AnswerStream(self.model, items, self.embedded, options or self.options,
+                              on_done=lambda answer: self.turns.append((question, answer.text)))
+        # Later turns reuse the embeddings in hand: no preprocessing or encoding to report.
+        self.embedded = _Embedded(self.embedded.slot, self.embedded.embeds, True, 0.0, 0.0)
+        return stream
+
+    def ask(self, question: str, options: AskOptions | None = None) -> Answer:
+        stream = self.ask_stream(question, options)
+        for _ in stream:
+            pass
+        return stream.answer
+
+
+def gpu_layers(device: str) -> int:
+    """llama.cpp layers to offload: all on a GPU build unless --device cpu."""
+    import llama_cpp
+
+    if device == "cpu":
+        return 0
+    if not llama_cpp.llama_supports_gpu_offload():
+        if device == "cuda":
+            raise ConfigError("--device cuda: this llama-cpp-python was built without GPU support "
+                              "(reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\")")
+        return 0
+    return -1
+
+
+def _load(image: ImageInput) -> tuple[ImageInput, str]:
+    """The image source and a digest of its content (file bytes, or pixels for a PIL image)."""
+    if isinstance(image, Image.Image):
+        h = hashlib.sha256(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+        return image, h.hexdigest()
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), hashlib.sha256(image).hexdigest()
+    _, data = read_image_bytes(image)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def load(bundle: str | os.PathLike | None = None, **kwargs) -> Model:
+    """Load a bundle (default: the demo model shipped with the package)."""
+    if bundle is None:
+        from .default_model import default_bundle
+
+        bundle = default_bundle()
+    return Model(bundle, **kwargs)

@@ -1,0 +1,112 @@
+"""Prompt templates and the splice plan: where the image embeddings go among the prompt's tokens.
+
+The official code (llava/conversation.py, mm_utils.py ``tokenizer_image_token``) renders the whole
+conversation to text, splits it on ``<image>``, tokenizes each chunk with BOS, keeps the first BOS
+and drops the others, and puts the image features where the split was. We do the same with the
+GGUF's tokenizer; special tokens written in the text (``</s>`` ending an assistant turn) become
+their ids, as the HF tokenizer parses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A LLaVA conversation template in the SeparatorStyle.TWO form (vicuna_v1)."""
+
+    name: str
+    system: str
+    roles: tuple[str, str]
+    sep: str  # after the system prompt and after each user turn
+    sep2: str  # after each assistant turn
+    stop: tuple[str, ...]  # text that ends an answer besides the EOS token
+
+    def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
+        """turns: (question, answer or None for the turn being asked); the image goes in the first question.
+
+        ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:``
+        """
+        if not turns:
+            raise ConfigError("a conversation needs at least one question")
+        out = self.system + self.sep
+        for i, (question, answer) in enumerate(turns):
+            question = question.strip()
+            if not question:
+                raise ConfigError("the question is empty")
+            if IMAGE_TOKEN in question:
+                raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
+            if i == 0:
+                question = IMAGE_TOKEN + "\n" + question
+            out += f"{self.roles[0]}: {question}{self.sep}"
+            if answer is None:
+                if i != len(turns) - 1:
+                    raise ConfigError("only the last turn may be unanswered")
+                out += f"{self.roles[1]}:"
+            else:
+                out += f"{self.roles[1]}: {answer}{self.sep2}"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Template":
+        return cls(name=d["name"], system=d["system"], roles=tuple(d["roles"]), sep=d["sep"], sep2=d["sep2"],
+                   stop=tuple(d.get("stop", ())))
+
+
+# What ConvLLaVA trained with (conv_templates["vicuna_v1"]); the official CLI's default is another.
+VICUNA_V1 = Template(
+    name="vicuna_v1",
+    system="A chat between a curious user and an artificial intelligence assistant. "
+           "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>", stop=("</s>",),
+)
+TEMPLATES = {VICUNA_V1.name: VICUNA_V1}
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Stands for the image's embeddings in a token sequence; equal slots mean equal embeddings."""
+
+    key: str  # content hash of the embeddings (image bytes + preprocessing + graph)
+    n_tokens: int
+
+
+Item = int | ImageSlot  # a token id or the image
+
+
+def splice(chunks: Sequence[list[int]], slot: ImageSlot, bos: int) -> list[Item]:
+    """tokenizer_image_token: chunks[i] are the BOS-prefixed token ids of the text between images."""
+    if len(chunks) != 2:
+        raise ConfigError(f"the prompt must hold exactly one {IMAGE_TOKEN}, found {len(chunks) - 1}")
+    first, rest = chunks
+    if not first or first[0] != bos:
+        raise ConfigError("the first chunk must start with BOS")
+    return [*first, slot, *_drop_bos(rest, bos)]
+
+
+def _drop_bos(ids: list[int], bos: int) -> list[int]:
+    return ids[1:] if ids and ids[0] == bos else ids
+
+
+def positions(items: Sequence[Item]) -> int:
+    """How many KV-cache positions the sequence occupies."""
+    return sum(i.n_tokens if isinstance(i, ImageSlot) else 1 for i in items)
+
+
+def common_prefix(cached: Sequence[Item], wanted: Sequence[Item]) -> int:
+    """Number of leading items two sequences share (an image slot counts as one item)."""
+    n = 0
+    for a, b in zip(cached, wanted):
+        if a != b:
+            break
+        n += 1
+    return n
