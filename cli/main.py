@@ -208,6 +208,129 @@ def encode_cmd(
               f"encode {result['timings']['encode_ms']:.0f} ms")
 
 
+@app.command("check")
+def check_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle to check."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint folder or bundle (fp32 vision, F16/F32 LLM) to compare against."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (default: the demo task's scenes)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help='JSONL: {"image": ..., "question": ..., "answer": ...} per line.'),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file for a perplexity comparison."),
+    gate: List[str] = typer.Option([], "--gate", help="NAME=VALUE, e.g. llm.kl_mean=0.1 (repeatable; see README for the defaults)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.md and chart.png into this folder."),
+    nf4: bool = typer.Option(True, "--nf4/--no-nf4", help="With a checkpoint reference, also measure bitsandbytes NF4."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (vision, llm, answers, passed)."),
+) -> None:
+    """Measure what each quantization costs, stage by stage; exit 1 when a gate fails."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..quantize.check import load_inputs, parse_gates, run_check, write_report
+
+    gates = parse_gates(gate)
+    inputs = load_inputs(images, questions, text)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done + 1)
+
+        result = run_check(bundle, inputs, reference, gates, threads, nf4=nf4, progress=progress)
+    if report is not None:
+        md, chart = write_report(result, report)
+        err.print(f"report: {md}, chart: {chart}", markup=False)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        out.print(_check_tables(result))
+    for g in result.gates:
+        if not g.passed:
+            print(f"gate failed: {g.message()}", file=sys.stderr)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _check_tables(result):
+    from rich.console import Group
+
+    vision = Table(title=f"vision against {result.vision.get('reference')}")
+    for col in ("variant", "features cos mean/min", "embeds cos mean/min", "embeds rel L2"):
+        vision.add_column(col)
+    for v, f in result.vision.get("variants", {}).items():
+        vision.add_row(v, f"{f['features']['cosine_mean']:.5f} / {f['features']['cosine_min']:.5f}",
+                       f"{f['embeds']['cosine_mean']:.5f} / {f['embeds']['cosine_min']:.5f}", f"{f['embeds']['rel_l2']:.2e}")
+    llm = Table(title=f"LLM against {result.llm.get('reference') or '(no reference: ' + str(result.llm.get('note')) + ')'}")
+    for col in ("variant", "KL mean", "KL p99", "top-1", "perplexity"):
+        llm.add_column(col)
+    for v, a in result.llm.get("variants", {}).items():
+        ppl = f"{a['perplexity']:.3f} ({a['perplexity_change']:+.2%})" if "perplexity" in a else "-"
+        llm.add_row(v, f"{a['kl_mean']:.4f}", f"{a['kl_p99']:.4f}", f"{a['top1']:.3f}", ppl)
+    answers = Table(title=f"answers against {result.answers.get('reference')}")
+    for col in ("combination", "exact", "first token", "accuracy"):
+        answers.add_column(col)
+    ref_acc = result.answers.get("reference_accuracy")
+    if ref_acc:
+        answers.add_row("(reference)", "-", "-", f"{ref_acc['overall']:.3f}")
+    for c, a in result.answers.get("combinations", {}).items():
+        answers.add_row(escape(c), f"{a['exact']:.3f}", f"{a['first_token']:.3f}",
+                        f"{a['accuracy']['overall']:.3f}" if "accuracy" in a else "-")
+    verdict = "[green]all gates passed[/]" if result.passed else "[red]gates failed[/]"
+    return Group(vision, llm, answers, verdict)
+
+
+@app.command("bench")
+def bench_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle to measure."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image (default: the README's example picture)."),
+    question: str = typer.Option("Describe the image.", "--question"),
+    runs: int = typer.Option(5, "--runs", min=1, help="Measured runs after one warm-up (each series)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens to decode per run."),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    vision_type: Optional[str] = typer.Option(None, "--vision-type"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..bench import FIGURES, default_image, run_bench
+
+    image_path = image or default_image()
+    data = _checked_image(image_path)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done + 1)
+
+        result = run_bench(bundle, data, question, runs, max_tokens, device, threads, vision_type, progress)
+    result["image"] = str(image_path)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{Path(bundle).name}: {result['n_image_tokens']} image tokens, {result['n_prompt_positions']} "
+                        f"prompt positions, {result['n_generated']} tokens decoded; median of {runs} (min-max)")
+    table.add_column("figure")
+    table.add_column("cold")
+    table.add_column("cache hit")
+    for figure in FIGURES:
+        row = [figure]
+        for series in ("cold", "cache_hit"):
+            s = result[series][figure]
+            row.append(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})")
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"vision {result['vision']['graph']} on {', '.join(result['vision']['providers'])} "
+              f"({result['vision']['threads']} threads); LLM {result['llm']['type']} on "
+              f"{'GPU' if result['llm']['gpu_offload'] else 'CPU'} ({result['llm']['threads']} threads); "
+              f"cache-hit time to first token = {result['cache_hit_ttft_fraction']:.1%} of cold; "
+              f"peak memory {result['peak_rss_mb']:.0f} MB")
+
+
 def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, aspect: Optional[str]):
     from ..llm import SamplingOptions
     from ..pipeline import AskOptions

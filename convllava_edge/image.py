@@ -107,3 +107,17 @@ def _check_pixels(name: str, size: tuple[int, int]) -> None:
             f"{name}: image is {width}x{height} = {width * height:,} pixels, more than the "
             f"{MAX_IMAGE_PIXELS:,} allowed (a decompression bomb, or downscale it first)"
         )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of ``folder`` by suffix, sorted by name; an error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a folder of images")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ImageError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths

@@ -88,7 +88,6 @@ class Model:
         self.vision_entry = entry
         self.preprocess_config = PreprocessConfig.from_manifest(self.manifest.preprocess)
         self.template = Template.from_dict(self.manifest.template)
-        self.tokenizer_info = self.manifest.tokenizer
         self.vision = OnnxVisionEncoder(resolve_inside(self.bundle, entry.graph), device=device, threads=threads)
         self.llm = LlamaCppBackend(resolve_inside(self.bundle, self.manifest.llm.file), n_ctx=n_ctx, threads=threads,
                                    n_gpu_layers=gpu_layers(device), kv_f32=kv_f32)
@@ -98,47 +97,12 @@ class Model:
                               f"vision graph's {self.manifest.n_embd}")
         self.cache = EmbeddingCache() if cache is True else (cache or None)
         self._graph_sha = next(f.sha256 for f in self.manifest.files if f.path == entry.graph)
-        self._specials = self.llm.special_tokens()
-        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True)) + ")") \
-            if self._specials else None
+        self.tokenizer = PromptTokenizer(self.llm, self.manifest.tokenizer)
         self._kv: list[Item] = []  # what the KV cache holds, item by item
         self._memory: dict[str, np.ndarray] = {}  # embeddings of recent images, by slot key
 
-    # -- text ------------------------------------------------------------------------------------
-    def tokenize_chunk(self, text: str) -> list[int]:
-        """``tokenizer(text).input_ids`` of the checkpoint's tokenizer: BOS, then the text's ids."""
-        ids = [self.llm.bos]
-        parts = self._special_re.split(text) if self._special_re else [text]
-        after_special = False
-        for part in parts:
-            if part in self._specials:
-                ids.append(self._specials[part])
-                after_special = True
-            elif part:
-                prefix = not after_special or self.tokenizer_info.get("space_after_special", True)
-                ids += self.llm.tokenize(part) if prefix else self._ids_without_prefix(part)
-                after_special = False
-        return ids
-
-    def _ids_without_prefix(self, text: str) -> list[int]:
-        """Tokenize ``text`` without SentencePiece's dummy-prefix space.
-
-        HF's tokenizer with ``legacy: false`` adds no space to text that follows a special token
-        (``</s>USER:`` -> ``US ER :``); llama.cpp always does. A leading control byte cannot merge with
-        any piece, so tokenizing it first and dropping its tokens leaves the text's own ids -- the
-        same trick HF itself plays with ``<unk>``.
-        """
-        if not self.tokenizer_info.get("add_space_prefix", True):
-            return self.llm.tokenize(text)
-        probe = self.llm.tokenize(_SENTINEL)
-        ids = self.llm.tokenize(_SENTINEL + text)
-        if ids[: len(probe)] != probe:
-            raise BundleError("the vocabulary merges a control byte with text; cannot tokenize without a prefix")
-        return ids[len(probe):]
-
     def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot) -> list[Item]:
-        prompt = self.template.render(turns)
-        return splice([self.tokenize_chunk(chunk) for chunk in prompt.split(IMAGE_TOKEN)], slot, self.llm.bos)
+        return self.tokenizer.items(self.template.render(turns), slot)
 
     # -- image -------------------------------------------------------------------------------------
     def embed(self, image: ImageInput, aspect: str | None = None, use_cache: bool = True) -> _Embedded:
@@ -176,58 +140,21 @@ class Model:
         keep = min(keep, len(items) - 1)  # the last prompt item is always evaluated: its logits start the answer
         self.llm.truncate(positions(items[:keep]))
         self._kv = list(items[:keep])
-        evaluated = 0
-        i = keep
-        while i < len(items):
-            if isinstance(items[i], ImageSlot):
-                self.llm.eval_embeddings(self._memory[items[i].key])
-                evaluated += items[i].n_tokens
-                self._kv.append(items[i])
-                i += 1
-            else:
-                j = i
-                while j < len(items) and not isinstance(items[j], ImageSlot):
-                    j += 1
-                self.llm.eval_tokens(items[i:j])
-                evaluated += j - i
-                self._kv.extend(items[i:j])
-                i = j
+        evaluated = evaluate_items(self.llm, items[keep:], self._memory, self._kv.append)
         t1 = time.perf_counter()
-        sampler = self.llm.sampler(options.sampling)
-        stream = TextStream(self.template.stop)
-        tokens: list[int] = []
-        reason, first_token_at = "length", None
-        while len(tokens) < options.max_tokens:
-            token = sampler.sample()
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if self.llm.is_end(token):
-                reason = "eos"
-                break
-            tokens.append(token)
-            text = stream.push(self.llm.piece(token))
-            if text:
-                yield text
-            if stream.stopped:
-                reason = "stop"
-                break
-            if len(tokens) < options.max_tokens:
-                self.llm.eval_tokens([token])
-                self._kv.append(token)
-        tail = stream.finish()
-        if tail:
-            yield tail
+        decoder = Decoder(self.llm, options, self.template.stop, self._kv.append)
+        yield from decoder.run()
         t2 = time.perf_counter()
-        first_token_at = first_token_at or t2
+        first_token_at = decoder.first_token_at or t2
         decode_s = t2 - t1
         answer_out.append(Answer(
-            text=stream.text.strip(), token_ids=tokens, n_image_tokens=embedded.slot.n_tokens,
-            n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=reason, cache_hit=embedded.hit,
+            text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=embedded.slot.n_tokens,
+            n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=embedded.hit,
             timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
                      "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
                      "time_to_first_token_ms": embedded.preprocess_ms + embedded.encode_ms + (first_token_at - t0) * 1e3,
                      "decode_ms": decode_s * 1e3,
-                     "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}))
+                     "decode_tokens_per_s": len(decoder.tokens) / decode_s if decode_s > 0 and decoder.tokens else 0.0}))
 
     def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions(),
                    use_cache: bool = True) -> "AnswerStream":
@@ -245,8 +172,120 @@ class Model:
     def chat(self, image: ImageInput, options: AskOptions = AskOptions(), use_cache: bool = True) -> "Chat":
         return Chat(self, self.embed(image, options.aspect, use_cache), options)
 
+    def reset(self) -> None:
+        """Forget the KV cache and in-memory embeddings (benchmarks: every run starts cold)."""
+        self.llm.truncate(0)
+        self._kv = []
+        self._memory = {}
+
     def close(self) -> None:
         self.llm.close()
+
+
+class PromptTokenizer:
+    """``tokenizer(chunk).input_ids`` of the checkpoint's tokenizer, computed with the GGUF's vocabulary."""
+
+    def __init__(self, llm: LlamaCppBackend, info: dict):
+        self.llm = llm
+        self.add_space_prefix = info.get("add_space_prefix", True)
+        self.space_after_special = info.get("space_after_special", True)
+        self.specials = llm.special_tokens()  # "<s>", "</s>", "<unk>" -> ids, as the HF tokenizer parses them
+        names = sorted(self.specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def chunk(self, text: str) -> list[int]:
+        """BOS, then the text's ids; special tokens written in the text become their ids."""
+        ids = [self.llm.bos]
+        after_special = False
+        for part in self._split.split(text) if self._split else [text]:
+            if part in self.specials:
+                ids.append(self.specials[part])
+                after_special = True
+            elif part:
+                prefix = not after_special or self.space_after_special
+                ids += self.llm.tokenize(part) if prefix else self._ids_without_prefix(part)
+                after_special = False
+        return ids
+
+    def items(self, prompt: str, slot: ImageSlot) -> list[Item]:
+        """The rendered prompt as token ids with the image slot where ``<image>`` was."""
+        return splice([self.chunk(c) for c in prompt.split(IMAGE_TOKEN)], slot, self.llm.bos)
+
+    def _ids_without_prefix(self, text: str) -> list[int]:
+        """Tokenize ``text`` without SentencePiece's dummy-prefix space.
+
+        HF's tokenizer with ``legacy: false`` adds no space to text that follows a special token
+        (``</s>USER:`` -> ``US ER :``); llama.cpp always does. A leading control byte cannot merge with
+        any piece, so tokenizing it first and dropping its tokens leaves the text's own ids -- the
+        same trick HF itself plays with ``<unk>``.
+        """
+        if not self.add_space_prefix:
+            return self.llm.tokenize(text)
+        probe = self.llm.tokenize(_SENTINEL)
+        ids = self.llm.tokenize(_SENTINEL + text)
+        if ids[: len(probe)] != probe:
+            raise BundleError("the vocabulary merges a control byte with text; cannot tokenize without a prefix")
+        return ids[len(probe):]
+
+
+def evaluate_items(llm: LlamaCppBackend, items: Sequence[Item], embeds: dict[str, np.ndarray],
+                   on_item: Callable[[Item], None] = lambda item: None) -> int:
+    """Evaluate ``items`` at the next positions: runs of tokens batched, image slots injected.
+
+    Returns the number of positions evaluated; ``on_item`` sees each item once it is in the KV cache.
+    """
+    evaluated, i = 0, 0
+    while i < len(items):
+        if isinstance(items[i], ImageSlot):
+            llm.eval_embeddings(embeds[items[i].key])
+            evaluated += items[i].n_tokens
+            on_item(items[i])
+            i += 1
+            continue
+        j = i
+        while j < len(items) and not isinstance(items[j], ImageSlot):
+            j += 1
+        llm.eval_tokens(items[i:j])
+        evaluated += j - i
+        for token in items[i:j]:
+            on_item(token)
+        i = j
+    return evaluated
+
+
+class Decoder:
+    """Sample an answer after an evaluated prompt: stops at EOS, a stop string, or max_tokens."""
+
+    def __init__(self, llm: LlamaCppBackend, options: AskOptions, stops: Sequence[str],
+                 on_token: Callable[[int], None] = lambda token: None):
+        self.llm, self.options, self.on_token = llm, options, on_token
+        self.stream = TextStream(stops)
+        self.tokens: list[int] = []
+        self.reason = "length"
+        self.first_token_at: float | None = None
+
+    def run(self) -> Iterator[str]:
+        sampler = self.llm.sampler(self.options.sampling)
+        while len(self.tokens) < self.options.max_tokens:
+            token = sampler.sample()
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            if self.llm.is_end(token):
+                self.reason = "eos"
+                break
+            self.tokens.append(token)
+            text = self.stream.push(self.llm.piece(token))
+            if text:
+                yield text
+            if self.stream.stopped:
+                self.reason = "stop"
+                break
+            if len(self.tokens) < self.options.max_tokens:  # the last token's logits would go unused
+                self.llm.eval_tokens([token])
+                self.on_token(token)
+        tail = self.stream.finish()
+        if tail:
+            yield tail
 
 
 class AnswerStream:

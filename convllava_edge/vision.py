@@ -21,6 +21,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DEVICES = ("auto", "cpu", "cuda")
 INPUT_NAME = "pixel_values"  # [1, 3, H, W] float32, H and W multiples of the total stride
 OUTPUT_NAME = "image_embeds"  # [1, (H/64) * (W/64), n_embd] float32, tokens in row-major order
+FEATURES_NAME = "image_features"  # [1, (H/64) * (W/64), C_tower]: before the projector (for accuracy checks)
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -120,7 +121,17 @@ class OnnxVisionEncoder:
         return {}
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run(pixel_values, [OUTPUT_NAME])[0]
+
+    def encode_both(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tower features [n, C_tower], projected embeddings [n, n_embd]) in one run."""
+        if FEATURES_NAME not in {o.name for o in self.session.get_outputs()}:
+            raise BundleError(f"{self.path}: graph has no {FEATURES_NAME!r} output (exported by an older version)")
+        features, embeds = self._run(pixel_values, [FEATURES_NAME, OUTPUT_NAME])
+        return features, embeds
+
+    def _run(self, pixel_values: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if pixel_values.ndim != 4 or pixel_values.shape[:2] != (1, 3):
             raise ConfigError(f"pixel_values must be [1, 3, H, W], got {list(pixel_values.shape)}")
-        (embeds,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})
-        return embeds[0]
+        results = self.session.run(outputs, {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})
+        return [r[0] for r in results]

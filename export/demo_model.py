@@ -211,7 +211,7 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            history.append(float(loss))
+            history.append(loss.item())
             bar.update(job, completed=step, info=f"loss {np.mean(history[-50:]):.3f}")
             if step % 250 == 0 or step == config.steps:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,

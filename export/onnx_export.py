@@ -1,8 +1,10 @@
 """PyTorch vision module -> one ONNX graph, validated against PyTorch right after it is written.
 
 The graph: ``pixel_values [1, 3, 64*grid_height, 64*grid_width]`` -> ``image_embeds [1,
-grid_height*grid_width, n_embd]``. H and W are dynamic but must be multiples of the tower's total
-stride, which torch.export states as derived dimensions, so the constraint is in the graph itself.
+grid_height*grid_width, n_embd]`` (what the LLM receives) and ``image_features`` (the tower's tokens
+before the projector, for accuracy checks; runtimes that do not ask for it do not pay for it). H
+and W are dynamic but must be multiples of the tower's total stride, which torch.export states as
+derived dimensions, so the constraint is in the graph itself.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch.export import Dim
 
 from ..errors import ExportError
 from ..metrics import relative_max_error
-from ..vision import INPUT_NAME, OUTPUT_NAME, OnnxVisionEncoder
+from ..vision import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, OnnxVisionEncoder
+from .vision_model import ConvLlavaVision, VisionGraph
 
 # LayerNormalization entered ONNX at opset 17, and TensorRT 8.6 (JetPack 5) reads up to 17; TensorRT
 # 10 reads 9-20. torch's exporter emits 18 and converts down; none of our ops changed between the two.
@@ -52,16 +55,16 @@ class ValidationResult:
 FP32_TOLERANCE = 1e-4
 
 
-def export_onnx(model: torch.nn.Module, path: Path, sample_hw: tuple[int, int], stride: int) -> Path:
+def export_onnx(model: ConvLlavaVision, path: Path, sample_hw: tuple[int, int], stride: int) -> Path:
     """Trace ``model`` with dynamic H/W and write ``path`` (+ ``path.data`` when large)."""
-    model = model.eval()
+    graph_module = VisionGraph(model.eval())
     gh, gw = Dim("grid_height", min=1, max=MAX_GRID), Dim("grid_width", min=1, max=MAX_GRID)
     sample = torch.zeros(1, 3, *sample_hw)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with _quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
-                model, (sample,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                graph_module, (sample,), None, input_names=[INPUT_NAME], output_names=[FEATURES_NAME, OUTPUT_NAME],
                 opset_version=OPSET, dynamo=True, dynamic_shapes={"pixel_values": {2: stride * gh, 3: stride * gw}},
                 verbose=False,
             )
@@ -90,9 +93,10 @@ def graph_files(path: Path) -> list[Path]:
 
 def _name_output_dims(model: onnx.ModelProto) -> None:
     """Give the token axis a readable name instead of the exporter's symbol (e.g. 's87*s93')."""
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    if len(dims) == 3 and not dims[1].dim_value:
-        dims[1].dim_param = "grid_height*grid_width"
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) == 3 and not dims[1].dim_value:
+            dims[1].dim_param = "grid_height*grid_width"
 
 
 @contextlib.contextmanager
@@ -111,19 +115,24 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def validate_onnx(path: Path, model: torch.nn.Module, inputs: Sequence[np.ndarray],
+def validate_onnx(path: Path, model: ConvLlavaVision, inputs: Sequence[np.ndarray],
                   tolerance: float = FP32_TOLERANCE, threads: int | None = None) -> list[ValidationResult]:
-    """Run the graph and the module on each input; raise ExportError listing every failure."""
+    """Run the graph and the module on each input; raise ExportError listing every failure.
+
+    Both outputs are compared; the result records the worse of the two.
+    """
     encoder = OnnxVisionEncoder(path, device="cpu", threads=threads)
     results = []
     with torch.no_grad():
         for pixels in inputs:
-            expected = model(torch.from_numpy(pixels)).numpy()[0]
-            got = encoder.encode(pixels)
-            if got.shape != expected.shape:
-                raise ExportError(f"{path.name}: output shape {list(got.shape)} for input {list(pixels.shape)}, "
-                                  f"PyTorch gives {list(expected.shape)}")
-            results.append(ValidationResult(pixels.shape[2], pixels.shape[3], relative_max_error(got, expected), tolerance))
+            expected = [t.numpy()[0] for t in model.features_and_embeds(torch.from_numpy(pixels))]
+            got = encoder.encode_both(pixels)
+            for name, g, e in zip((FEATURES_NAME, OUTPUT_NAME), got, expected):
+                if g.shape != e.shape:
+                    raise ExportError(f"{path.name}: {name} shape {list(g.shape)} for input {list(pixels.shape)}, "
+                                      f"PyTorch gives {list(e.shape)}")
+            error = max(relative_max_error(g, e) for g, e in zip(got, expected))
+            results.append(ValidationResult(pixels.shape[2], pixels.shape[3], error, tolerance))
     failures = [r for r in results if not r.passed]
     if failures:
         detail = "; ".join(f"{r.height}x{r.width}: max error {r.rel_error:.2e} of the output's scale" for r in failures)

@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..errors import ExportError
-from ..image import open_image
+from ..image import image_files, open_image
 
 PROBE_SIZES = ((640, 480), (480, 640), (512, 512), (800, 320), (300, 700), (1024, 768))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def probe_images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -49,11 +47,5 @@ def _probe(rng: np.random.Generator, width: int, height: int) -> Image.Image:
 
 
 def images_in(folder: str | Path, limit: int | None = None) -> list[Image.Image]:
-    """The readable images of ``folder`` (sorted by name), for calibration or checks."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ExportError(f"{folder}: not a folder of images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ExportError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [open_image(p) for p in paths[:limit]]
+    """The images of ``folder`` (sorted by name), decoded, for calibration."""
+    return [open_image(p) for p in image_files(folder)[:limit]]

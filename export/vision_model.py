@@ -196,10 +196,25 @@ class ConvLlavaVision(nn.Module):
         self.mm_projector = build_projector(projector_type, tower.out_channels, n_embd)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features_and_embeds(pixel_values)[1]
+
+    def features_and_embeds(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tower tokens [B, n_tokens, C_tower], projected [B, n_tokens, n_embd])."""
         features = self.vision_tower(pixel_values)  # [B, C, H/64, W/64]
         b, c, h, w = features.shape
         tokens = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, H/64 * W/64, C], row-major as official
-        return self.mm_projector(tokens)  # [B, n_tokens, n_embd]
+        return tokens, self.mm_projector(tokens)  # projector: [B, n_tokens, n_embd]
+
+
+class VisionGraph(nn.Module):
+    """What the ONNX graph computes: both outputs, features first (FEATURES_NAME, OUTPUT_NAME)."""
+
+    def __init__(self, model: ConvLlavaVision):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.features_and_embeds(pixel_values)
 
 
 def load_vision_model(ckpt: VisionCheckpoint) -> ConvLlavaVision:

@@ -285,3 +285,17 @@ def test_quantized_bundle_manifest_records_agreement(q4_bundle):
     assert manifest["llm"]["tensor_types"]["Q4_K"] > 0 and manifest["llm"]["fallbacks"] == 0
     assert sorted(p.name for p in q4_bundle.iterdir()) == ["llm-q4_k_m.gguf", "manifest.json", "vision-fp32.onnx",
                                                            "vision-int8.onnx"]
+
+
+def test_bench_reports_every_figure_and_the_cache_hit(f32_bundle, images, capsys):
+    assert main(["bench", str(f32_bundle), "--image", str(images["wide"]), "--runs", "2", "--max-tokens", "4",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for series in ("cold", "cache_hit"):
+        assert set(result[series]) == {"preprocess_ms", "encode_ms", "prefill_ms", "prefill_tokens_per_s",
+                                       "time_to_first_token_ms", "decode_ms", "decode_tokens_per_s"}
+        assert set(result[series]["prefill_ms"]) == {"median", "min", "max", "spread"}
+    assert result["cold"]["encode_ms"]["median"] > 0 and result["cache_hit"]["encode_ms"]["max"] == 0.0
+    assert result["vision"]["providers"] == ["CPUExecutionProvider"] and result["llm"]["threads"] >= 1
+    assert result["n_image_tokens"] == 16 and result["n_generated"] >= 1 and result["peak_rss_mb"] > 0
+    assert 0 < result["cache_hit_ttft_fraction"] < 1

@@ -1,0 +1,147 @@
+"""A ~1B-parameter Llama: llama.cpp Q4_K_M / Q8_0 / F16 against transformers fp32, prefill and decode.
+
+Random weights with TinyLlama-1.1B's proportions (hidden 2048, ffn 5632, 22 layers, 32/4 heads,
+vocab 32000), in the ConvLLaVA layout, through the toolkit's own converter and llama.cpp's
+quantizer. Decode is set against the memory-bandwidth bound: every decoded token reads every weight
+once (the token-embedding table excepted: one row), so tokens/s <= bandwidth / bytes per token, with
+the bandwidth measured here as a 256 MiB numpy copy (read + write bytes over time).
+
+    python benchmarks/llm_bench.py [--threads 2] [--prompt 128] [--decode 32] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from convllava_edge.export import synthetic as S
+from convllava_edge.export.gguf_convert import convert_llm
+from convllava_edge.llm import LlamaCppBackend, SamplingOptions
+from convllava_edge.quantize.gguf_quant import quantize_gguf
+
+SPEC = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                   num_key_value_heads=4, vocab_size=32000)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 256 MiB numpy copy, counting bytes read and written (median of 7)."""
+    src = np.ones(256 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def bytes_per_token(path: Path) -> int:
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def llama_cpp_speed(path: Path, prompt: list[int], n_decode: int, threads: int, runs: int) -> dict:
+    backend = LlamaCppBackend(path, n_ctx=len(prompt) + n_decode + 8, threads=threads)
+    sampler = backend.sampler(SamplingOptions(temperature=0.0))
+    prefill, decode = [], []
+    for _ in range(runs + 1):  # the first run warms up
+        backend.truncate(0)
+        t = time.perf_counter()
+        backend.eval_tokens(prompt)
+        t1 = time.perf_counter()
+        for _ in range(n_decode):
+            backend.eval_tokens([sampler.sample()])
+        t2 = time.perf_counter()
+        prefill.append(len(prompt) / (t1 - t))
+        decode.append(n_decode / (t2 - t1))
+    backend.close()
+    return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:])}
+
+
+def transformers_speed(state: dict, prompt: list[int], n_decode: int, threads: int, runs: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=SPEC.hidden_size, intermediate_size=SPEC.intermediate_size,
+                                         num_hidden_layers=SPEC.num_hidden_layers,
+                                         num_attention_heads=SPEC.num_attention_heads,
+                                         num_key_value_heads=SPEC.num_key_value_heads, vocab_size=SPEC.vocab_size,
+                                         tie_word_embeddings=False)).eval()
+    model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in state.items()})
+    prefill, decode = [], []
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(runs + 1):
+            t = time.perf_counter()
+            out = model(ids, use_cache=True)
+            t1 = time.perf_counter()
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(n_decode):
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            prefill.append(len(prompt) / (t1 - t))
+            decode.append(n_decode / (t2 - t1))
+    return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "llm.json")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="llm-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
+    state = S.random_llama_state(SPEC, seed=1)
+    vision = S.random_vision_state(S.TINY_TOWER, "mlp2x_gelu", SPEC.hidden_size, seed=0)
+    ckpt = S.write_convllava_checkpoint(work / "ckpt", SPEC, S.TINY_TOWER, vision_state=vision, llm_state=state, shards=4)
+    S.write_llama_tokenizer(ckpt, 2000)
+    prompt = list(np.random.default_rng(0).integers(3, 2000, args.prompt))
+    rows = []
+    hf = transformers_speed(state, prompt, args.decode, args.threads, args.runs)
+    rows.append({"engine": "transformers fp32", **hf, "size_mb": sum(v.numel() for v in state.values()) * 4 / 1e6})
+    print(rows[-1], flush=True)
+    del state
+    f16 = convert_llm(ckpt, work / "f16.gguf", "F16").path
+    files = {"F16": f16}
+    for quant in ("Q8_0", "Q4_K_M"):
+        files[quant] = quantize_gguf(f16, work / f"{quant}.gguf", quant, args.threads).path
+    for name, path in files.items():
+        speed = llama_cpp_speed(path, prompt, args.decode, args.threads, args.runs)
+        per_token = bytes_per_token(path)
+        bound = bandwidth * 1e9 / per_token
+        rows.append({"engine": f"llama.cpp {name}", **speed, "size_mb": path.stat().st_size / 1e6,
+                     "bytes_per_token_mb": per_token / 1e6, "bound_tok_s": bound,
+                     "pct_of_bound": 100 * speed["decode_tok_s"] / bound,
+                     "decode_vs_transformers": speed["decode_tok_s"] / hf["decode_tok_s"],
+                     "prefill_vs_transformers": speed["prefill_tok_s"] / hf["prefill_tok_s"]})
+        print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                    "prompt_tokens": args.prompt, "decode_tokens": args.decode,
+                                    "copy_bandwidth_gb_s": bandwidth, "rows": rows}, indent=2) + "\n")
+    print(f"\ncopy bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt} tokens, {args.decode} decoded, {args.threads} threads\n")
+    print("| engine | size MB | prefill tok/s | decode tok/s | decode vs transformers | bound tok/s | % of bound |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['size_mb']:.0f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+              f"{r.get('decode_vs_transformers', 1.0):.1f}x | {r.get('bound_tok_s', float('nan')):.1f} | "
+              f"{r.get('pct_of_bound', float('nan')):.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
