@@ -7,31 +7,31 @@ BIN := $(VENV)/bin
 # no mtmd) compiles ~1.5 min faster and measured as fast on these machines.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: install dev test demo clean
+.PHONY: install dev test ask clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[export,test]"
 	touch $@
 
-install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+install: $(VENV)/.runtime-installed
 
 dev: $(VENV)/.dev-installed
 
 test: dev
 	$(BIN)/python -m pytest -q
 
-# Until the demo model ships: make a tiny random checkpoint, export it, encode an example image.
-demo: dev
-	rm -rf out/tiny out/tiny-bundle
-	$(BIN)/python -m convllava_edge.export.synthetic out/tiny
-	$(BIN)/convllava-edge export out/tiny/sft --out out/tiny-bundle --vision-type int8 --vision-type fp32
-	$(BIN)/convllava-edge encode examples/probe.jpg --model out/tiny-bundle
+# The README's first command: the demo model shipped in the package answers about an example image.
+ask: install
+	$(BIN)/convllava-edge ask examples/shapes-1.png "How many shapes are there?"
 
 clean:
 	rm -rf out .pytest_cache

@@ -77,48 +77,62 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@dataclass
+class Session:
+    session: object  # onnxruntime.InferenceSession
+    providers: list[str]  # what ONNX Runtime really uses, first = main
+    note: str  # one line for the user: where the graph runs and, on a fallback, why
+    threads: int
+
+
+def open_session(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> Session:
+    """An ONNX Runtime session on the best available provider for ``device``."""
+    import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: graph not found")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    choice = choose_providers(device, ort.get_available_providers(), tensorrt_libraries_present())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or default_threads()
+    options.log_severity_level = 3  # errors only: ORT's fallback warnings go to our note instead
+    provider_options = [_provider_options(p, cache_dir) for p in choice.providers]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=choice.providers,
+                                       provider_options=provider_options)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types, all from RuntimeError or Exception
+        raise BundleError(f"{path}: ONNX Runtime cannot load this graph: {e}") from e
+    providers = session.get_providers()
+    note = choice.note
+    if choice.providers[0] != CPU and providers[0] == CPU:
+        note = "vision on CPU: the CUDA provider failed to start (no GPU or CUDA libraries)"
+        if device == "cuda":
+            raise ConfigError(f"--device cuda: {note}")
+    return Session(session, providers, note, options.intra_op_num_threads)
+
+
+def _provider_options(provider: str, cache_dir: str | os.PathLike | None) -> dict[str, str]:
+    if provider == TENSORRT and cache_dir is not None:
+        # Engines take minutes to build for the full tower: keep them between runs.
+        return {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache_dir), "trt_fp16_enable": "1"}
+    return {}
+
+
 class OnnxVisionEncoder:
-    """An ONNX Runtime session over a vision graph."""
+    """An ONNX Runtime session over a ConvLLaVA vision graph."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None):
-        import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise BundleError(f"{self.path}: vision graph not found")
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
-        choice = choose_providers(device, ort.get_available_providers(), tensorrt_libraries_present())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or default_threads()
-        options.log_severity_level = 3  # errors only: ORT's fallback warnings go to our note instead
-        provider_options = [self._provider_options(p, cache_dir) for p in choice.providers]
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                                providers=choice.providers, provider_options=provider_options)
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types, all from RuntimeError or Exception
-            raise BundleError(f"{self.path}: ONNX Runtime cannot load the vision graph: {e}") from e
-        self.providers: list[str] = self.session.get_providers()
-        self.threads = options.intra_op_num_threads
-        wanted_gpu = choice.providers[0] != CPU
-        if wanted_gpu and self.providers[0] == CPU:
-            self.note = "vision on CPU: the CUDA provider failed to start (no GPU or CUDA libraries)"
-            if device == "cuda":
-                raise ConfigError(f"--device cuda: {self.note}")
-        else:
-            self.note = choice.note
+        opened = open_session(self.path, device, threads, cache_dir)
+        self.session, self.providers, self.note, self.threads = opened.session, opened.providers, opened.note, opened.threads
         inputs = {i.name: i for i in self.session.get_inputs()}
         if INPUT_NAME not in inputs or OUTPUT_NAME not in {o.name for o in self.session.get_outputs()}:
             raise BundleError(f"{self.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
-
-    @staticmethod
-    def _provider_options(provider: str, cache_dir: str | os.PathLike | None) -> dict[str, str]:
-        if provider == TENSORRT and cache_dir is not None:
-            # Engines take minutes to build for the full tower: keep them between runs.
-            return {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache_dir), "trt_fp16_enable": "1"}
-        return {}
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         return self._run(pixel_values, [OUTPUT_NAME])[0]

@@ -114,14 +114,15 @@ def export_llm(checkpoint: Path, folder: Path, options: ExportOptions,
                progress: Progress) -> tuple[Path, GgufConversion, QuantReport | None]:
     """Convert (and quantize) the LLM into ``folder``; returns the shipped file, conversion, quant report."""
     from ..quantize.gguf_quant import quantize_gguf
-    from .gguf_convert import check_tokenizer, convert_llm
+    from .gguf_convert import convert_llm
+    from .vocab import check_tokenizer
 
     quantized = options.llm_type in QUANT_FTYPES
     base_type = _intermediate_type(checkpoint) if quantized else options.llm_type
     base = folder / (f"llm-{base_type.lower()}.unquantized.gguf" if quantized else f"llm-{base_type.lower()}.gguf")
     progress.stage(f"converting the LLM to GGUF {base_type}")
     conversion = convert_llm(checkpoint, base, base_type, progress=lambda i, n, name: progress.advance(i, n))
-    progress.stage("checking the GGUF tokenizer against SentencePiece")
+    progress.stage("checking the GGUF tokenizer against the checkpoint's")
     check_tokenizer(base, checkpoint)
     if not quantized:
         return base, conversion, None

@@ -1,13 +1,15 @@
-"""The LLM of a ConvLLaVA checkpoint -> a GGUF file llama.cpp runs as a plain Llama.
+"""The LLM of a ConvLLaVA or LLaVA-Mini checkpoint -> a GGUF file llama.cpp runs as a plain Llama.
 
 llama.cpp's own HF converter (convert_hf_to_gguf.py) is not in any installable package, so this
 writes the file with the ``gguf`` package, streaming: tensor infos are declared from shapes alone,
 then the data goes out one tensor at a time in shard order, so at most one shard (memory-mapped)
-and one tensor in fp32 are resident. The vision tower copy and the projector are skipped.
+and one tensor in fp32 are resident. Vision-side tensors (tower copy, projector, LLaVA-Mini's
+compressor and pre-fusion layers) are skipped: the vision export handles them.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, ExportError
 from .checkpoint import TensorStore
 from .config import LlavaConfig, LlmConfig, read_json
+from .vocab import Vocab, read_vocab
 
 OUT_TYPES = {  # --llm-type value -> (GGUF file type, type of 2-D weights); 1-D tensors stay F32 as llama.cpp's converter writes them
     "F32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
@@ -51,27 +54,13 @@ class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]
     gguf_type: gguf.GGMLQuantizationType
-    file: Path
+    file: Path | None  # None for tensors computed here (rope_freqs)
+    data: np.ndarray | None = None  # their values
 
     @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape))
         return n * (4 if self.gguf_type == gguf.GGMLQuantizationType.F32 else 2)
-
-
-@dataclass
-class SentencePieceVocab:
-    tokens: list[bytes]
-    scores: list[float]
-    types: list[int]  # gguf.TokenType values
-    bos: int
-    eos: int
-    unk: int
-    pad: int | None
-    add_bos: bool
-    add_eos: bool
-    add_space_prefix: bool  # SentencePiece's add_dummy_prefix
-    legacy: bool  # tokenizer_config "legacy": whether a space is prefixed after special tokens too
 
 
 @dataclass
@@ -81,7 +70,7 @@ class GgufConversion:
     n_tensors: int
     n_params: int
     tensor_types: dict[str, int] = field(default_factory=dict)
-    vocab: SentencePieceVocab | None = None
+    vocab: Vocab | None = None
     context_length: int = 0
 
 
@@ -106,61 +95,14 @@ def permute_for_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_sentencepiece(folder: Path, vocab_size: int) -> SentencePieceVocab:
-    """tokenizer.model (+ tokenizer_config.json, added_tokens.json) as llama.cpp's 'llama' vocabulary."""
-    from sentencepiece import sentencepiece_model_pb2 as spb
-
-    path = folder / "tokenizer.model"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no tokenizer.model (the SentencePiece vocabulary is needed for the GGUF)")
-    proto = spb.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception as e:  # protobuf's DecodeError
-        raise CheckpointError(f"{path}: not a SentencePiece model ({e})") from e
-    if proto.trainer_spec.model_type != spb.TrainerSpec.BPE:
-        raise CheckpointError(f"{path}: SentencePiece model type {proto.trainer_spec.model_type} is not BPE "
-                              "(Llama vocabularies are BPE)")
-    # SentencePiece's piece types are numbered as gguf.TokenType: NORMAL 1, UNKNOWN 2, CONTROL 3,
-    # USER_DEFINED 4, UNUSED 5, BYTE 6.
-    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
-    scores = [float(p.score) for p in proto.pieces]
-    types = [int(p.type) for p in proto.pieces]
-    tok_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    added = folder / "added_tokens.json"
-    if added.is_file():
-        for piece, token_id in sorted(read_json(added).items(), key=lambda kv: kv[1]):
-            if token_id < len(tokens):
-                continue
-            if token_id != len(tokens):
-                raise CheckpointError(f"{added}: token id {token_id} for {piece!r} leaves a gap after {len(tokens) - 1}")
-            tokens.append(piece.encode("utf-8"))
-            scores.append(-1000.0)
-            types.append(int(gguf.TokenType.USER_DEFINED))
-    if len(tokens) > vocab_size:
-        raise CheckpointError(f"{path}: {len(tokens)} tokens but config.json vocab_size is {vocab_size}")
-    for i in range(len(tokens), vocab_size):  # embedding rows without a token: padding, as llama.cpp's converter does
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
-    spec = proto.trainer_spec
-    pad = spec.pad_id if spec.pad_id >= 0 else None
-    return SentencePieceVocab(
-        tokens=tokens, scores=scores, types=types, bos=spec.bos_id, eos=spec.eos_id, unk=spec.unk_id, pad=pad,
-        add_bos=bool(tok_config.get("add_bos_token", True)), add_eos=bool(tok_config.get("add_eos_token", False)),
-        add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
-        # transformers treats a missing "legacy" as True (and warns); only an explicit false changes behaviour.
-        legacy=tok_config.get("legacy") is not False,
-    )
-
-
-def plan_tensors(store: TensorStore, llm: LlmConfig, out_type: str) -> list[PlannedTensor]:
+def plan_tensors(store: TensorStore, llm: LlmConfig, out_type: str,
+                 skip: tuple[str, ...] = NOT_LLM_PREFIXES) -> list[PlannedTensor]:
     """Every LLM tensor with its GGUF name and type, in shard order; checks the set is complete."""
     _, weight_type = OUT_TYPES[out_type]
     plan = []
     for path in store.files:
         for key in store.keys():
-            if store.file_of(key) != path or key.startswith(NOT_LLM_PREFIXES):
+            if store.file_of(key) != path or key.startswith(skip):
                 continue
             name = gguf_name(key)
             if name is None:
@@ -169,7 +111,38 @@ def plan_tensors(store: TensorStore, llm: LlmConfig, out_type: str) -> list[Plan
             kind = weight_type if len(shape) > 1 else gguf.GGMLQuantizationType.F32
             plan.append(PlannedTensor(key, name, shape, kind, path))
     _check_complete(plan, llm, store)
+    factors = llama3_rope_factors(llm)
+    if factors is not None:
+        plan.append(PlannedTensor("(computed)", gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", factors.shape,
+                                  gguf.GGMLQuantizationType.F32, None, factors))
     return plan
+
+
+def llama3_rope_factors(llm: LlmConfig) -> np.ndarray | None:
+    """Llama-3.1's rope scaling as llama.cpp takes it: a per-frequency divisor tensor (rope_freqs).
+
+    transformers scales each inverse frequency by 1/factor (long wavelengths), 1 (short ones) or a
+    smooth blend in between; llama.cpp divides theta by these factors (convert_hf_to_gguf.py does the same).
+    """
+    scaling = llm.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return None
+    dim = llm.head_dim
+    freqs = 1.0 / (llm.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def _check_complete(plan: list[PlannedTensor], llm: LlmConfig, store: TensorStore) -> None:
@@ -198,7 +171,7 @@ def _check_complete(plan: list[PlannedTensor], llm: LlmConfig, store: TensorStor
                               f"{llm.num_hidden_layers}-layer Llama as config.json describes it")
 
 
-def _add_metadata(writer: gguf.GGUFWriter, llm: LlmConfig, vocab: SentencePieceVocab, out_type: str, name: str,
+def _add_metadata(writer: gguf.GGUFWriter, llm: LlmConfig, vocab: Vocab, out_type: str, name: str,
                   context_length: int) -> None:
     writer.add_name(name)
     writer.add_context_length(context_length)
@@ -216,20 +189,7 @@ def _add_metadata(writer: gguf.GGUFWriter, llm: LlmConfig, vocab: SentencePieceV
     _add_rope_scaling(writer, llm)
     writer.add_vocab_size(len(vocab.tokens))
     writer.add_file_type(OUT_TYPES[out_type][0])
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_bos_token_id(vocab.bos)
-    writer.add_eos_token_id(vocab.eos)
-    writer.add_unk_token_id(vocab.unk)
-    pad = llm.pad_token_id if llm.pad_token_id is not None else vocab.pad
-    if pad is not None:
-        writer.add_pad_token_id(pad)
-    writer.add_add_bos_token(vocab.add_bos)
-    writer.add_add_eos_token(vocab.add_eos)
-    writer.add_add_space_prefix(vocab.add_space_prefix)
+    vocab.add_to(writer, pad_override=llm.pad_token_id)
 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, llm: LlmConfig) -> None:
@@ -240,8 +200,8 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, llm: LlmConfig) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif kind not in (None, "default"):
-        raise ConfigError(f"rope_scaling type {kind!r} is not supported by the converter (linear is)")
+    elif kind not in (None, "default", "llama3"):  # llama3 travels as the rope_freqs tensor
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported by the converter (linear, llama3 are)")
 
 
 def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Progress = lambda *a: None,
@@ -250,14 +210,13 @@ def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Pr
     if out_type not in OUT_TYPES:
         raise ConfigError(f"unknown GGUF output type {out_type!r} (known: {', '.join(OUT_TYPES)})")
     checkpoint = Path(checkpoint)
-    llava = LlavaConfig.load(checkpoint)
-    llm = llava.llm
+    llm, max_length, skip = llm_config(checkpoint)
     store = TensorStore(checkpoint)
-    vocab = read_sentencepiece(checkpoint, llm.vocab_size)
-    plan = plan_tensors(store, llm, out_type)
+    vocab = read_vocab(checkpoint, llm.vocab_size)
+    plan = plan_tensors(store, llm, out_type, skip)
     # The official code caps sequences at tokenizer_model_max_length; llama.cpp's context default
     # comes from context_length, so use the smaller of the two.
-    context = min(llm.max_position_embeddings, llava.mm.max_length)
+    context = min(llm.max_position_embeddings, max_length)
     writer = gguf.GGUFWriter(str(out), "llama")
     _add_metadata(writer, llm, vocab, out_type, name or checkpoint.name, context)
     for t in plan:
@@ -269,6 +228,9 @@ def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Pr
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for i, t in enumerate(plan):
+        if t.data is not None:
+            writer.write_tensor_data(t.data)
+            continue
         tensor = store.get(t.source)  # shards are visited in order: the previous one is released
         if t.name.endswith("attn_q.weight"):
             tensor = permute_for_rope(tensor, llm.num_attention_heads)
@@ -284,6 +246,20 @@ def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Pr
                           context_length=context)
 
 
+def llm_config(checkpoint: Path) -> tuple[LlmConfig, int, tuple[str, ...]]:
+    """(LLM config, sequence cap, tensor prefixes that are not the LLM's) for either family."""
+    model_type = read_json(Path(checkpoint) / "config.json").get("model_type")
+    from .llava_mini import LLAVA_MINI_MODEL_TYPES
+
+    if model_type in LLAVA_MINI_MODEL_TYPES:
+        from .llava_mini import NOT_LLM_PREFIXES as MINI_PREFIXES, LlavaMiniConfig
+
+        mini = LlavaMiniConfig.load(checkpoint)
+        return mini.llm, mini.mm.max_length, MINI_PREFIXES
+    llava = LlavaConfig.load(checkpoint)
+    return llava.llm, llava.mm.max_length, NOT_LLM_PREFIXES
+
+
 def _as_gguf(tensor: torch.Tensor, kind: gguf.GGMLQuantizationType) -> np.ndarray:
     if kind == gguf.GGMLQuantizationType.F32:
         return tensor.to(torch.float32).contiguous().numpy()
@@ -291,27 +267,3 @@ def _as_gguf(tensor: torch.Tensor, kind: gguf.GGMLQuantizationType) -> np.ndarra
         return tensor.to(torch.float16).contiguous().numpy()
     # bf16 bits as uint16: exact for bf16 checkpoints, round-to-nearest-even otherwise
     return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-
-
-# Strings where tokenizers disagree when a vocabulary is carried over wrongly: spaces (leading,
-# double, trailing), newlines, digits (split one by one), accents and CJK and emoji (byte fallback),
-# and the template's own pieces.
-TOKENIZER_PROBES = ("Hello world", " leading space", "double  space", "trailing ", "\nnewline first", "0123456789",
-                    "café naïve", "漢字かな", "😀", "USER:", " ASSISTANT:", "A chat between a curious user")
-
-
-def check_tokenizer(gguf_path: Path, checkpoint: Path) -> None:
-    """The GGUF's tokenizer (llama.cpp) must give SentencePiece's ids on every probe string."""
-    import llama_cpp
-    import sentencepiece as spm
-
-    from ..llm import llama_log
-
-    sp = spm.SentencePieceProcessor(model_file=str(Path(checkpoint) / "tokenizer.model"))
-    with llama_log(lambda line: None):  # llama.cpp's loader chatter; failures surface as exceptions
-        vocab = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
-    for text in TOKENIZER_PROBES:
-        ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        ref = sp.encode(text)
-        if ours != ref:
-            raise ExportError(f"{gguf_path.name}: llama.cpp tokenizes {text!r} as {ours}, SentencePiece as {ref}")

@@ -85,6 +85,14 @@ def export_onnx(model: ConvLlavaVision, path: Path, sample_hw: tuple[int, int], 
     return path
 
 
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold every subgraph that depends only on weights (e.g. a position-table lookup, a compressor's
+    query side). The exporter's own pass skips inputs over 8192 elements; TensorRT wants none left."""
+    import onnxscript.optimizer
+
+    return onnxscript.optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
+
+
 def graph_files(path: Path) -> list[Path]:
     """The graph file and its external-data file, when it has one."""
     data = path.with_name(path.name + ".data")

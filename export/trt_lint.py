@@ -72,7 +72,10 @@ class LintReport:
                 "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks]}
 
 
-def lint(path: str | Path) -> LintReport:
+def lint(path: str | Path, layernorm: bool = True) -> LintReport:
+    """``layernorm``: the graph's norms are LayerNorms (ConvNeXt, CLIP) and must be LayerNormalization
+    ops; False for RMSNorm graphs (Llama layers), whose ReduceMean/Pow/Sqrt chain is the only form
+    below opset 23 and which TensorRT fuses itself."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -96,9 +99,12 @@ def lint(path: str | Path) -> LintReport:
               "all supported by TensorRT's ONNX parser" if not unsupported else
               f"not supported by TensorRT: {', '.join(f'{op} ({counts[op]})' for op in unsupported)}"))
     n_ln, n_reduce = counts.get("LayerNormalization", 0), counts.get("ReduceMean", 0)
-    add(Check("LayerNorm", n_ln > 0 and n_reduce == 0,
-              f"{n_ln} LayerNormalization ops, {n_reduce} ReduceMean" +
-              ("" if n_reduce == 0 else ": a LayerNorm decomposed into reductions")))
+    if layernorm:
+        add(Check("LayerNorm", n_ln > 0 and n_reduce == 0,
+                  f"{n_ln} LayerNormalization ops, {n_reduce} ReduceMean" +
+                  ("" if n_reduce == 0 else ": a LayerNorm decomposed into reductions")))
+    else:
+        add(Check("RMSNorm", True, f"{n_reduce} ReduceMean chains (RMSNorm; an op only from opset 23)"))
     add(_stash_check(model))
     add(_folding_check(model))
     add(_zero_point_check(model, path.parent))

@@ -34,11 +34,24 @@ from ..vision import INPUT_NAME
 VARIANTS = ("fp32", "fp16", "int8")
 
 
-def convert_fp16(src: Path, dst: Path) -> Path:
+# RMSNorm (Llama layers) has no op below opset 23: its square, mean and root stay fp32 in fp16 graphs,
+# or squares of activations above ~256 overflow fp16.
+RMSNORM_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal"]
+
+
+def convert_fp16(src: Path, dst: Path, keep_fp32_ops: list[str] | None = None) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))  # loads external data too
-    model16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    model16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                       op_block_list=keep_fp32_ops or None)
+    _unique_node_names(model16.graph)
+    if keep_fp32_ops:
+        # The converter leaves value_info types from before its casts, and Casts of constants behind.
+        del model16.graph.value_info[:]
+        from ..export.onnx_export import fold_constants
+
+        model16 = fold_constants(model16)
     for node in model16.graph.node:
         if node.op_type == "LayerNormalization":
             _set_int_attribute(node, "stash_type", 1)  # fp32 statistics; explicit so linters and TensorRT see it
@@ -62,6 +75,33 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
         pending = [n for n in pending if id(n) not in ready_ids]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> None:
+    """The converter puts one Cast before each blocked consumer of a shared value, all with the same
+    node name and output name. Identical copies are dropped (consumers read the first's output); the
+    remaining names are made unique, as ONNX requires."""
+    producers: dict[str, onnx.NodeProto] = {}
+    kept = []
+    for node in graph.node:
+        first = next((producers[o] for o in node.output if o in producers), None)
+        if first is None:
+            producers.update({o: node for o in node.output})
+            kept.append(node)
+        elif node.op_type == "Cast" and first.op_type == "Cast" and list(node.input) == list(first.input) \
+                and list(node.attribute) == list(first.attribute):
+            continue  # the same Cast again
+        else:
+            raise ExportError(f"fp16 conversion produced two different nodes writing {node.output[0]!r}")
+    del graph.node[:]
+    graph.node.extend(kept)
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        if node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        else:
+            seen[node.name] = 0
 
 
 def _set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:

@@ -2,8 +2,8 @@
 
 Reference: transformers' PIL-backed CLIPImageProcessor (``CLIPImageProcessorPil``; in transformers 5
 the class named ``CLIPImageProcessor`` is the torchvision one, and the official code ran the PIL
-path), loaded from the tower's own preprocessor_config.json, applied after llava's expand2square
-written out below from llava/mm_utils.py. Tolerance 1e-6 absolute on normalized pixels.
+path), loaded from the tower's own preprocessor_config.json, applied after llava's expand2square as
+written out in tests/reference.py from llava/mm_utils.py. Tolerance 1e-6 absolute on normalized pixels.
 """
 
 from __future__ import annotations
@@ -21,21 +21,9 @@ from convllava_edge.image import MAX_IMAGE_PIXELS, open_image
 from convllava_edge.preprocess import PreprocessConfig, native_size, preprocess
 from convllava_edge.export.config import read_json
 
+from reference import official_expand2square
+
 TOLERANCE = 1e-6
-
-
-def official_expand2square(pil_img, background_color):
-    # llava/mm_utils.py, as the official code runs it before CLIPImageProcessor.preprocess.
-    width, height = pil_img.size
-    if width == height:
-        return pil_img
-    if width > height:
-        result = Image.new(pil_img.mode, (width, width), background_color)
-        result.paste(pil_img, (0, (width - height) // 2))
-        return result
-    result = Image.new(pil_img.mode, (height, height), background_color)
-    result.paste(pil_img, ((height - width) // 2, 0))
-    return result
 
 
 @pytest.fixture(scope="module")

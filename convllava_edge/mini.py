@@ -1,0 +1,65 @@
+"""LLaVA-Mini at run time: three ONNX graphs (CLIP, compressor, pre-fusion) and the prompt they fuse.
+
+The data flow of the official code (see export/llava_mini.py): CLIP's penultimate features are
+projected (the global tokens) and compressed to C*C tokens; the pre-fusion layers run over
+[global | compressed | prompt embeddings]; the LLM then receives the fused prompt with the
+compressed token(s) where the image was. The compressed token never sees the text (the mask is
+causal), but the fused text depends on the image: so the image's outputs are cached and pre-fusion
+runs for every new prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+from .vision import open_session
+
+GRAPH_IO = {"clip": (["pixel_values"], ["image_features"]),
+            "compress": (["image_features"], ["global_tokens", "compressed_tokens"]),
+            "prefusion": (["vision_tokens", "input_ids"], ["fused_text", "compressed_fused"])}
+PLACEHOLDER_ID = -200  # the official IMAGE_TOKEN_INDEX; pre-fusion masks every id <= 0
+
+
+class MiniEncoder:
+    """The three graphs in ONNX Runtime; arrays without the batch axis in and out."""
+
+    def __init__(self, paths: dict[str, str | os.PathLike], device: str = "auto", threads: int | None = None):
+        missing = [g for g in GRAPH_IO if g not in paths]
+        if missing:
+            raise BundleError(f"LLaVA-Mini bundle lacks the {', '.join(missing)} graph(s)")
+        self.sessions = {g: open_session(Path(paths[g]), device, threads) for g in GRAPH_IO}
+        first = self.sessions["clip"]
+        self.providers, self.note, self.threads = first.providers, first.note, first.threads
+        for graph, (inputs, outputs) in GRAPH_IO.items():
+            s = self.sessions[graph].session
+            if [i.name for i in s.get_inputs()] != inputs or [o.name for o in s.get_outputs()] != outputs:
+                raise BundleError(f"{paths[graph]}: expected inputs {inputs} and outputs {outputs}")
+
+    def _run(self, graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        inputs, outputs = GRAPH_IO[graph]
+        feed = {name: np.ascontiguousarray(a) for name, a in zip(inputs, arrays)}
+        return [r[0] for r in self.sessions[graph].session.run(outputs, feed)]
+
+    def clip(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[1, 3, S, S] -> [N, width]."""
+        return self._run("clip", pixel_values.astype(np.float32))[0]
+
+    def compress(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[N, width] -> (global tokens [N, d], compressed tokens [C*C, d])."""
+        global_tokens, compressed = self._run("compress", features.reshape(1, *features.shape[-2:]).astype(np.float32))
+        return global_tokens, compressed
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixels -> vision tokens [N + C*C, d]: what pre-fusion takes, and what the cache keeps."""
+        return np.concatenate(self.compress(self.clip(pixel_values)))
+
+    def prefuse(self, vision_tokens: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([N + C*C, d], ids [L] or [1, L]) -> (fused text [L, d], compressed after pre-fusion [C*C, d])."""
+        vision = vision_tokens.reshape(1, *vision_tokens.shape[-2:]).astype(np.float32)
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        fused, compressed = self._run("prefusion", vision, ids)
+        return fused, compressed
