@@ -99,16 +99,23 @@ def export_cmd(
     out.print(_files_table(manifest, str(out_dir)))
 
 
+def _accuracy_text(acc: dict | None) -> str:
+    """A vision variant's figures against fp32: one graph (ConvLLaVA), or one line per graph (LLaVA-Mini)."""
+    if not acc:
+        return "reference"
+    if "cosine_mean" in acc:
+        return f"vs fp32: cos mean {acc['cosine_mean']:.5f} min {acc['cosine_min']:.5f}, rel L2 {acc['rel_l2']:.1e}"
+    return "vs fp32: " + "; ".join(f"{graph} cos {a['cosine_mean']:.5f}/{a['cosine_min']:.5f}" for graph, a in acc.items())
+
+
 def _files_table(manifest, title: str) -> Table:
     table = Table(title=title)
     for col in ("file", "size", "type", "accuracy", "notes"):
         table.add_column(col)
     sizes = {f.path: f.size for f in manifest.files}
     for entry in manifest.vision:
-        acc = entry.accuracy
-        figure = (f"vs fp32: cos mean {acc['cosine_mean']:.5f} min {acc['cosine_min']:.5f}, rel L2 {acc['rel_l2']:.1e}"
-                  if acc else "reference")
-        table.add_row(escape(entry.graph), _size(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}",
+        figure = _accuracy_text(entry.accuracy)
+        table.add_row(escape(entry.graph if not entry.parts else ", ".join(entry.parts.values())), _size(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}",
                       figure, "TensorRT-ready" if entry.tensorrt_ready else "not TensorRT-ready (see lint)")
     if manifest.llm:
         agree = manifest.accuracy.get("llm_vs_unquantized")
@@ -367,8 +374,11 @@ MODEL_HELP = "Bundle folder (default: the demo model shipped with the package)."
 
 @app.command("ask")
 def ask_cmd(
-    image: Path = typer.Argument(..., help="Image file."),
-    question: str = typer.Argument(..., help="Question about the image."),
+    image_or_question: str = typer.Argument(..., metavar="IMAGE QUESTION", help="Image file, then the question "
+                                            "(with --video: the question alone)."),
+    question: Optional[str] = typer.Argument(None, hidden=True),
+    video: Optional[Path] = typer.Option(None, "--video", help="A video (GIF; MP4 with PyAV or OpenCV) instead of an "
+                                         "image: LLaVA-Mini bundles, ~1 frame per second, one token per frame."),
     model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy and deterministic (official default 0.2)."),
@@ -381,13 +391,26 @@ def ask_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
-    """Ask a question about an image; the answer streams as it is generated."""
+    """Ask a question about an image (or a video); the answer streams as it is generated."""
     options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
-    image_data = _checked_image(image)
+    if video is not None:
+        if question is not None:
+            raise ConvLlavaEdgeError("with --video, give only the question (got an image too)")
+        question, image_data = image_or_question, None
+        from ..image import read_image_bytes
+
+        read_image_bytes(video)  # a missing or empty file fails before any model loads
+    else:
+        if question is None:
+            raise ConvLlavaEdgeError("missing QUESTION: convllava-edge ask IMAGE QUESTION")
+        image_data = _checked_image(Path(image_or_question))
     loaded = _load_model(model, device, threads, vision_type, no_cache)
     if device == "auto" and not as_json:
         err.print(loaded.note, markup=False)
-    stream = loaded.ask_stream(image_data, question, options, use_cache=not no_cache)
+    if video is not None:
+        stream = loaded.ask_video_stream(video, question, options, use_cache=not no_cache)
+    else:
+        stream = loaded.ask_stream(image_data, question, options, use_cache=not no_cache)
     if as_json:
         for _ in stream:
             pass

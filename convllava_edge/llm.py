@@ -46,7 +46,30 @@ def llama_log(on_line: Callable[[str], None]) -> Iterator[None]:
     finally:
         if pending[0]:
             on_line(pending[0])
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(_quiet_callback() if _backend_ready else _logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_QUIET = []
+
+
+def _quiet_callback():
+    """llama.cpp's log, errors only, to stderr. llama.cpp also logs from tokenization (e.g. the doubled
+    BOS of LLaVA-Mini prompts, which the official code produces on purpose) and when contexts are
+    freed; a library printing those on every call is noise."""
+    import sys
+
+    import llama_cpp
+
+    if not _QUIET:
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):
+            # GGML_LOG_LEVEL_ERROR; but llama.cpp's "2 BOS tokens" notice, also at that level, describes
+            # exactly the prompt LLaVA-Mini's official code builds (its template writes BOS and the
+            # tokenizer adds one to each chunk).
+            if level == 3 and not text.startswith(b"check_double_bos_eos"):
+                sys.stderr.write(text.decode("utf-8", errors="replace"))
+        _QUIET.append(callback)  # keep a reference: ctypes callbacks must outlive their registration
+    return _QUIET[0]
 
 
 class ContextOverflowError(ConvLlavaEdgeError):
@@ -74,9 +97,10 @@ def _ensure_backend(quiet: bool) -> None:
     if not _backend_ready:
         llama_cpp.llama_backend_init()
         _backend_ready = True
-    # llama-cpp-python's log callback prints everything unless told otherwise, including lines
-    # llama.cpp writes when a context is freed, long after loading: keep it to errors.
-    _logger.set_verbose(not quiet)
+    if quiet:
+        llama_cpp.llama_log_set(_quiet_callback(), ctypes.c_void_p(0))
+    else:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 class LlamaCppBackend:

@@ -40,7 +40,8 @@ class VisionEntry:
     files: tuple[str, ...]
     method: str  # how it was made, in words
     tensorrt_ready: bool
-    accuracy: dict[str, float] | None = None  # against fp32 on probe images: cosine_mean, cosine_min, rel_l2
+    accuracy: dict[str, Any] | None = None  # against fp32 on probe images: cosine_mean, cosine_min, rel_l2
+    parts: dict[str, str] = field(default_factory=dict)  # multi-graph families: role -> file (LLaVA-Mini: clip, compress, prefusion)
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class Manifest:
         try:
             kw = _known(cls, data)
             kw["files"] = tuple(FileRecord(**_known(FileRecord, f)) for f in data["files"])
-            kw["vision"] = tuple(VisionEntry(**{**_known(VisionEntry, v), "files": tuple(v["files"])})
-                                 for v in data["vision"])
+            kw["vision"] = tuple(VisionEntry(**{**_known(VisionEntry, v), "files": tuple(v["files"]),
+                                                "parts": dict(v.get("parts") or {})}) for v in data["vision"])
             kw["llm"] = LlmEntry(**_known(LlmEntry, data["llm"])) if data.get("llm") else None
             manifest = cls(**kw)
         except (KeyError, TypeError) as e:
@@ -108,7 +109,8 @@ class Manifest:
         if not self.vision:
             raise BundleError(f"{where}: no vision graph")
         listed = {f.path for f in self.files}
-        named = [p for v in self.vision for p in (v.graph, *v.files)] + ([self.llm.file] if self.llm else [])
+        named = [p for v in self.vision for p in (v.graph, *v.files, *v.parts.values())] + \
+            ([self.llm.file] if self.llm else [])
         for path in named:
             if path not in listed:
                 raise BundleError(f"{where}: {path!r} is used but not listed in files")

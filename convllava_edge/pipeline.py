@@ -25,7 +25,7 @@ from .image import open_image, read_image_bytes
 from .llm import ContextOverflowError, LlamaCppBackend, SamplingOptions, TextStream
 from .manifest import Manifest, load_manifest, resolve_inside
 from .preprocess import ASPECTS, PreprocessConfig, preprocess
-from .prompt import IMAGE_TOKEN, ImageSlot, Item, Template, common_prefix, positions, splice
+from .prompt import IMAGE_TOKEN, ImageSlot, Item, common_prefix, positions, splice, template_from_dict
 from .vision import DEVICES, OnnxVisionEncoder
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -86,9 +86,16 @@ class Model:
             raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
         entry = self.manifest.vision_entry(vision_type)
         self.vision_entry = entry
+        self.family = self.manifest.family
         self.preprocess_config = PreprocessConfig.from_manifest(self.manifest.preprocess)
-        self.template = Template.from_dict(self.manifest.template)
-        self.vision = OnnxVisionEncoder(resolve_inside(self.bundle, entry.graph), device=device, threads=threads)
+        self.template = template_from_dict(self.manifest.template)
+        if self.family == "llava-mini":
+            from .mini import MiniEncoder
+
+            self.vision = MiniEncoder({role: resolve_inside(self.bundle, f) for role, f in entry.parts.items()},
+                                      device=device, threads=threads)
+        else:
+            self.vision = OnnxVisionEncoder(resolve_inside(self.bundle, entry.graph), device=device, threads=threads)
         self.llm = LlamaCppBackend(resolve_inside(self.bundle, self.manifest.llm.file), n_ctx=n_ctx, threads=threads,
                                    n_gpu_layers=gpu_layers(device), kv_f32=kv_f32)
         self.note = f"{self.vision.note}; LLM on {'GPU' if self.llm.gpu_offload else 'CPU'} (llama.cpp)"
@@ -96,8 +103,11 @@ class Model:
             raise BundleError(f"{self.bundle}: the LLM's embedding width {self.llm.n_embd} differs from the "
                               f"vision graph's {self.manifest.n_embd}")
         self.cache = EmbeddingCache() if cache is True else (cache or None)
-        self._graph_sha = next(f.sha256 for f in self.manifest.files if f.path == entry.graph)
+        shas = {f.path: f.sha256 for f in self.manifest.files}
+        self._graph_sha = "+".join(shas[f] for f in entry.files)  # every graph that shapes the cached tokens
         self.tokenizer = PromptTokenizer(self.llm, self.manifest.tokenizer)
+        header = getattr(self.template, "answer_header", "")
+        self._hidden_prefix = self.llm.tokenize(header, parse_special=True) if header else []
         self._kv: list[Item] = []  # what the KV cache holds, item by item
         self._memory: dict[str, np.ndarray] = {}  # embeddings of recent images, by slot key
 
@@ -115,7 +125,7 @@ class Model:
             embeds = self.cache.get(key)
         if embeds is not None:
             t1 = time.perf_counter()
-            return _Embedded(ImageSlot(key, len(embeds)), embeds, True, (t1 - t0) * 1e3, 0.0)
+            return _Embedded(ImageSlot(key, self._slot_size(embeds)), embeds, True, (t1 - t0) * 1e3, 0.0)
         pixels = preprocess(open_image(picture), self.preprocess_config, aspect)
         t1 = time.perf_counter()
         embeds = self.vision.encode(pixels)
@@ -123,7 +133,63 @@ class Model:
         if use_cache and self.cache is not None:
             self.cache.put(key, embeds)
         self._memory = {key: embeds}  # one image at a time in memory is what chat needs
-        return _Embedded(ImageSlot(key, len(embeds)), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        return _Embedded(ImageSlot(key, self._slot_size(embeds)), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def embed_video(self, video: str | os.PathLike | bytes, use_cache: bool = True) -> _Embedded:
+        """LLaVA-Mini: ~1 frame per second, each through CLIP and the compressor (one token per frame)."""
+        from .video import read_frames
+
+        if self.family != "llava-mini":
+            raise ConfigError(f"{self.bundle}: video needs a LLaVA-Mini bundle (this one is {self.family})")
+        t0 = time.perf_counter()
+        frames, data = read_frames(video, self.preprocess_config.image_size)
+        key = cache_key(hashlib.sha256(data).hexdigest(), self.manifest.preprocess, "video-1fps", self._graph_sha)
+        embeds = self._memory.get(key)
+        if embeds is None and use_cache and self.cache is not None:
+            embeds = self.cache.get(key)
+        if embeds is not None:
+            return _Embedded(ImageSlot(key, self._slot_size(embeds)), embeds, True, (time.perf_counter() - t0) * 1e3, 0.0)
+        pixels = [preprocess(f, self.preprocess_config, "crop") for f in frames]
+        t1 = time.perf_counter()
+        embeds = np.stack([self.vision.encode(p) for p in pixels])  # [frames, N + C*C, d]
+        t2 = time.perf_counter()
+        if use_cache and self.cache is not None:
+            self.cache.put(key, embeds)
+        self._memory = {key: embeds}
+        return _Embedded(ImageSlot(key, self._slot_size(embeds)), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def ask_video_stream(self, video: str | os.PathLike | bytes, question: str, options: AskOptions = AskOptions(),
+                         use_cache: bool = True) -> "AnswerStream":
+        embedded = self.embed_video(video, use_cache)
+        return AnswerStream(self, self.prompt_items([(question, None)], embedded.slot), embedded, options)
+
+    def _slot_size(self, embeds: np.ndarray) -> int:
+        """LLM positions the image takes: ConvLLaVA one per embedding row; LLaVA-Mini C*C per frame."""
+        if self.family != "llava-mini":
+            return len(embeds)
+        frames = embeds.shape[0] if embeds.ndim == 3 else 1
+        return frames * int(self.manifest.tokens_per_image["compressed"])
+
+    def _mini_rows(self, items: Sequence[Item]) -> np.ndarray:
+        """The LLM's input rows for a LLaVA-Mini prompt: fused text with the compressed token(s) spliced in.
+
+        Pre-fusion sees the prompt's ids with the image placeholder (masked); for a video each frame
+        is fused separately, the fused text averaged over frames (in fp32) and the frames' compressed
+        tokens concatenated, as the official code does.
+        """
+        from .mini import PLACEHOLDER_ID
+
+        at = next(i for i, it in enumerate(items) if isinstance(it, ImageSlot))
+        ids = np.array([PLACEHOLDER_ID if isinstance(it, ImageSlot) else it for it in items], dtype=np.int64)
+        vision = self._memory[items[at].key]
+        frames = vision if vision.ndim == 3 else vision[None]
+        fused_sum, compressed = 0.0, []
+        for frame in frames:
+            fused, comp = self.vision.prefuse(frame, ids)
+            fused_sum = fused_sum + fused.astype(np.float32)
+            compressed.append(comp)
+        fused = (fused_sum / len(frames)).astype(np.float32)
+        return np.concatenate([fused[:at], *compressed, fused[at + 1:]])
 
     # -- generation --------------------------------------------------------------------------------
     def _run(self, items: list[Item], embedded: _Embedded, options: AskOptions, answer_out: list[Answer]) -> Iterator[str]:
@@ -137,12 +203,23 @@ class Model:
                 "use fewer --max-tokens, a smaller image (--aspect native), or a shorter conversation")
         t0 = time.perf_counter()
         keep = common_prefix(self._kv, items)
+        if self.family == "llava-mini" and _slot(self._kv) != _slot(items):
+            # pre-fusion lets every text row see the image, the rows before <image> included: the same
+            # token prefix with another image is another sequence of embeddings
+            keep = 0
         keep = min(keep, len(items) - 1)  # the last prompt item is always evaluated: its logits start the answer
-        self.llm.truncate(positions(items[:keep]))
+        start = positions(items[:keep])
+        self.llm.truncate(start)
         self._kv = list(items[:keep])
-        evaluated = evaluate_items(self.llm, items[keep:], self._memory, self._kv.append)
+        if self.family == "llava-mini":  # the whole prompt goes in as embeddings: fused text and compressed token(s)
+            rows = self._mini_rows(items)
+            self.llm.eval_embeddings(rows[start:])
+            self._kv.extend(items[keep:])
+            evaluated = len(rows) - start
+        else:
+            evaluated = evaluate_items(self.llm, items[keep:], self._memory, self._kv.append)
         t1 = time.perf_counter()
-        decoder = Decoder(self.llm, options, self.template.stop, self._kv.append)
+        decoder = Decoder(self.llm, options, self.template.stop, self._kv.append, self._hidden_prefix)
         yield from decoder.run()
         t2 = time.perf_counter()
         first_token_at = decoder.first_token_at or t2
@@ -187,6 +264,7 @@ class PromptTokenizer:
 
     def __init__(self, llm: LlamaCppBackend, info: dict):
         self.llm = llm
+        self.bpe = info.get("kind") == "bpe"  # Llama-3: HF's fast tokenizer, whose chunks need no dummy-prefix rules
         self.add_space_prefix = info.get("add_space_prefix", True)
         self.space_after_special = info.get("space_after_special", True)
         self.specials = llm.special_tokens()  # "<s>", "</s>", "<unk>" -> ids, as the HF tokenizer parses them
@@ -195,6 +273,8 @@ class PromptTokenizer:
 
     def chunk(self, text: str) -> list[int]:
         """BOS, then the text's ids; special tokens written in the text become their ids."""
+        if self.bpe:
+            return self.llm.tokenize(text, add_bos=True, parse_special=True)
         ids = [self.llm.bos]
         after_special = False
         for part in self._split.split(text) if self._split else [text]:
@@ -257,8 +337,10 @@ class Decoder:
     """Sample an answer after an evaluated prompt: stops at EOS, a stop string, or max_tokens."""
 
     def __init__(self, llm: LlamaCppBackend, options: AskOptions, stops: Sequence[str],
-                 on_token: Callable[[int], None] = lambda token: None):
+                 on_token: Callable[[int], None] = lambda token: None, hidden_prefix: Sequence[int] = ()):
         self.llm, self.options, self.on_token = llm, options, on_token
+        self.hidden_prefix = list(hidden_prefix)  # generated header tokens (LLaVA-Mini: the assistant header): kept, not shown
+        self._hiding = bool(self.hidden_prefix)
         self.stream = TextStream(stops)
         self.tokens: list[int] = []
         self.reason = "length"
@@ -274,7 +356,13 @@ class Decoder:
                 self.reason = "eos"
                 break
             self.tokens.append(token)
-            text = self.stream.push(self.llm.piece(token))
+            if self._hiding and self.tokens == self.hidden_prefix[:len(self.tokens)]:
+                self._hiding = len(self.tokens) < len(self.hidden_prefix)  # the whole header seen: hidden for good
+                text = ""
+            else:
+                held = self.tokens[:-1] if self._hiding else []  # it was not the header after all: show it
+                self._hiding = False
+                text = "".join(self.stream.push(self.llm.piece(t)) for t in held + [token])
             if text:
                 yield text
             if self.stream.stopped:
@@ -328,6 +416,10 @@ class Chat:
         for _ in stream:
             pass
         return stream.answer
+
+
+def _slot(items: Sequence[Item]) -> ImageSlot | None:
+    return next((i for i in items if isinstance(i, ImageSlot)), None)
 
 
 def gpu_layers(device: str) -> int:

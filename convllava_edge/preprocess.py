@@ -8,6 +8,8 @@
 "native": keep the aspect ratio; resize (PIL bicubic) straight to W' x H', both multiples of the
   tower's total stride (64) and W' * H' <= R * R, so the token count never exceeds the square one.
   The network is fully convolutional, but the released models never trained on such shapes.
+"crop": CLIPImageProcessor alone (LLaVA-Mini: image_aspect_ratio "square"): resize the shortest
+  edge to R keeping the aspect ratio, then centre-crop R x R.
 
 Only numpy and Pillow: PIL's bicubic is the one the model saw; other libraries' bicubic differs.
 """
@@ -23,8 +25,8 @@ from PIL import Image
 
 from .errors import ConfigError, unknown_choice
 
-Aspect = Literal["pad", "native"]
-ASPECTS = ("pad", "native")
+Aspect = Literal["pad", "native", "crop"]
+ASPECTS = ("pad", "native", "crop")
 
 # openai/CLIP's normalization, what every ConvLLaVA preprocessor_config.json carries.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -138,11 +140,22 @@ def preprocess(image: Image.Image, config: PreprocessConfig, aspect: Aspect = "p
         edge = config.image_size
         resized = square.resize((edge, edge), resample=config.resample)
         pixels = _center_crop(np.asarray(resized), config.crop_size)
+    elif aspect == "crop":
+        pixels = _center_crop(np.asarray(image.resize(shortest_edge_size(image.size, config.image_size),
+                                                      resample=config.resample)), config.crop_size)
     else:
         h, w = config.crop_size
         size = native_size(image.width, image.height, budget=h * w, stride=config.stride)
         pixels = np.asarray(image.resize(size, resample=config.resample))
     return normalize(pixels, config)[None]
+
+
+def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
+    """(W, H) with the shorter side = ``edge`` and the longer scaled (transformers: int(edge * long / short))."""
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    long_new = int(edge * long / short)
+    return (edge, long_new) if width <= height else (long_new, edge)
 
 
 def normalize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:

@@ -62,6 +62,71 @@ class Template:
                    stop=tuple(d.get("stop", ())))
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's own Jinja chat template (LLaVA-Mini: Llama-3.1's), rendered as the official code does.
+
+    llavamini/conversation.py (SeparatorStyle.LLAMA_3_1): [system, user, assistant, ...] messages,
+    the image as "<image>\n" before the first question, the empty assistant turn dropped, rendered with
+    ``add_generation_prompt=False``: the prompt ends with the user's end-of-turn, and the model writes
+    the assistant header itself (``answer_header``: shown answers leave it out).
+    """
+
+    name: str
+    chat_template: str
+    system: str
+    bos_token: str
+    answer_header: str = ""
+    stop: tuple[str, ...] = ()
+    kind: str = "jinja"
+
+    def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
+        if not turns:
+            raise ConfigError("a conversation needs at least one question")
+        messages = [{"role": "system", "content": self.system}]
+        for i, (question, answer) in enumerate(turns):
+            question = question.strip()
+            if not question:
+                raise ConfigError("the question is empty")
+            if IMAGE_TOKEN in question:
+                raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
+            messages.append({"role": "user", "content": (IMAGE_TOKEN + "\n" + question) if i == 0 else question})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+            elif i != len(turns) - 1:
+                raise ConfigError("only the last turn may be unanswered")
+        return _jinja(self.chat_template).render(messages=messages, bos_token=self.bos_token,
+                                                 add_generation_prompt=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ChatTemplate":
+        return cls(name=d["name"], chat_template=d["chat_template"], system=d["system"], bos_token=d["bos_token"],
+                   answer_header=d.get("answer_header", ""), stop=tuple(d.get("stop", ())))
+
+
+def _jinja(source: str):
+    """Compile a chat template as transformers does (sandboxed; trim_blocks, lstrip_blocks)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ConfigError(f"the chat template does not compile: {e}") from e
+
+
+def template_from_dict(d: dict[str, Any]) -> "Template | ChatTemplate":
+    return ChatTemplate.from_dict(d) if d.get("kind") == "jinja" else Template.from_dict(d)
+
+
 # What ConvLLaVA trained with (conv_templates["vicuna_v1"]); the official CLI's default is another.
 VICUNA_V1 = Template(
     name="vicuna_v1",

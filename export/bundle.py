@@ -95,6 +95,16 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
                   progress: Progress = SilentProgress()) -> Manifest:
     options.validate()
     checkpoint = Path(checkpoint)
+    if _is_llava_mini(checkpoint):
+        from .bundle_mini import export_mini_bundle
+
+        if options.calibration_images is not None:
+            raise ConfigError("--calibration-images: static int8 is not available for LLaVA-Mini bundles yet "
+                              "(their int8 graphs are dynamic)")
+        with staging_folder(out, options.force) as tmp:
+            manifest = export_mini_bundle(checkpoint, tmp, options, vision_tower, progress)
+            write_manifest(tmp, manifest)
+        return manifest
     ckpt = open_vision_checkpoint(checkpoint, vision_tower)
     with staging_folder(out, options.force) as tmp:
         vision = export_vision(ckpt, tmp, options.vision_types, options.calibration_images, progress.stage,
@@ -108,6 +118,13 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
         manifest = _manifest(tmp, checkpoint.name, vision, options.vision_types, llm_path, conversion, report, agreement)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _is_llava_mini(checkpoint: Path) -> bool:
+    from .config import read_json
+    from .llava_mini import LLAVA_MINI_MODEL_TYPES
+
+    return read_json(checkpoint / "config.json").get("model_type") in LLAVA_MINI_MODEL_TYPES
 
 
 def export_llm(checkpoint: Path, folder: Path, options: ExportOptions,
