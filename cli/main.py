@@ -156,6 +156,8 @@ def info_cmd(
 @app.command("lint")
 def lint_cmd(
     graph: Path = typer.Argument(..., help="An ONNX graph."),
+    rmsnorm: bool = typer.Option(False, "--rmsnorm", help="The graph's norms are RMSNorm (Llama layers, e.g. "
+                                 "LLaVA-Mini's pre-fusion): a ReduceMean chain is expected, not LayerNormalization."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Check whether TensorRT can build an ONNX graph well (no TensorRT needed)."""
@@ -163,7 +165,7 @@ def lint_cmd(
 
     if not graph.is_file():
         raise ConvLlavaEdgeError(f"{graph}: no such file")
-    report = lint(graph)
+    report = lint(graph, layernorm=not rmsnorm)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
@@ -197,7 +199,12 @@ def encode_cmd(
     t0 = time.perf_counter()
     pixels = preprocess(open_image(image), config, aspect or manifest.preprocess["aspect"])
     t1 = time.perf_counter()
-    encoder = OnnxVisionEncoder(resolve_inside(model, entry.graph), device=device, threads=threads)
+    if manifest.family == "llava-mini":  # the vision tokens pre-fusion takes: global ones, then the compressed
+        from ..mini import MiniEncoder
+
+        encoder = MiniEncoder({r: resolve_inside(model, f) for r, f in entry.parts.items()}, device, threads)
+    else:
+        encoder = OnnxVisionEncoder(resolve_inside(model, entry.graph), device=device, threads=threads)
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
     t3 = time.perf_counter()

@@ -213,22 +213,27 @@ class LlamaCppBackend:
                 rows += [self._logits_at(i) for i in range(len(part))]
         return np.stack(rows) if all_logits else None
 
-    def eval_embeddings(self, embeds: np.ndarray) -> None:
-        """Inject rows of ``embeds`` [n, n_embd] as input embeddings at the next positions."""
+    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray | None:
+        """Inject rows of ``embeds`` [n, n_embd] as input embeddings at the next positions (logits as
+        for eval_tokens)."""
         if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
             raise ConfigError(f"image embeddings have shape {list(embeds.shape)}, the LLM expects [n, {self.n_embd}]")
         self._check_room(len(embeds))
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         batch = self._batch_embd
+        rows = []
         dst = np.ctypeslib.as_array(batch.embd, shape=(self.n_batch * self.n_embd,))
         for start in range(0, len(embeds), self.n_batch):
             part = embeds[start:start + self.n_batch]
             dst[: part.size] = part.reshape(-1)
             for i in range(len(part)):
-                self._slot(batch, i, self.n_past + i, last=start + i == len(embeds) - 1)
+                self._slot(batch, i, self.n_past + i, last=all_logits or start + i == len(embeds) - 1)
             batch.n_tokens = len(part)
             self._decode(batch, f"{len(part)} image embeddings")
             self.n_past += len(part)
+            if all_logits:
+                rows += [self._logits_at(i) for i in range(len(part))]
+        return np.stack(rows) if all_logits else None
 
     @staticmethod
     def _slot(batch, i: int, pos: int, last: bool) -> None:

@@ -57,9 +57,31 @@ class MiniEncoder:
         """pixels -> vision tokens [N + C*C, d]: what pre-fusion takes, and what the cache keeps."""
         return np.concatenate(self.compress(self.clip(pixel_values)))
 
+    def encode_both(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(CLIP features [N, width], vision tokens [N + C*C, d]): for accuracy checks, before and after."""
+        features = self.clip(pixel_values)
+        return features, np.concatenate(self.compress(features))
+
     def prefuse(self, vision_tokens: np.ndarray, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([N + C*C, d], ids [L] or [1, L]) -> (fused text [L, d], compressed after pre-fusion [C*C, d])."""
         vision = vision_tokens.reshape(1, *vision_tokens.shape[-2:]).astype(np.float32)
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         fused, compressed = self._run("prefusion", vision, ids)
         return fused, compressed
+
+
+def prompt_rows(encoder: MiniEncoder, ids: np.ndarray, at: int, vision: np.ndarray) -> np.ndarray:
+    """The LLM's input rows for a LLaVA-Mini prompt: fused text with the compressed token(s) spliced in.
+
+    ``ids`` is the prompt with PLACEHOLDER_ID at ``at``; ``vision`` is [N + C*C, d] for an image or
+    [frames, N + C*C, d] for a video, each frame fused separately, the fused text averaged over
+    frames (in fp32) and the frames' compressed tokens concatenated, as the official code does.
+    """
+    frames = vision if vision.ndim == 3 else vision[None]
+    fused_sum, compressed = 0.0, []
+    for frame in frames:
+        fused, comp = encoder.prefuse(frame, ids)
+        fused_sum = fused_sum + fused.astype(np.float32)
+        compressed.append(comp)
+    fused = (fused_sum / len(frames)).astype(np.float32)
+    return np.concatenate([fused[:at], *compressed, fused[at + 1:]])

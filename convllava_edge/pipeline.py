@@ -171,25 +171,12 @@ class Model:
         return frames * int(self.manifest.tokens_per_image["compressed"])
 
     def _mini_rows(self, items: Sequence[Item]) -> np.ndarray:
-        """The LLM's input rows for a LLaVA-Mini prompt: fused text with the compressed token(s) spliced in.
-
-        Pre-fusion sees the prompt's ids with the image placeholder (masked); for a video each frame
-        is fused separately, the fused text averaged over frames (in fp32) and the frames' compressed
-        tokens concatenated, as the official code does.
-        """
-        from .mini import PLACEHOLDER_ID
+        """The LLM's input rows for a LLaVA-Mini prompt (see mini.prompt_rows)."""
+        from .mini import PLACEHOLDER_ID, prompt_rows
 
         at = next(i for i, it in enumerate(items) if isinstance(it, ImageSlot))
         ids = np.array([PLACEHOLDER_ID if isinstance(it, ImageSlot) else it for it in items], dtype=np.int64)
-        vision = self._memory[items[at].key]
-        frames = vision if vision.ndim == 3 else vision[None]
-        fused_sum, compressed = 0.0, []
-        for frame in frames:
-            fused, comp = self.vision.prefuse(frame, ids)
-            fused_sum = fused_sum + fused.astype(np.float32)
-            compressed.append(comp)
-        fused = (fused_sum / len(frames)).astype(np.float32)
-        return np.concatenate([fused[:at], *compressed, fused[at + 1:]])
+        return prompt_rows(self.vision, ids, at, self._memory[items[at].key])
 
     # -- generation --------------------------------------------------------------------------------
     def _run(self, items: list[Item], embedded: _Embedded, options: AskOptions, answer_out: list[Answer]) -> Iterator[str]:

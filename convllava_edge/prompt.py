@@ -17,6 +17,24 @@ from .errors import ConfigError
 IMAGE_TOKEN = "<image>"
 
 
+def user_turns(turns: Sequence[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """Checked turns: questions stripped, the first preceded by "<image>\\n" (as LLaVA's code puts it),
+    only the last unanswered."""
+    if not turns:
+        raise ConfigError("a conversation needs at least one question")
+    out = []
+    for i, (question, answer) in enumerate(turns):
+        question = question.strip()
+        if not question:
+            raise ConfigError("the question is empty")
+        if IMAGE_TOKEN in question:
+            raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
+        if answer is None and i != len(turns) - 1:
+            raise ConfigError("only the last turn may be unanswered")
+        out.append(((IMAGE_TOKEN + "\n" + question) if i == 0 else question, answer))
+    return out
+
+
 @dataclass(frozen=True)
 class Template:
     """A LLaVA conversation template in the SeparatorStyle.TWO form (vicuna_v1)."""
@@ -33,24 +51,10 @@ class Template:
 
         ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:``
         """
-        if not turns:
-            raise ConfigError("a conversation needs at least one question")
         out = self.system + self.sep
-        for i, (question, answer) in enumerate(turns):
-            question = question.strip()
-            if not question:
-                raise ConfigError("the question is empty")
-            if IMAGE_TOKEN in question:
-                raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
-            if i == 0:
-                question = IMAGE_TOKEN + "\n" + question
+        for question, answer in user_turns(turns):
             out += f"{self.roles[0]}: {question}{self.sep}"
-            if answer is None:
-                if i != len(turns) - 1:
-                    raise ConfigError("only the last turn may be unanswered")
-                out += f"{self.roles[1]}:"
-            else:
-                out += f"{self.roles[1]}: {answer}{self.sep2}"
+            out += f"{self.roles[1]}:" if answer is None else f"{self.roles[1]}: {answer}{self.sep2}"
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,20 +85,11 @@ class ChatTemplate:
     kind: str = "jinja"
 
     def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
-        if not turns:
-            raise ConfigError("a conversation needs at least one question")
         messages = [{"role": "system", "content": self.system}]
-        for i, (question, answer) in enumerate(turns):
-            question = question.strip()
-            if not question:
-                raise ConfigError("the question is empty")
-            if IMAGE_TOKEN in question:
-                raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
-            messages.append({"role": "user", "content": (IMAGE_TOKEN + "\n" + question) if i == 0 else question})
-            if answer is not None:
+        for question, answer in user_turns(turns):
+            messages.append({"role": "user", "content": question})
+            if answer is not None:  # the empty assistant turn is dropped, as the official code does
                 messages.append({"role": "assistant", "content": answer})
-            elif i != len(turns) - 1:
-                raise ConfigError("only the last turn may be unanswered")
         return _jinja(self.chat_template).render(messages=messages, bos_token=self.bos_token,
                                                  add_generation_prompt=False)
 

@@ -30,10 +30,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from ..errors import CheckpointError
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from .checkpoint import TensorStore, check_shape
-from .config import LlmConfig, MultimodalConfig, read_json
+from .config import LLAVA_MINI_MODEL_TYPES, LlmConfig, MultimodalConfig, read_json
 from .vision_model import build_projector
 
-LLAVA_MINI_MODEL_TYPES = ("llava_mini_llama",)
 TOWER_PREFIX = "model.vision_tower.vision_tower."  # + "vision_model.*" (CLIPVisionModel names)
 COMPRESSOR_PREFIX = "model.compressor."
 PREFUSION_PREFIX = "model.prefusion_layers."

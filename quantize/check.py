@@ -31,7 +31,7 @@ from ..manifest import load_manifest, resolve_inside
 from ..metrics import compare_embeddings
 from ..pipeline import AskOptions, Decoder, PromptTokenizer, evaluate_items
 from ..preprocess import PreprocessConfig, preprocess
-from ..prompt import ImageSlot, Item, Template
+from ..prompt import ImageSlot, Item, template_from_dict
 from ..vision import OnnxVisionEncoder
 from .accuracy import compare_logits, log_softmax, sequence_logits
 
@@ -198,12 +198,19 @@ class GgufLlm:
         self.name, self.path = name, path
         self.backend = LlamaCppBackend(path, n_ctx=2048, threads=threads, kv_f32=True)
 
-    def logits(self, items: list[Item], embeds: dict[str, np.ndarray]) -> np.ndarray:
-        return sequence_logits(self.backend, items, embeds)
+    def logits(self, items: list[Item], embeds: dict[str, np.ndarray], rows: np.ndarray | None = None) -> np.ndarray:
+        if rows is None:
+            return sequence_logits(self.backend, items, embeds)
+        self.backend.truncate(0)  # LLaVA-Mini: the whole prompt as rows; the text after the image is measured
+        return self.backend.eval_embeddings(rows, all_logits=True)[_after_image(items):]
 
-    def answer(self, items: list[Item], embeds: dict[str, np.ndarray], stops: Sequence[str]) -> list[int]:
+    def answer(self, items: list[Item], embeds: dict[str, np.ndarray], stops: Sequence[str],
+               rows: np.ndarray | None = None) -> list[int]:
         self.backend.truncate(0)
-        evaluate_items(self.backend, items, embeds)
+        if rows is None:
+            evaluate_items(self.backend, items, embeds)
+        else:
+            self.backend.eval_embeddings(rows)
         decoder = Decoder(self.backend, AskOptions(MAX_ANSWER_TOKENS, SamplingOptions(temperature=0.0)), stops)
         for _ in decoder.run():
             pass
@@ -217,6 +224,16 @@ class GgufLlm:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _after_image(items: Sequence[Item]) -> int:
+    """KV position right after the (first) image slot."""
+    n = 0
+    for item in items:
+        n += item.n_tokens if isinstance(item, ImageSlot) else 1
+        if isinstance(item, ImageSlot):
+            return n
+    return n
 
 
 class TorchLlm:
@@ -341,7 +358,9 @@ class Reference:
         self._torch_vision = None
 
     def vision_encoder(self, bundle: Path, manifest) -> tuple[str, Any]:
-        """(description, encoder with encode_both) for the fp32 reference graph."""
+        """(description, encoder with encode_both) for the fp32 reference graph(s)."""
+        if manifest.family == "llava-mini":
+            return self._mini_encoder(bundle, manifest)
         if self.kind == "checkpoint":
             from ..export.vision_model import load_vision_model, open_vision_checkpoint
 
@@ -354,6 +373,20 @@ class Reference:
                               "(export one with --vision-type fp32, or pass --reference CHECKPOINT)")
         return f"fp32 graph of {source_bundle}", OnnxVisionEncoder(resolve_inside(source_bundle, fp32.graph), "cpu",
                                                                   self.threads)
+
+    def _mini_encoder(self, bundle: Path, manifest) -> tuple[str, Any]:
+        from ..mini import MiniEncoder
+
+        if self.kind == "checkpoint":
+            raise ConfigError("--reference CHECKPOINT is not supported for LLaVA-Mini bundles: pass a bundle "
+                              "exported with --vision-type fp32 and --llm-type F16 or F32")
+        source_bundle, source = (self.path, self.manifest) if self.kind == "bundle" else (bundle, manifest)
+        fp32 = next((v for v in source.vision if v.variant == "fp32"), None)
+        if fp32 is None:
+            raise ConfigError(f"{source_bundle}: no fp32 vision graphs to compare against (export with "
+                              "--vision-type fp32)")
+        parts = {role: resolve_inside(source_bundle, f) for role, f in fp32.parts.items()}
+        return f"fp32 graphs of {source_bundle}", MiniEncoder(parts, "cpu", self.threads)
 
     def llm(self, piece, is_end) -> Any | None:
         if self.kind == "bundle":
@@ -404,9 +437,16 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
     ref_embeds = {name: embeds for name, (_, embeds) in ref_out.items()}
     result.vision = {"reference": ref_name, "variants": {}}
     encoders = {}
+    mini = manifest.family == "llava-mini"
     for entry in manifest.vision:
         is_ref = reference.kind == "self" and entry.variant == "fp32"
-        encoders[entry.variant] = OnnxVisionEncoder(resolve_inside(bundle, entry.graph), "cpu", threads)
+        if mini:
+            from ..mini import MiniEncoder
+
+            encoders[entry.variant] = MiniEncoder({r: resolve_inside(bundle, f) for r, f in entry.parts.items()},
+                                                  "cpu", threads)
+        else:
+            encoders[entry.variant] = OnnxVisionEncoder(resolve_inside(bundle, entry.graph), "cpu", threads)
         result.sizes[f"vision {entry.variant}"] = sum(sizes[f] for f in entry.files)
         if is_ref:
             continue
@@ -423,18 +463,34 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
                                            GATES[name][1]))
 
     # LLM ----------------------------------------------------------------------------------------
-    template = Template.from_dict(manifest.template)
+    template = template_from_dict(manifest.template)
     candidate = GgufLlm(manifest.llm.type, resolve_inside(bundle, manifest.llm.file), threads)
     result.sizes[f"LLM {manifest.llm.type}"] = sizes[manifest.llm.file]
     tokenizer = PromptTokenizer(candidate.backend, manifest.tokenizer)
     prompts = []
+    slot_size = (lambda e: int(manifest.tokens_per_image["compressed"])) if mini else len
     for q in inputs.questions:
-        slot = ImageSlot(f"img:{q.image}", len(ref_embeds[q.image]))
+        slot = ImageSlot(f"img:{q.image}", slot_size(ref_embeds[q.image]))
         prompts.append((q, tokenizer.items(template.render([(q.question, None)]), slot)))
     embeds_by_key = {f"img:{name}": e for name, e in ref_embeds.items()}
+
+    def rows_with(encoder, vision_by_key) -> list[np.ndarray | None]:
+        """LLaVA-Mini: each prompt's LLM input rows, pre-fused by ``encoder``; ConvLLaVA: none (tokens + image)."""
+        if not mini:
+            return [None] * len(prompts)
+        from ..mini import PLACEHOLDER_ID, prompt_rows
+
+        out = []
+        for _, items in prompts:
+            at = next(i for i, it in enumerate(items) if isinstance(it, ImageSlot))
+            ids = np.array([PLACEHOLDER_ID if isinstance(it, ImageSlot) else it for it in items], dtype=np.int64)
+            out.append(prompt_rows(encoder, ids, at, vision_by_key[items[at].key]))
+        return out
+
+    ref_rows = rows_with(ref_encoder, embeds_by_key)
     ref_llm = reference.llm(candidate.backend.piece, candidate.backend.is_end)
     llms: dict[str, Any] = {manifest.llm.type: candidate}
-    if ref_llm is not None and nf4 and reference.kind == "checkpoint":
+    if ref_llm is not None and nf4 and reference.kind == "checkpoint" and not mini:
         try:
             llms["bnb-nf4"] = TorchLlm("bitsandbytes NF4", reference_path, nf4=True, is_end=candidate.backend.is_end,
                                        piece=candidate.backend.piece)
@@ -448,13 +504,14 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
         ref_logits = []
         for i, (_, items) in enumerate(prompts):
             progress("llm: reference", i, len(prompts))
-            ref_logits.append(ref_llm.logits(items, embeds_by_key))
+            ref_logits.append(ref_llm.logits(items, embeds_by_key, ref_rows[i]))
         ref_ppl = _perplexity(ref_llm, tokenizer, inputs.text) if inputs.text else None
         for name, llm in llms.items():
             cand_logits = []
             for i, (_, items) in enumerate(prompts):
                 progress(f"llm: {name}", i, len(prompts))
-                cand_logits.append(llm.logits(items, embeds_by_key))
+                cand_logits.append(llm.logits(items, embeds_by_key, ref_rows[i]) if mini
+                                   else llm.logits(items, embeds_by_key))
             agreement = compare_logits(ref_logits, cand_logits).to_dict()
             if inputs.text:
                 ppl = _perplexity(llm, tokenizer, inputs.text)
@@ -467,16 +524,17 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
 
     # answers ------------------------------------------------------------------------------------
     answer_llm_ref = ref_llm if ref_llm is not None else candidate
-    combos: dict[str, tuple[dict[str, np.ndarray], Any]] = {}
+    combos: dict[str, tuple[dict[str, np.ndarray], Any, list]] = {}
     for variant, enc in encoders.items():
         embeds = {f"img:{n}": enc.encode(p) for n, p in pixels.items()}
-        combos[f"{variant} + {manifest.llm.type}"] = (embeds, candidate)
+        combos[f"{variant} + {manifest.llm.type}"] = (embeds, candidate, rows_with(enc, embeds))
     if "bnb-nf4" in llms:
-        combos["fp32 + bnb-nf4"] = (embeds_by_key, llms["bnb-nf4"])
+        combos["fp32 + bnb-nf4"] = (embeds_by_key, llms["bnb-nf4"], ref_rows)
     reference_answers = []
     for i, (q, items) in enumerate(prompts):
         progress("answers: reference", i, len(prompts))
-        reference_answers.append(answer_llm_ref.answer(items, embeds_by_key, template.stop))
+        reference_answers.append(answer_llm_ref.answer(items, embeds_by_key, template.stop, ref_rows[i]) if mini
+                                 else answer_llm_ref.answer(items, embeds_by_key, template.stop))
     ref_acc = _accuracy(inputs.questions, reference_answers, candidate.backend)
     result.answers = {"reference": f"{ref_name} + {answer_llm_ref.name}", "reference_accuracy": ref_acc,
                       "combinations": {}}
@@ -485,11 +543,12 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
         fp32 = next((v for v in reference.manifest.vision if v.variant == "fp32"), None)
         result.reference["size"] = sum(ref_sizes[f] for f in fp32.files) + \
             (ref_sizes[reference.manifest.llm.file] if reference.manifest.llm else 0)
-    for combo, (embeds, llm) in combos.items():
+    for combo, (embeds, llm, rows) in combos.items():
         answers = []
         for i, (q, items) in enumerate(prompts):
             progress(f"answers: {combo}", i, len(prompts))
-            answers.append(llm.answer(items, embeds, template.stop))
+            answers.append(llm.answer(items, embeds, template.stop, rows[i]) if mini
+                           else llm.answer(items, embeds, template.stop))
         exact = float(np.mean([a == r for a, r in zip(answers, reference_answers)]))
         first = float(np.mean([a[:1] == r[:1] for a, r in zip(answers, reference_answers)]))
         entry = {"exact": exact, "first_token": first}
