@@ -55,7 +55,8 @@ class StageProgress:
 
     def close(self) -> None:
         self.finish()
-        self.bar.stop()
+        if self.bar.live.is_started:  # stopping a bar that never started still writes a blank line
+            self.bar.stop()
 
 
 def _size(n: int) -> str:

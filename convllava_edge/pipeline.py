@@ -111,8 +111,8 @@ class Model:
         self._kv: list[Item] = []  # what the KV cache holds, item by item
         self._memory: dict[str, np.ndarray] = {}  # embeddings of recent images, by slot key
 
-    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot) -> list[Item]:
-        return self.tokenizer.items(self.template.render(turns), slot)
+    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None) -> list[Item]:
+        return self.tokenizer.items(self.template.render(turns, image=slot is not None), slot)
 
     # -- image -------------------------------------------------------------------------------------
     def embed(self, image: ImageInput, aspect: str | None = None, use_cache: bool = True) -> _Embedded:
@@ -179,9 +179,12 @@ class Model:
         return prompt_rows(self.vision, ids, at, self._memory[items[at].key])
 
     # -- generation --------------------------------------------------------------------------------
-    def _run(self, items: list[Item], embedded: _Embedded, options: AskOptions, answer_out: list[Answer]) -> Iterator[str]:
+    def _run(self, items: list[Item], embedded: _Embedded | None, options: AskOptions,
+             answer_out: list[Answer]) -> Iterator[str]:
         options.validate()
-        self._memory[embedded.slot.key] = embedded.embeds
+        embedded = embedded or _Embedded(ImageSlot("", 0), np.zeros((0, 0), np.float32), False, 0.0, 0.0)  # text only
+        if embedded.slot.key:
+            self._memory[embedded.slot.key] = embedded.embeds
         needed = positions(items)
         if needed + options.max_tokens > self.llm.n_ctx:
             raise ContextOverflowError(
@@ -198,7 +201,8 @@ class Model:
         start = positions(items[:keep])
         self.llm.truncate(start)
         self._kv = list(items[:keep])
-        if self.family == "llava-mini":  # the whole prompt goes in as embeddings: fused text and compressed token(s)
+        if self.family == "llava-mini" and _slot(items) is not None:  # the whole prompt as embeddings: fused text
+            # and compressed token(s); a prompt without an image skips pre-fusion (plain tokens, as official)
             rows = self._mini_rows(items)
             self.llm.eval_embeddings(rows[start:])
             self._kv.extend(items[keep:])
@@ -229,6 +233,16 @@ class Model:
 
     def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), use_cache: bool = True) -> Answer:
         stream = self.ask_stream(image, question, options, use_cache)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def ask_text_stream(self, question: str, options: AskOptions = AskOptions()) -> "AnswerStream":
+        """A question with no image: the template without "<image>", plain tokens (LLaVA-Mini: no pre-fusion)."""
+        return AnswerStream(self, self.prompt_items([(question, None)], None), None, options)
+
+    def ask_text(self, question: str, options: AskOptions = AskOptions()) -> Answer:
+        stream = self.ask_text_stream(question, options)
         for _ in stream:
             pass
         return stream.answer
@@ -274,8 +288,10 @@ class PromptTokenizer:
                 after_special = False
         return ids
 
-    def items(self, prompt: str, slot: ImageSlot) -> list[Item]:
-        """The rendered prompt as token ids with the image slot where ``<image>`` was."""
+    def items(self, prompt: str, slot: ImageSlot | None) -> list[Item]:
+        """The rendered prompt as token ids with the image slot where ``<image>`` was (no slot: text only)."""
+        if slot is None:
+            return self.chunk(prompt)
         return splice([self.chunk(c) for c in prompt.split(IMAGE_TOKEN)], slot, self.llm.bos)
 
     def _ids_without_prefix(self, text: str) -> list[int]:

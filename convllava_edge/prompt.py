@@ -17,9 +17,9 @@ from .errors import ConfigError
 IMAGE_TOKEN = "<image>"
 
 
-def user_turns(turns: Sequence[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
-    """Checked turns: questions stripped, the first preceded by "<image>\\n" (as LLaVA's code puts it),
-    only the last unanswered."""
+def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True) -> list[tuple[str, str | None]]:
+    """Checked turns: questions stripped, the first preceded by "<image>\\n" (as LLaVA's code puts it)
+    unless the conversation has no image, only the last unanswered."""
     if not turns:
         raise ConfigError("a conversation needs at least one question")
     out = []
@@ -31,7 +31,7 @@ def user_turns(turns: Sequence[tuple[str, str | None]]) -> list[tuple[str, str |
             raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
         if answer is None and i != len(turns) - 1:
             raise ConfigError("only the last turn may be unanswered")
-        out.append(((IMAGE_TOKEN + "\n" + question) if i == 0 else question, answer))
+        out.append(((IMAGE_TOKEN + "\n" + question) if i == 0 and image else question, answer))
     return out
 
 
@@ -46,13 +46,13 @@ class Template:
     sep2: str  # after each assistant turn
     stop: tuple[str, ...]  # text that ends an answer besides the EOS token
 
-    def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
+    def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True) -> str:
         """turns: (question, answer or None for the turn being asked); the image goes in the first question.
 
         ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:``
         """
         out = self.system + self.sep
-        for question, answer in user_turns(turns):
+        for question, answer in user_turns(turns, image):
             out += f"{self.roles[0]}: {question}{self.sep}"
             out += f"{self.roles[1]}:" if answer is None else f"{self.roles[1]}: {answer}{self.sep2}"
         return out
@@ -84,9 +84,9 @@ class ChatTemplate:
     stop: tuple[str, ...] = ()
     kind: str = "jinja"
 
-    def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
+    def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True) -> str:
         messages = [{"role": "system", "content": self.system}]
-        for question, answer in user_turns(turns):
+        for question, answer in user_turns(turns, image):
             messages.append({"role": "user", "content": question})
             if answer is not None:  # the empty assistant turn is dropped, as the official code does
                 messages.append({"role": "assistant", "content": answer})

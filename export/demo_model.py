@@ -12,7 +12,9 @@ predicting which shape-colour pairs are present, how many shapes there are and w
 is on, gives it one from the first step. The probe is training scaffolding: it is not part of the
 model and is not saved.
 
-    python -m convllava_edge.export.demo_model train --work demo-work   # resumable; seeded
+The shipped model was made in two phases (resumable, seeded; ~86 + ~90 minutes on this 2-core machine):
+    python -m convllava_edge.export.demo_model train --work demo-work --steps 3000 --fp32
+    python -m convllava_edge.export.demo_model train --work demo-work --steps 7000   # resumes at 3000, bf16
     python -m convllava_edge.export.demo_model save --work demo-work --out models/shapes-demo
     python -m convllava_edge.export.demo_model evaluate --checkpoint models/shapes-demo
 """
@@ -55,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     threads: int | None = None
+    bf16: bool = True  # autocast matmuls to bf16 (AVX-512 BF16 here: 1.35x per step, same loss); weights stay fp32
 
 
 def task_corpus() -> list[str]:
@@ -236,7 +239,8 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
             pixels, rows, targets = batcher.build(items)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss = forward_loss(model, pixels, rows, batcher.prefix, targets)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = forward_loss(model, pixels, rows, batcher.prefix, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,6 +300,7 @@ def main() -> None:
     t.add_argument("--work", type=Path, required=True)
     t.add_argument("--steps", type=int, default=TrainConfig.steps)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--fp32", action="store_true", help="no bf16 autocast (phase 1 of the shipped model)")
     s = sub.add_parser("save")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
@@ -304,7 +309,7 @@ def main() -> None:
     e.add_argument("-n", type=int, default=500)
     args = parser.parse_args()
     if args.cmd == "train":
-        train(args.work, TrainConfig(steps=args.steps, threads=args.threads))
+        train(args.work, TrainConfig(steps=args.steps, threads=args.threads, bf16=not args.fp32))
     elif args.cmd == "save":
         print(save_checkpoint(args.work, args.out))
     else:

@@ -263,29 +263,31 @@ class TorchLlm:
             self.model = LlamaForCausalLM(config).to(dtype).eval()
             self.model.load_state_dict({k: store.get(k).to(dtype) for k in keys}, strict=True)
 
-    def _inputs(self, items: list[Item], embeds: dict[str, np.ndarray]):
-        """[positions, d]: token embeddings with the image rows spliced in (inputs_embeds)."""
+    def _inputs(self, items: list[Item], embeds: dict[str, np.ndarray], rows: np.ndarray | None = None):
+        """[positions, d]: token embeddings with the image rows spliced in (inputs_embeds), or ``rows`` as given."""
         torch = self._torch
         table = self.model.get_input_embeddings()
+        if rows is not None:
+            return torch.from_numpy(np.ascontiguousarray(rows)).to(table.weight.dtype)
         rows = [torch.from_numpy(embeds[item.key]).to(table.weight.dtype) if isinstance(item, ImageSlot)
                 else table(torch.tensor([item])) for item in items]
         return torch.cat(rows)
 
-    def logits(self, items: list[Item], embeds: dict[str, np.ndarray]) -> np.ndarray:
+    def logits(self, items: list[Item], embeds: dict[str, np.ndarray], rows: np.ndarray | None = None) -> np.ndarray:
+        """Logits from right after the image on; ``rows`` (LLaVA-Mini's pre-fused prompt) replaces the items."""
         torch = self._torch
-        first = next(i for i, it in enumerate(items) if isinstance(it, ImageSlot))
-        start = sum(it.n_tokens if isinstance(it, ImageSlot) else 1 for it in items[: first + 1])
         with torch.no_grad():
-            out = self.model(inputs_embeds=self._inputs(items, embeds)[None]).logits[0].float().numpy()
-        return out[start:]
+            out = self.model(inputs_embeds=self._inputs(items, embeds, rows)[None]).logits[0].float().numpy()
+        return out[_after_image(items):]
 
-    def answer(self, items: list[Item], embeds: dict[str, np.ndarray], stops: Sequence[str]) -> list[int]:
+    def answer(self, items: list[Item], embeds: dict[str, np.ndarray], stops: Sequence[str],
+               rows: np.ndarray | None = None) -> list[int]:
         torch = self._torch
         from ..llm import TextStream
 
         table = self.model.get_input_embeddings()
         stream, tokens, past = TextStream(stops), [], None
-        inputs = self._inputs(items, embeds)[None]
+        inputs = self._inputs(items, embeds, rows)[None]
         with torch.no_grad():
             for _ in range(MAX_ANSWER_TOKENS):
                 out = self.model(inputs_embeds=inputs, past_key_values=past, use_cache=True)
@@ -510,8 +512,7 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
             cand_logits = []
             for i, (_, items) in enumerate(prompts):
                 progress(f"llm: {name}", i, len(prompts))
-                cand_logits.append(llm.logits(items, embeds_by_key, ref_rows[i]) if mini
-                                   else llm.logits(items, embeds_by_key))
+                cand_logits.append(llm.logits(items, embeds_by_key, ref_rows[i]))
             agreement = compare_logits(ref_logits, cand_logits).to_dict()
             if inputs.text:
                 ppl = _perplexity(llm, tokenizer, inputs.text)
@@ -533,8 +534,7 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
     reference_answers = []
     for i, (q, items) in enumerate(prompts):
         progress("answers: reference", i, len(prompts))
-        reference_answers.append(answer_llm_ref.answer(items, embeds_by_key, template.stop, ref_rows[i]) if mini
-                                 else answer_llm_ref.answer(items, embeds_by_key, template.stop))
+        reference_answers.append(answer_llm_ref.answer(items, embeds_by_key, template.stop, ref_rows[i]))
     ref_acc = _accuracy(inputs.questions, reference_answers, candidate.backend)
     result.answers = {"reference": f"{ref_name} + {answer_llm_ref.name}", "reference_accuracy": ref_acc,
                       "combinations": {}}
@@ -547,8 +547,7 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
         answers = []
         for i, (q, items) in enumerate(prompts):
             progress(f"answers: {combo}", i, len(prompts))
-            answers.append(llm.answer(items, embeds, template.stop, rows[i]) if mini
-                           else llm.answer(items, embeds, template.stop))
+            answers.append(llm.answer(items, embeds, template.stop, rows[i]))
         exact = float(np.mean([a == r for a, r in zip(answers, reference_answers)]))
         first = float(np.mean([a[:1] == r[:1] for a, r in zip(answers, reference_answers)]))
         entry = {"exact": exact, "first_token": first}

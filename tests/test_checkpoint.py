@@ -26,8 +26,9 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_release_layout_files(tiny):
     names = sorted(p.name for p in tiny.bin_ckpt.iterdir())
-    assert names == ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
-                     "pytorch_model.bin.index.json"]
+    assert names == ["config.json", "generation_config.json", "pytorch_model-00001-of-00002.bin",
+                     "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "special_tokens_map.json",
+                     "tokenizer.model", "tokenizer_config.json"]
     index = json.loads((tiny.bin_ckpt / "pytorch_model.bin.index.json").read_text())
     assert set(index) == {"metadata", "weight_map"}
     shard = torch.load(tiny.bin_ckpt / "pytorch_model-00002-of-00002.bin", weights_only=True)

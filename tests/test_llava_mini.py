@@ -173,3 +173,24 @@ def test_video_on_a_convllava_bundle_is_refused(tmp_path, capsys, tiny, tiny_bun
     export_bundle(tiny.bin_ckpt, out, ExportOptions(llm_type="F32"))
     assert main(["ask", "--video", str(gif), "What?", "--model", str(out)]) == 1
     assert "video needs a LLaVA-Mini bundle" in capsys.readouterr().err
+
+
+def test_text_only_questions_skip_prefusion(model, reference, monkeypatch):
+    def no_prefusion(*args):
+        raise AssertionError("pre-fusion ran for a prompt without an image")
+
+    monkeypatch.setattr(model.vision, "prefuse", no_prefusion)
+    answer = model.ask_text("Tell me about circles.", GREEDY)
+    messages = [{"role": "system", "content": reference_system()}, {"role": "user", "content": "Tell me about circles."}]
+    prompt = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    ids = reference.tokenizer(prompt).input_ids
+    with torch.no_grad():
+        out = reference.llm.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                     eos_token_id=sorted(reference.stop_ids), pad_token_id=0)[0, len(ids):].tolist()
+    expected = [t for t in out if t not in reference.stop_ids]
+    assert answer.token_ids[: len(expected)] == expected and answer.n_image_tokens == 0
+
+
+def reference_system() -> str:
+    from reference_mini import SYSTEM
+    return SYSTEM
