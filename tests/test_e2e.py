@@ -298,4 +298,7 @@ def test_bench_reports_every_figure_and_the_cache_hit(f32_bundle, images, capsys
     assert result["cold"]["encode_ms"]["median"] > 0 and result["cache_hit"]["encode_ms"]["max"] == 0.0
     assert result["vision"]["providers"] == ["CPUExecutionProvider"] and result["llm"]["threads"] >= 1
     assert result["n_image_tokens"] == 16 and result["n_generated"] >= 1 and result["peak_rss_mb"] > 0
-    assert 0 < result["cache_hit_ttft_fraction"] < 1
+    # the fraction itself is a speed figure (benchmarks/); on a 16-token tiny bundle the encoder costs less
+    # than timing noise, so only its definition is checked here
+    ttft = {series: result[series]["time_to_first_token_ms"]["median"] for series in ("cold", "cache_hit")}
+    assert result["cache_hit_ttft_fraction"] == pytest.approx(ttft["cache_hit"] / ttft["cold"])
