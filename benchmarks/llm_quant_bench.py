@@ -3,7 +3,7 @@
 Two random checkpoints in the ConvLLaVA release layout (bf16 .bin shards + tokenizer.model):
 - tiny: the test model (hidden 256, 2 layers);
 - ~1B: TinyLlama-1.1B proportions (hidden 2048, ffn 5632, 22 layers, 32 heads / 4 kv heads, vocab 32000).
-The conversion runs in a child process so its peak resident memory (ru_maxrss) is its own: the
+The conversion runs in a child process so its peak resident memory (VmHWM) is its own: the
 goal is about one shard plus one tensor in fp32, not the whole model. Agreement of each quant type
 against the F32 GGUF: top-1 and KL(F32 || quant) of next-token distributions over text prompts
 (F32 KV cache on both sides).
@@ -55,10 +55,13 @@ def make_checkpoint(name: str, folder: Path) -> tuple[Path, float]:
 
 
 def convert_in_child(ckpt: Path, out: Path) -> dict:
-    code = ("import sys, time, resource\nfrom pathlib import Path\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (which here held the
+    # whole random model), VmHWM belongs to the child's own address space.
+    code = ("import sys, time\nfrom pathlib import Path\n"
             "from convllava_edge.export.gguf_convert import convert_llm\n"
             "t = time.perf_counter()\nconvert_llm(Path(sys.argv[1]), Path(sys.argv[2]), 'F32')\n"
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
+            "print(time.perf_counter() - t, hwm)\n")
     result = subprocess.run([sys.executable, "-c", code, str(ckpt), str(out)], capture_output=True, text=True, check=True)
     seconds, maxrss_kb = result.stdout.split()
     return {"seconds": float(seconds), "peak_rss_mb": int(maxrss_kb) / 1024}

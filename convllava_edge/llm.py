@@ -129,6 +129,7 @@ class LlamaCppBackend:
             cparams.n_ctx = n_ctx or self.n_ctx_train
             cparams.n_batch = cparams.n_ubatch = n_batch
             cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
+            self.kv_f32 = kv_f32
             if kv_f32:
                 cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32 (default F16 rounds keys and values)
             self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
@@ -190,6 +191,27 @@ class LlamaCppBackend:
             self._l.llama_memory_clear(mem, True)
             n_past = 0
         self.n_past = n_past
+
+    def save_sequence(self) -> bytes:
+        """The KV cache of the sequence (every evaluated position), in llama.cpp's own state format."""
+        size = self._l.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_ubyte * size)()
+        written = self._l.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        return bytes(memoryview(buf)[:written])
+
+    def load_sequence(self, state: bytes, n_past: int) -> bool:
+        """Replace the KV cache with ``state`` (from save_sequence on this model, ``n_past`` positions).
+
+        False, with an empty cache, when llama.cpp refuses it. Logits are not part of the state: the
+        caller evaluates at least one more position before sampling.
+        """
+        self.truncate(0)
+        buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
+        if not state or self._l.llama_state_seq_set_data(self.ctx, buf, len(state), 0) == 0:
+            self.truncate(0)
+            return False
+        self.n_past = n_past
+        return True
 
     def _check_room(self, n: int) -> None:
         if self.n_past + n > self.n_ctx:

@@ -179,8 +179,15 @@ class Model:
         return prompt_rows(self.vision, ids, at, self._memory[items[at].key])
 
     # -- generation --------------------------------------------------------------------------------
+    def _kv_key(self, prefix: Sequence[Item]) -> str:
+        """Cache key of the KV state after ``prefix`` (tokens and the image slot, whose key names the image,
+        preprocessing and graphs), for this GGUF and KV type."""
+        llm_sha = next(f.sha256 for f in self.manifest.files if f.path == self.manifest.llm.file)
+        text = ",".join(f"i{it.key}" if isinstance(it, ImageSlot) else str(it) for it in prefix)
+        return hashlib.sha256(f"kv1|{llm_sha}|f32={self.llm.kv_f32}|{text}".encode()).hexdigest()
+
     def _run(self, items: list[Item], embedded: _Embedded | None, options: AskOptions,
-             answer_out: list[Answer]) -> Iterator[str]:
+             answer_out: list[Answer], use_cache: bool = True) -> Iterator[str]:
         options.validate()
         embedded = embedded or _Embedded(ImageSlot("", 0), np.zeros((0, 0), np.float32), False, 0.0, 0.0)  # text only
         if embedded.slot.key:
@@ -198,6 +205,17 @@ class Model:
             # token prefix with another image is another sequence of embeddings
             keep = 0
         keep = min(keep, len(items) - 1)  # the last prompt item is always evaluated: its logits start the answer
+        # ConvLLaVA: the KV state up to the image (system prompt, image rows) does not depend on the question,
+        # so the disk cache keeps it beside the embeddings: a later `ask` on the image, even in another
+        # process, starts after it. (LLaVA-Mini pre-fuses the question into every row: nothing to share.)
+        image_end = next((i + 1 for i, it in enumerate(items) if isinstance(it, ImageSlot)), 0)
+        kv_key = None
+        if (use_cache and self.cache is not None and self.family != "llava-mini" and image_end
+                and keep < image_end < len(items)):
+            kv_key = self._kv_key(items[:image_end])
+            state = self.cache.get(kv_key)
+            if state is not None and self.llm.load_sequence(state.tobytes(), positions(items[:image_end])):
+                keep, kv_key = image_end, None
         start = positions(items[:keep])
         self.llm.truncate(start)
         self._kv = list(items[:keep])
@@ -207,6 +225,10 @@ class Model:
             self.llm.eval_embeddings(rows[start:])
             self._kv.extend(items[keep:])
             evaluated = len(rows) - start
+        elif kv_key is not None:
+            evaluated = evaluate_items(self.llm, items[keep:image_end], self._memory, self._kv.append)
+            self.cache.put(kv_key, np.frombuffer(self.llm.save_sequence(), np.uint8))
+            evaluated += evaluate_items(self.llm, items[image_end:], self._memory, self._kv.append)
         else:
             evaluated = evaluate_items(self.llm, items[keep:], self._memory, self._kv.append)
         t1 = time.perf_counter()
@@ -229,7 +251,7 @@ class Model:
         """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted."""
         embedded = self.embed(image, options.aspect, use_cache)
         items = self.prompt_items([(question, None)], embedded.slot)
-        return AnswerStream(self, items, embedded, options)
+        return AnswerStream(self, items, embedded, options, use_cache=use_cache)
 
     def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), use_cache: bool = True) -> Answer:
         stream = self.ask_stream(image, question, options, use_cache)
@@ -248,7 +270,7 @@ class Model:
         return stream.answer
 
     def chat(self, image: ImageInput, options: AskOptions = AskOptions(), use_cache: bool = True) -> "Chat":
-        return Chat(self, self.embed(image, options.aspect, use_cache), options)
+        return Chat(self, self.embed(image, options.aspect, use_cache), options, use_cache)
 
     def reset(self) -> None:
         """Forget the KV cache and in-memory embeddings (benchmarks: every run starts cold)."""
@@ -383,9 +405,9 @@ class AnswerStream:
     """Iterate for text pieces; ``.answer`` holds the Answer once the stream is exhausted."""
 
     def __init__(self, model: Model, items: list[Item], embedded: _Embedded, options: AskOptions,
-                 on_done: Callable[[Answer], None] = lambda answer: None):
+                 on_done: Callable[[Answer], None] = lambda answer: None, use_cache: bool = True):
         self._out: list[Answer] = []
-        self._gen = model._run(items, embedded, options, self._out)
+        self._gen = model._run(items, embedded, options, self._out, use_cache)
         self._on_done = on_done
 
     def __iter__(self) -> Iterator[str]:
@@ -402,14 +424,14 @@ class AnswerStream:
 class Chat:
     """A multi-turn conversation about one image (``... ASSISTANT: A1</s>USER: Q2 ASSISTANT:``)."""
 
-    def __init__(self, model: Model, embedded: _Embedded, options: AskOptions):
-        self.model, self.embedded, self.options = model, embedded, options
+    def __init__(self, model: Model, embedded: _Embedded, options: AskOptions, use_cache: bool = True):
+        self.model, self.embedded, self.options, self.use_cache = model, embedded, options, use_cache
         self.turns: list[tuple[str, str]] = []
 
     def ask_stream(self, question: str, options: AskOptions | None = None) -> AnswerStream:
         items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot)
         stream = AnswerStream(self.model, items, self.embedded, options or self.options,
-                              on_done=lambda answer: self.turns.append((question, answer.text)))
+                              on_done=lambda answer: self.turns.append((question, answer.text)), use_cache=self.use_cache)
         # Later turns reuse the embeddings in hand: no preprocessing or encoding to report.
         self.embedded = _Embedded(self.embedded.slot, self.embedded.embeds, True, 0.0, 0.0)
         return stream

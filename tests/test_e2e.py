@@ -130,11 +130,30 @@ def test_cache_hit_skips_the_encoder_and_gives_the_same_answer(f32_bundle, image
     assert not cold["cache_hit"] and warm["cache_hit"]
     assert warm["timings"]["encode_ms"] == 0.0 and cold["timings"]["encode_ms"] > 0
     assert warm["token_ids"] == cold["token_ids"]
-    assert len(list(cache_dir.glob("*/*.npy"))) == 1
+    assert len(list(cache_dir.glob("*/*.npy"))) == 2  # the embeddings, and the KV state up to the image
+    assert cold["n_evaluated"] == cold["n_prompt_positions"]
+    assert warm["n_evaluated"] < warm["n_prompt_positions"] - warm["n_image_tokens"]
     native = _ask_json(capsys, *args, "--aspect", "native")  # another preprocessing is another key
     assert not native["cache_hit"] and native["n_image_tokens"] != cold["n_image_tokens"]
     uncached = _ask_json(capsys, *args, "--no-cache")
     assert not uncached["cache_hit"]
+
+
+def test_kv_state_after_the_image_is_reused_by_later_asks_and_stays_token_exact(f32_bundle, reference, images,
+                                                                                   cache_dir, capsys):
+    base = ["--model", f32_bundle, "--temperature", "0", "--max-tokens", "12"]
+    # Each CLI call loads the bundle afresh: only the disk cache carries anything over.
+    first = _ask_json(capsys, images["wide"], QUESTIONS[0], *base)
+    image = Image.open(images["wide"])
+    for question in QUESTIONS[1:]:
+        later = _ask_json(capsys, images["wide"], question, *base)
+        assert later["token_ids"] == reference.generate(image, [(question, None)], 12), question
+        # evaluated: only the chunk after the image; system prompt and image rows came from the state
+        assert later["n_evaluated"] < later["n_prompt_positions"] - later["n_image_tokens"]
+    other = _ask_json(capsys, images["tall"], QUESTIONS[1], *base)  # another image: nothing to reuse
+    assert other["n_evaluated"] == other["n_prompt_positions"]
+    uncached = _ask_json(capsys, images["wide"], QUESTIONS[1], *base, "--no-cache")
+    assert uncached["n_evaluated"] == uncached["n_prompt_positions"]
 
 
 def test_cache_evicts_least_recently_used(tmp_path):
