@@ -3,8 +3,10 @@
 Random weights with TinyLlama-1.1B's proportions (hidden 2048, ffn 5632, 22 layers, 32/4 heads,
 vocab 32000), in the ConvLLaVA layout, through the toolkit's own converter and llama.cpp's
 quantizer. Decode is set against the memory-bandwidth bound: every decoded token reads every weight
-once (the token-embedding table excepted: one row), so tokens/s <= bandwidth / bytes per token, with
-the bandwidth measured here as a 256 MiB numpy copy (read + write bytes over time).
+once (the token-embedding table excepted: one row), so tokens/s <= read bandwidth / bytes per token.
+The read bandwidth is measured with as many threads as the engines use: each thread sums its slice of
+a 1 GiB array (numpy reductions release the GIL). A one-thread copy is reported too; it undercounts
+what two cores read (a first run that used it put llama.cpp F16 at 175% of its "bound").
 
     python benchmarks/llm_bench.py [--threads 2] [--prompt 128] [--decode 32] [--runs 3]
 """
@@ -29,6 +31,21 @@ from convllava_edge.quantize.gguf_quant import quantize_gguf
 
 SPEC = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                    num_key_value_heads=4, vocab_size=32000)
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of ``threads`` threads each summing its slice of a 1 GiB float32 array at once (median of 7)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = np.ones(256 << 20, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(7):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            times.append(time.perf_counter() - t)
+    return data.nbytes / statistics.median(times) / 1e9
 
 
 def copy_bandwidth() -> float:
@@ -104,8 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llm-speed-"))
     work.mkdir(parents=True, exist_ok=True)
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
+    copy = copy_bandwidth()
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth ({args.threads} threads) {bandwidth:.1f} GB/s; one-thread copy {copy:.1f} GB/s", flush=True)
     state = S.random_llama_state(SPEC, seed=1)
     vision = S.random_vision_state(S.TINY_TOWER, "mlp2x_gelu", SPEC.hidden_size, seed=0)
     ckpt = S.write_convllava_checkpoint(work / "ckpt", SPEC, S.TINY_TOWER, vision_state=vision, llm_state=state, shards=4)
@@ -133,8 +151,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
                                     "prompt_tokens": args.prompt, "decode_tokens": args.decode,
-                                    "copy_bandwidth_gb_s": bandwidth, "rows": rows}, indent=2) + "\n")
-    print(f"\ncopy bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt} tokens, {args.decode} decoded, {args.threads} threads\n")
+                                    "read_bandwidth_gb_s": bandwidth, "copy_bandwidth_gb_s": copy, "rows": rows},
+                                   indent=2) + "\n")
+    print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} threads); one-thread copy {copy:.1f} GB/s; prompt {args.prompt} tokens, {args.decode} decoded, {args.threads} threads\n")
     print("| engine | size MB | prefill tok/s | decode tok/s | decode vs transformers | bound tok/s | % of bound |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
