@@ -206,8 +206,10 @@ class LlamaCppBackend:
         caller evaluates at least one more position before sampling.
         """
         self.truncate(0)
+        if not state:
+            return False
         buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
-        if not state or self._l.llama_state_seq_set_data(self.ctx, buf, len(state), 0) == 0:
+        if self._l.llama_state_seq_set_data(self.ctx, buf, len(state), 0) == 0:
             self.truncate(0)
             return False
         self.n_past = n_past

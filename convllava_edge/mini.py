@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .errors import BundleError
+from .prompt import ImageSlot, Item, image_end
 from .vision import open_session
 
 GRAPH_IO = {"clip": (["pixel_values"], ["image_features"]),
@@ -70,13 +72,17 @@ class MiniEncoder:
         return fused, compressed
 
 
-def prompt_rows(encoder: MiniEncoder, ids: np.ndarray, at: int, vision: np.ndarray) -> np.ndarray:
+def prompt_rows(encoder: MiniEncoder, items: Sequence[Item], vision_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
     """The LLM's input rows for a LLaVA-Mini prompt: fused text with the compressed token(s) spliced in.
 
-    ``ids`` is the prompt with PLACEHOLDER_ID at ``at``; ``vision`` is [N + C*C, d] for an image or
-    [frames, N + C*C, d] for a video, each frame fused separately, the fused text averaged over
-    frames (in fp32) and the frames' compressed tokens concatenated, as the official code does.
+    Pre-fusion sees the prompt's ids with PLACEHOLDER_ID where the image slot is; the slot's vision
+    tokens (``vision_by_key[slot.key]``) are [N + C*C, d] for an image or [frames, N + C*C, d] for a
+    video, each frame fused separately, the fused text averaged over frames (in fp32) and the frames'
+    compressed tokens concatenated, as the official code does.
     """
+    at = image_end(items) - 1
+    ids = np.array([PLACEHOLDER_ID if isinstance(item, ImageSlot) else item for item in items], dtype=np.int64)
+    vision = vision_by_key[items[at].key]
     frames = vision if vision.ndim == 3 else vision[None]
     fused_sum, compressed = 0.0, []
     for frame in frames:

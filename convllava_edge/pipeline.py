@@ -25,7 +25,7 @@ from .image import open_image, read_image_bytes
 from .llm import ContextOverflowError, LlamaCppBackend, SamplingOptions, TextStream
 from .manifest import Manifest, load_manifest, resolve_inside
 from .preprocess import ASPECTS, PreprocessConfig, preprocess
-from .prompt import IMAGE_TOKEN, ImageSlot, Item, common_prefix, positions, splice, template_from_dict
+from .prompt import IMAGE_TOKEN, ImageSlot, Item, common_prefix, image_end, positions, splice, template_from_dict
 from .vision import DEVICES, OnnxVisionEncoder
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -105,6 +105,7 @@ class Model:
         self.cache = EmbeddingCache() if cache is True else (cache or None)
         shas = {f.path: f.sha256 for f in self.manifest.files}
         self._graph_sha = "+".join(shas[f] for f in entry.files)  # every graph that shapes the cached tokens
+        self._llm_sha = shas[self.manifest.llm.file]  # shapes the cached KV states
         self.tokenizer = PromptTokenizer(self.llm, self.manifest.tokenizer)
         header = getattr(self.template, "answer_header", "")
         self._hidden_prefix = self.llm.tokenize(header, parse_special=True) if header else []
@@ -172,19 +173,16 @@ class Model:
 
     def _mini_rows(self, items: Sequence[Item]) -> np.ndarray:
         """The LLM's input rows for a LLaVA-Mini prompt (see mini.prompt_rows)."""
-        from .mini import PLACEHOLDER_ID, prompt_rows
+        from .mini import prompt_rows
 
-        at = next(i for i, it in enumerate(items) if isinstance(it, ImageSlot))
-        ids = np.array([PLACEHOLDER_ID if isinstance(it, ImageSlot) else it for it in items], dtype=np.int64)
-        return prompt_rows(self.vision, ids, at, self._memory[items[at].key])
+        return prompt_rows(self.vision, items, self._memory)
 
     # -- generation --------------------------------------------------------------------------------
     def _kv_key(self, prefix: Sequence[Item]) -> str:
         """Cache key of the KV state after ``prefix`` (tokens and the image slot, whose key names the image,
         preprocessing and graphs), for this GGUF and KV type."""
-        llm_sha = next(f.sha256 for f in self.manifest.files if f.path == self.manifest.llm.file)
         text = ",".join(f"i{it.key}" if isinstance(it, ImageSlot) else str(it) for it in prefix)
-        return hashlib.sha256(f"kv1|{llm_sha}|f32={self.llm.kv_f32}|{text}".encode()).hexdigest()
+        return hashlib.sha256(f"kv1|{self._llm_sha}|f32={self.llm.kv_f32}|{text}".encode()).hexdigest()
 
     def _run(self, items: list[Item], embedded: _Embedded | None, options: AskOptions,
              answer_out: list[Answer], use_cache: bool = True) -> Iterator[str]:
@@ -208,14 +206,13 @@ class Model:
         # ConvLLaVA: the KV state up to the image (system prompt, image rows) does not depend on the question,
         # so the disk cache keeps it beside the embeddings: a later `ask` on the image, even in another
         # process, starts after it. (LLaVA-Mini pre-fuses the question into every row: nothing to share.)
-        image_end = next((i + 1 for i, it in enumerate(items) if isinstance(it, ImageSlot)), 0)
+        end = image_end(items)
         kv_key = None
-        if (use_cache and self.cache is not None and self.family != "llava-mini" and image_end
-                and keep < image_end < len(items)):
-            kv_key = self._kv_key(items[:image_end])
+        if use_cache and self.cache is not None and self.family != "llava-mini" and keep < end < len(items):
+            kv_key = self._kv_key(items[:end])
             state = self.cache.get(kv_key)
-            if state is not None and self.llm.load_sequence(state.tobytes(), positions(items[:image_end])):
-                keep, kv_key = image_end, None
+            if state is not None and self.llm.load_sequence(state.tobytes(), positions(items[:end])):
+                keep, kv_key = end, None
         start = positions(items[:keep])
         self.llm.truncate(start)
         self._kv = list(items[:keep])
@@ -226,9 +223,9 @@ class Model:
             self._kv.extend(items[keep:])
             evaluated = len(rows) - start
         elif kv_key is not None:
-            evaluated = evaluate_items(self.llm, items[keep:image_end], self._memory, self._kv.append)
+            evaluated = evaluate_items(self.llm, items[keep:end], self._memory, self._kv.append)
             self.cache.put(kv_key, np.frombuffer(self.llm.save_sequence(), np.uint8))
-            evaluated += evaluate_items(self.llm, items[image_end:], self._memory, self._kv.append)
+            evaluated += evaluate_items(self.llm, items[end:], self._memory, self._kv.append)
         else:
             evaluated = evaluate_items(self.llm, items[keep:], self._memory, self._kv.append)
         t1 = time.perf_counter()

@@ -162,6 +162,12 @@ def positions(items: Sequence[Item]) -> int:
     return sum(i.n_tokens if isinstance(i, ImageSlot) else 1 for i in items)
 
 
+def image_end(items: Sequence[Item]) -> int:
+    """Index just past the first image slot (0 when the prompt has none): ``items[:image_end(items)]``
+    is the system prompt, the text before the image, and the image."""
+    return next((i + 1 for i, item in enumerate(items) if isinstance(item, ImageSlot)), 0)
+
+
 def common_prefix(cached: Sequence[Item], wanted: Sequence[Item]) -> int:
     """Number of leading items two sequences share (an image slot counts as one item)."""
     n = 0

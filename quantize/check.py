@@ -31,7 +31,7 @@ from ..manifest import load_manifest, resolve_inside
 from ..metrics import compare_embeddings
 from ..pipeline import AskOptions, Decoder, PromptTokenizer, evaluate_items
 from ..preprocess import PreprocessConfig, preprocess
-from ..prompt import ImageSlot, Item, template_from_dict
+from ..prompt import ImageSlot, Item, image_end, positions, template_from_dict
 from ..vision import OnnxVisionEncoder
 from .accuracy import compare_logits, log_softmax, sequence_logits
 
@@ -229,12 +229,7 @@ class GgufLlm:
 
 def _after_image(items: Sequence[Item]) -> int:
     """KV position right after the (first) image slot."""
-    n = 0
-    for item in items:
-        n += item.n_tokens if isinstance(item, ImageSlot) else 1
-        if isinstance(item, ImageSlot):
-            return n
-    return n
+    return positions(items[:image_end(items)])
 
 
 class TorchLlm:
@@ -481,14 +476,9 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
         """LLaVA-Mini: each prompt's LLM input rows, pre-fused by ``encoder``; ConvLLaVA: none (tokens + image)."""
         if not mini:
             return [None] * len(prompts)
-        from ..mini import PLACEHOLDER_ID, prompt_rows
+        from ..mini import prompt_rows
 
-        out = []
-        for _, items in prompts:
-            at = next(i for i, it in enumerate(items) if isinstance(it, ImageSlot))
-            ids = np.array([PLACEHOLDER_ID if isinstance(it, ImageSlot) else it for it in items], dtype=np.int64)
-            out.append(prompt_rows(encoder, ids, at, vision_by_key[items[at].key]))
-        return out
+        return [prompt_rows(encoder, items, vision_by_key) for _, items in prompts]
 
     ref_rows = rows_with(ref_encoder, embeds_by_key)
     ref_llm = reference.llm(candidate.backend.piece, candidate.backend.is_end)
