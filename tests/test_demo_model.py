@@ -1,11 +1,9 @@
 """The demo model shipped in the package: answers offline, small, and a real ConvLLaVA checkpoint.
 
-The issue's accuracy bar (>= 95% on 500 held-out questions via the CLI) is NOT met yet by the shipped
-model (69.8%, training stopped at step 5000 of the run; see benchmarks/demo_accuracy.py and the README):
-issue 5 stays open. What is tested here holds for any model the training produces: the shipped,
-quantized bundle answers like its fp32 PyTorch checkpoint (the export path loses at most 1 point on
-250 held-out questions, the issue's second bar), counting, the README's question, is right, and the
-README's first command runs as a real process.
+The issue's bars, on a fixed set of held-out questions (the seed is never used in training): the
+shipped, quantized bundle answers >= 95% right, every question form included, and loses at most 1
+point against its fp32 PyTorch checkpoint. The full 500-question figures, per form, come from
+benchmarks/demo_accuracy.py; here the first 250 of the same questions (50 per form).
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ from convllava_edge.pipeline import AskOptions
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "models" / "shapes-demo-checkpoint"
 MAX_DROP = 0.01  # the issue: at most 1 point below the fp32 PyTorch model
-COUNT_BAR = 0.95  # the README's question
+ACCURACY_BAR = 0.95  # the issue: exact-match accuracy through the shipped bundle
+FORM_FLOOR = 0.95  # and every question form on its own (50 each here)
 
 
 def _size(folder: Path) -> int:
@@ -57,7 +56,7 @@ def test_checkpoint_is_in_the_convllava_release_layout():
     assert depths == {"0", "1", "2", "3", "4"}  # five stages, as ConvLLaVA's tower
 
 
-def test_shipped_bundle_answers_like_its_fp32_checkpoint():
+def test_shipped_bundle_meets_the_accuracy_bar_and_answers_like_its_fp32_checkpoint():
     from convllava_edge.export.demo_model import evaluate, load_checkpoint_model
 
     model = convllava_edge.load(cache=False)
@@ -70,7 +69,9 @@ def test_shipped_bundle_answers_like_its_fp32_checkpoint():
     reference = evaluate(*load_checkpoint_model(CHECKPOINT), n=250, seed=HELD_OUT_SEED)
     assert reference["n"] == 250
     assert overall >= reference["accuracy"] - MAX_DROP, (overall, reference)
-    assert float(np.mean(right["count"])) >= COUNT_BAR, right["count"]
+    per_form = {form: float(np.mean(v)) for form, v in right.items()}
+    assert overall >= ACCURACY_BAR, (overall, per_form)
+    assert all(v >= FORM_FLOOR for v in per_form.values()), per_form
 
 
 def test_readme_first_command():
