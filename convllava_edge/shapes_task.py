@@ -68,6 +68,7 @@ class Question:
     form: str
     text: str
     answer: str
+    about: Shape | None = None  # the one shape the question names (none for count, or a pair that is absent)
 
 
 def _shade(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
@@ -122,11 +123,11 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[Question]:
     colors = [s.color for s in shapes]
     for s in shapes:
         if kinds.count(s.kind) == 1:
-            out.append(Question("color", f"What color is the {s.kind}?", s.color))
+            out.append(Question("color", f"What color is the {s.kind}?", s.color, s))
         if colors.count(s.color) == 1:
-            out.append(Question("shape", f"What shape is the {s.color} one?", s.kind))
-        out.append(Question("exists", f"Is there a {s.color} {s.kind}?", "yes"))
-        out.append(Question("side", f"Is the {s.color} {s.kind} on the left or the right?", s.side))
+            out.append(Question("shape", f"What shape is the {s.color} one?", s.kind, s))
+        out.append(Question("exists", f"Is there a {s.color} {s.kind}?", "yes", s))
+        out.append(Question("side", f"Is the {s.color} {s.kind} on the left or the right?", s.side, s))
     present = {(s.kind, s.color) for s in shapes}
     absent = [(k, c) for k in SHAPES for c in COLORS if (k, c) not in present]
     for i in rng.choice(len(absent), size=min(len(shapes), len(absent)), replace=False):

@@ -105,10 +105,8 @@ def task_corpus() -> list[str]:
 
 
 PAIRS = [(k, c) for k in task.SHAPES for c in task.COLORS]  # 12 shape-colour pairs
-N_TOKENS = (DEMO_TOWER.image_size // DEMO_TOWER.stride) ** 2  # 16
-
-
 GRID = DEMO_TOWER.image_size // DEMO_TOWER.stride  # 4 x 4 tokens, row-major as the graph emits them
+N_TOKENS = GRID * GRID  # 16
 
 
 def scene_targets(scene: task.Scene) -> tuple[list[float], int, list[float], list[float], np.ndarray]:
@@ -129,16 +127,6 @@ def cell_of(scene: task.Scene, shape: task.Shape) -> int:
     x = int((shape.cx + (square - scene.width) / 2) / square * GRID)
     y = int((shape.cy + (square - scene.height) / 2) / square * GRID)
     return min(y, GRID - 1) * GRID + min(x, GRID - 1)
-
-
-def looked_up(scene: task.Scene, question: task.Question) -> task.Shape | None:
-    """The one shape a question is about (colour, shape, side, and exists when it does), else None."""
-    if question.form == "count" or (question.form == "exists" and question.answer == "no"):
-        return None
-    words = question.text.rstrip("?").split()
-    kinds, colors = [w for w in words if w in task.SHAPES], [w for w in words if w in task.COLORS]
-    match = [s for s in scene.shapes if s.kind in (kinds or task.SHAPES) and s.color in (colors or task.COLORS)]
-    return match[0] if len(match) == 1 else None
 
 
 class DemoModel(nn.Module):
@@ -178,8 +166,8 @@ class Batcher:
 
     @staticmethod
     def look(scene: task.Scene, question: task.Question) -> int:
-        shape = looked_up(scene, question)
-        return -1 if shape is None else cell_of(scene, shape)
+        """The token the attention aid points at: the cell of the shape the question names, or -1."""
+        return -1 if question.about is None else cell_of(scene, question.about)
 
     def build(self, items: list[tuple[task.Scene, list[task.Question]]]):
         pixels = np.concatenate([preprocess(scene.render(), self.pre, "pad") for scene, _ in items])
@@ -229,8 +217,10 @@ def llm_loss(model: DemoModel, image: torch.Tensor, rows, prefix: list[int], loo
     cache.batch_repeat_interleave(len(rows))
     out = model.llm(inputs_embeds=inputs, attention_mask=mask, past_key_values=cache, labels=labels,
                     output_attentions=look)
+    if not look:
+        return out.loss
     looked = [(r, n_img + len(suffix) - 1, len(prefix) + cell) for r, (_, suffix, _, cell) in enumerate(rows) if cell >= 0]
-    if not look or not looked:
+    if not looked:
         return out.loss
     weights = out.attentions[LOOK_LAYER][:, LOOK_HEAD].float()  # [rows, queries, prefix + queries]
     r, q, k = (torch.tensor(x) for x in zip(*looked))
@@ -248,13 +238,10 @@ def token_probe_loss(model: DemoModel, image: torch.Tensor, cells: torch.Tensor)
 
 def forward_loss(model: DemoModel, pixels: torch.Tensor, rows, prefix: list[int], targets=None,
                  phase: str = "joint") -> torch.Tensor:
-    if phase == "language":  # the tower is frozen: no graph through it
-        with torch.no_grad():
-            features = model.vision.vision_tower(pixels)
-        b, c, h, w = features.shape
-        image = model.vision.mm_projector(features.permute(0, 2, 3, 1).reshape(b, h * w, c))
-        return llm_loss(model, image, rows, prefix, look=True) + token_probe_loss(model, image, targets[4])
+    # In the language phase train() has frozen the tower's parameters: autograd records nothing through it.
     features, image = model.vision.features_and_embeds(pixels)  # [B_img, 16, C], [B_img, 16, d]
+    if phase == "language":
+        return llm_loss(model, image, rows, prefix, look=True) + token_probe_loss(model, image, targets[4])
     if phase == "vision":
         return probe_loss(model, features, image, targets)
     loss = llm_loss(model, image, rows, prefix)

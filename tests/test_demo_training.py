@@ -67,13 +67,15 @@ def test_token_targets_mark_the_cell_of_each_centre():
     assert cells[1 * 4 + 0, D.PAIRS.index(("circle", "red"))] == 1
     assert cells[1 * 4 + 3, D.PAIRS.index(("triangle", "blue"))] == 1
     assert cells.sum() == 2
-    # the attention aid's target: the one shape a question is about, or none
-    looks = {text: D.Batcher.look(scene, task.Question(form, text, answer)) for form, text, answer in [
-        ("color", "What color is the circle?", "red"), ("shape", "What shape is the blue one?", "triangle"),
-        ("side", "Is the blue triangle on the left or the right?", "right"),
-        ("exists", "Is there a red circle?", "yes"), ("exists", "Is there a red square?", "no"),
-        ("count", "How many shapes are there?", "2")]}
-    assert list(looks.values()) == [4, 7, 7, 4, -1, -1], looks
+    # the attention aid's target: the cell of the one shape a question names, or none
+    questions = task.questions_for(scene, np.random.default_rng(0))
+    looks = {q.text: D.Batcher.look(scene, q) for q in questions}
+    expected = {"What color is the circle?": 4, "What shape is the blue one?": 7,
+                "Is the blue triangle on the left or the right?": 7, "Is there a red circle?": 4,
+                "How many shapes are there?": -1}
+    assert {text: looks[text] for text in expected} == expected, looks
+    absent = [q.text for q in questions if q.answer == "no"]
+    assert absent and all(looks[text] == -1 for text in absent), looks
 
 
 def test_phases_train_their_own_parts_and_resume(work):
