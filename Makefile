@@ -3,23 +3,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 # llama-cpp-python compiles llama.cpp at install (3-5 min). The portable build (no -march=native,
-# no mtmd) compiles ~1.5 min faster and measured as fast on these machines.
+# no mtmd) compiles ~1.5 min faster. Whatever the build, the runtime probes llama.cpp's risky CPU
+# paths before loading a model (convllava_edge/native.py), so no build can kill `ask`.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# The wheel is built once, with these flags, into a wheelhouse every venv installs from: pip's own
+# cache is keyed by the sdist alone and would hand back a wheel built with other flags or on another CPU.
+WHEELHOUSE ?= .wheelhouse
+PIP_INSTALL := $(BIN)/pip install -q --find-links $(WHEELHOUSE)
 
-.PHONY: install dev test ask clean
+.PHONY: install dev test ask clean wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.runtime-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+$(WHEELHOUSE)/.built: | $(BIN)/python
+	$(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELHOUSE) $(LLAMA_CPP_PYTHON)
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+wheelhouse: $(WHEELHOUSE)/.built
+
+$(VENV)/.runtime-installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,test]"
+	$(PIP_INSTALL) -e ".[export,test]"
 	touch $@
 
 install: $(VENV)/.runtime-installed

@@ -6,7 +6,9 @@ stderr and exit code 1 at a single boundary (``main``); usage errors exit 2 (Typ
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConvLlavaEdgeError
+from ..prompt import checked_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
@@ -121,6 +124,7 @@ def _files_table(manifest, title: str) -> Table:
     if manifest.llm:
         agree = manifest.accuracy.get("llm_vs_unquantized")
         figure = (f"vs unquantized: top-1 {agree['top1']:.1%}, KL mean {agree['kl_mean']:.4f} p99 {agree['kl_p99']:.4f}"
+                  f" ({agree['n_positions']} {'answer ' if 'measured_on' in agree else ''}positions)"
                   if agree else "reference")
         types = ", ".join(f"{k} x{v}" for k, v in sorted(manifest.llm.tensor_types.items()))
         fallback = f"{manifest.llm.fallbacks} fallbacks" if manifest.llm.fallbacks else ""
@@ -142,15 +146,15 @@ def info_cmd(
     if as_json:
         out.print_json(json.dumps({**manifest.to_dict(), "verified": verify}))
         return
-    out.print(f"[bold]{manifest.name}[/] ({manifest.family}, {manifest.created_with})")
+    out.print(f"[bold]{escape(manifest.name)}[/] ({escape(manifest.family)}, {escape(manifest.created_with)})")
     pre = manifest.preprocess
     out.print(f"image: {pre['crop_size'][0]}x{pre['crop_size'][1]} {pre['aspect']} -> "
               f"{manifest.tokens_per_image['square']} tokens of width {manifest.n_embd} "
               f"(rule {manifest.tokens_per_image['rule']})")
     for entry in manifest.vision:
-        out.print(f"vision {entry.variant}: {escape(entry.method)}")
+        out.print(f"vision {escape(entry.variant)}: {escape(entry.method)}")
     if manifest.template:
-        out.print(f"template: {manifest.template['name']}")
+        out.print(f"template: {escape(str(manifest.template['name']))}")
     out.print(_files_table(manifest, f"files ({'SHA-256 verified' if verify else 'not verified: --no-verify'})"))
 
 
@@ -180,7 +184,7 @@ def encode_cmd(
     image: Path = typer.Argument(..., help="Image file."),
     model: Path = typer.Option(..., "--model", help="Bundle folder."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph (default: the bundle's first)."),
-    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained) or native (keep aspect ratio)."),
+    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this .npy file."),
@@ -210,7 +214,12 @@ def encode_cmd(
     embeds = encoder.encode(pixels)
     t3 = time.perf_counter()
     if save is not None:
-        np.save(save, embeds)
+        if not save.parent.is_dir():
+            raise ConvLlavaEdgeError(f"{save}: folder {save.parent} does not exist")
+        try:
+            np.save(save, embeds)
+        except OSError as e:
+            raise ConvLlavaEdgeError(f"{save}: cannot write: {e.strerror or e}") from e
     result = {"image": str(image), "vision_type": entry.variant, "pixel_shape": list(pixels.shape),
               "n_tokens": int(embeds.shape[0]), "n_embd": int(embeds.shape[1]), "providers": encoder.providers,
               "timings": {"preprocess_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "encode_ms": (t3 - t2) * 1e3}}
@@ -227,6 +236,8 @@ def encode_cmd(
 def check_cmd(
     bundle: Path = typer.Argument(..., help="Bundle to check."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint folder or bundle (fp32 vision, F16/F32 LLM) to compare against."),
+    vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="With --reference CHECKPOINT: its ConvNeXt tower folder "
+                                                "(default: the one the bundle was exported from, if it still exists)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (default: the demo task's scenes)."),
     questions: Optional[Path] = typer.Option(None, "--questions", help='JSONL: {"image": ..., "question": ..., "answer": ...} per line.'),
     text: Optional[Path] = typer.Option(None, "--text", help="Text file for a perplexity comparison."),
@@ -252,7 +263,7 @@ def check_cmd(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done + 1)
 
-        result = run_check(bundle, inputs, reference, gates, threads, nf4=nf4, progress=progress)
+        result = run_check(bundle, inputs, reference, gates, threads, nf4=nf4, progress=progress, vision_tower=vision_tower)
     if report is not None:
         md, chart = write_report(result, report)
         err.print(f"report: {md}, chart: {chart}", markup=False)
@@ -358,6 +369,9 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
 def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool):
     from ..default_model import default_bundle
     from ..pipeline import Model
+    from ..vision import check_threads
+
+    check_threads(threads)  # before the demo's notice: a bad value is the only line
 
     bundle = model
     if bundle is None:
@@ -372,9 +386,22 @@ def _checked_image(path: Path) -> bytes:
     """Read and decode the image before any model loads, so a bad file fails fast with its name."""
     from ..image import open_image, read_image_bytes
 
-    _, data = read_image_bytes(path)
+    _, data = read_image_bytes(path, sniff=True)
     open_image(data, name=str(path))
     return data
+
+
+@contextlib.contextmanager
+def _named(path: str):
+    """Image errors raised past decoding (sizes found while preprocessing) name the file too."""
+    from ..errors import ImageError
+
+    try:
+        yield
+    except ImageError as e:
+        if str(e).startswith(path):
+            raise
+        raise ImageError(f"{path}: {e}") from e
 
 
 MODEL_HELP = "Bundle folder (default: the demo model shipped with the package)."
@@ -394,7 +421,7 @@ def ask_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all available)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, default) or native (keep aspect ratio)."),
+    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, ConvLLaVA's default), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
@@ -412,26 +439,26 @@ def ask_cmd(
         if question is None:
             raise ConvLlavaEdgeError("missing QUESTION: convllava-edge ask IMAGE QUESTION")
         image_data = _checked_image(Path(image_or_question))
+    checked_text(question, "the question")
     loaded = _load_model(model, device, threads, vision_type, no_cache)
     if device == "auto" and not as_json:
         err.print(loaded.note, markup=False)
     if video is not None:
         stream = loaded.ask_video_stream(video, question, options, use_cache=not no_cache)
     else:
-        stream = loaded.ask_stream(image_data, question, options, use_cache=not no_cache)
+        with _named(image_or_question):
+            stream = loaded.ask_stream(image_data, question, options, use_cache=not no_cache)
     if as_json:
         for _ in stream:
             pass
-        print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision.providers}))
+        print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision.providers,
+                          "llm_extra_buffer_types": loaded.llm.extra_bufts}))
         return
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    t = stream.answer.timings
-    err.print(f"[dim]{stream.answer.n_image_tokens} image tokens; first token after {t['time_to_first_token_ms']:.0f} ms "
-              f"(encode {t['encode_ms']:.0f} ms{', cached' if stream.answer.cache_hit else ''}); "
-              f"{t['decode_tokens_per_s']:.1f} tokens/s[/]")
+    err.print(f"[dim]{_stats_line(stream.answer)}[/]")
 
 
 @app.command("chat")
@@ -444,7 +471,7 @@ def chat_cmd(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     device: str = typer.Option("auto", "--device"),
-    aspect: Optional[str] = typer.Option(None, "--aspect"),
+    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
@@ -453,7 +480,8 @@ def chat_cmd(
     image_data = _checked_image(image)
     loaded = _load_model(model, device, threads, vision_type, no_cache)
     err.print(loaded.note, markup=False)
-    conversation = loaded.chat(image_data, options, use_cache=not no_cache)
+    with _named(str(image)):
+        conversation = loaded.chat(image_data, options, use_cache=not no_cache)
     while True:
         err.print("[bold]you>[/] ", end="")
         line = sys.stdin.readline()
@@ -465,21 +493,93 @@ def chat_cmd(
             sys.stdout.flush()
         sys.stdout.write("\n")
         a = stream.answer
-        err.print(f"[dim]evaluated {a.n_evaluated} of {a.n_prompt_positions} prompt positions "
-                  f"({a.n_prompt_positions - a.n_evaluated} reused from the KV cache); "
-                  f"first token after {a.timings['time_to_first_token_ms']:.0f} ms; "
-                  f"{a.timings['decode_tokens_per_s']:.1f} tokens/s[/]")
+        err.print(f"[dim]{_stats_line(a, chat=True)}[/]")
+
+
+DEBUG_ENV = "CONVLLAVA_EDGE_DEBUG"  # set to 1 for the traceback of an unexpected error
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@app.command("doctor")
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print everything as one JSON object."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Run llama.cpp's CPU-path probe if no verdict is cached."),
+) -> None:
+    """What this machine and install can run: CPU features, llama.cpp build and probe, ONNX Runtime, GPU, cache."""
+    from ..doctor import report
+
+    r = report(run_probe=probe)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        cpu, llm, ort, gpu, cache = r["cpu"], r["llama_cpp"], r["onnxruntime"], r["gpu"], r["cache"]
+        table = Table(title=f"convllava-edge {r['versions']['convllava-edge']} on {escape(cpu['model'])}", show_header=False)
+        table.add_column("what")
+        table.add_column("found")
+        table.add_row("CPU", f"{cpu['cores']} usable cores; " + " ".join(f for f, on in cpu["features"].items() if on))
+        table.add_row("llama.cpp", escape(f"llama-cpp-python {llm.get('version')}; built for: "
+                                          f"{', '.join(llm.get('build_features', [])) or llm.get('error', '?')}"))
+        verdict = llm.get("probe")
+        table.add_row("CPU-path probe", escape("not run (--no-probe)" if verdict is None else
+                                               f"{verdict['reason']}{' (cached)' if verdict['cached'] else ''}"))
+        table.add_row("ONNX Runtime", escape(f"{ort.get('version')}: {', '.join(ort.get('providers', []))}"))
+        table.add_row("GPU", escape("; ".join(gpu["devices"]) or "none found") +
+                      (f"; llama.cpp GPU offload: {'yes' if llm.get('gpu_offload') else 'no'}"))
+        table.add_row("cache", escape(f"{cache['folder']}: {cache['entries']} entries, {_size(cache['size_bytes'])} "
+                                      f"of {_size(cache['max_bytes'])}{'' if cache['writable'] else ' (read-only)'}"))
+        table.add_row("verdict", "[green]ready[/]" if r["ok"] else "[red]cannot run bundles here (see above)[/]")
+        out.print(table)
+    if not r["ok"]:
+        raise typer.Exit(1)
+
+
+MIN_TOKENS_FOR_RATE = 8  # a decode rate over fewer tokens is mostly timer noise and the first token's wait
+
+
+def _stats_line(a, chat: bool = False) -> str:
+    """Only figures that mean something for this answer: no rate over a one-token answer."""
+    t = a.timings
+    parts = []
+    if chat:
+        parts.append(f"evaluated {a.n_evaluated} of {a.n_prompt_positions} prompt positions "
+                     f"({a.n_prompt_positions - a.n_evaluated} reused from the KV cache)")
+    else:
+        source = "embeddings from the cache" if a.cache_hit else f"encoded in {t['encode_ms']:.0f} ms"
+        parts.append(f"{a.n_image_tokens} image tokens ({source})" if a.n_image_tokens else "no image")
+    parts.append(f"first token after {t['time_to_first_token_ms']:.0f} ms")
+    n = len(a.token_ids)
+    if n >= MIN_TOKENS_FOR_RATE and t.get("decode_tokens_per_s"):
+        parts.append(f"{n} tokens at {t['decode_tokens_per_s']:.1f} tokens/s")
+    else:
+        parts.append(f"{n} token{'s' if n != 1 else ''}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: the one place where library errors become a clean line and an exit code."""
+    """Console entry point: the one place where errors become one clean line and an exit code."""
     try:
         app(args=argv, prog_name="convllava-edge")  # standalone: usage errors print and raise SystemExit(2)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except ConvLlavaEdgeError as e:
-        print(f"error: {e}", file=sys.stderr)  # plain: messages hold [shapes] that rich would read as markup
+        print(f"error: {_one_line(e)}", file=sys.stderr)  # plain: messages hold [shapes] that rich would read as markup
         return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory (a smaller image, --max-tokens or model, or more memory)", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug of ours: still one line for the user, the traceback on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (set {DEBUG_ENV}=1 for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

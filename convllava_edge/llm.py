@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import BundleError, ConfigError, ConvLlavaEdgeError
-from .vision import default_threads
+from .vision import check_threads, default_threads
 
 _backend_ready = False
 
@@ -76,6 +77,9 @@ class ContextOverflowError(ConvLlavaEdgeError):
     """The prompt (plus the answer's budget) does not fit in the context window."""
 
 
+MAX_TEMPERATURE = 100.0  # far past any useful value; inf and nan make every token equally likely or none
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     temperature: float = 0.2  # the official CLI's default; 0 = greedy and deterministic
@@ -83,10 +87,12 @@ class SamplingOptions:
     seed: int = 0  # for temperature > 0
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed}")
 
 
 def _ensure_backend(quiet: bool) -> None:
@@ -107,16 +113,31 @@ class LlamaCppBackend:
     """One model, one context, one sequence (seq 0)."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-                 n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True):
+                 n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True,
+                 trial: bool = True, sha256: str | None = None):
+        """``trial``: load the file in a child process first, the first time it is seen (see native.py);
+        False only for files this process wrote itself. ``sha256``: the file's verified hash, if known."""
         import llama_cpp
 
+        from . import native
+        from .gguf_check import validate_gguf
+
         self._l = llama_cpp
-        _ensure_backend(quiet)
+        check_threads(threads)
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleError(f"{self.path}: LLM file not found")
+        self.summary = validate_gguf(self.path)  # header checks before native code reads a byte
+        if n_ctx is not None and not 0 < n_ctx <= max(self.summary.n_ctx_train, 1 << 20):
+            raise ConfigError(f"n_ctx must be in 1..{max(self.summary.n_ctx_train, 1 << 20)}, got {n_ctx}")
+        extra_bufts = native.load_plan(self.path)
+        if trial:
+            extra_bufts = native.trial_load(self.path, extra_bufts=extra_bufts, n_gpu_layers=n_gpu_layers, sha256=sha256)
+        self.extra_bufts = extra_bufts
+        _ensure_backend(quiet)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = extra_bufts
         log: list[str] = []
         with llama_log(log.append if quiet else print):
             self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)

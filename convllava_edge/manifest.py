@@ -14,12 +14,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("convllava", "llava-mini")
 _HASH_CHUNK = 1 << 20
+MAX_N_EMBD = 65536  # 8x Llama-3-70B's 8192: any wider is not a model this runs
+MAX_TOKENS_PER_IMAGE = 65536  # ConvLLaVA-1536 has 576; a 16384 px square at stride 64 has 65536
+MAX_MANIFEST_BYTES = 16 << 20  # real manifests are a few kB (LLaVA-Mini's carries its chat template)
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,58 @@ class Manifest:
                                                 "parts": dict(v.get("parts") or {})}) for v in data["vision"])
             kw["llm"] = LlmEntry(**_known(LlmEntry, data["llm"])) if data.get("llm") else None
             manifest = cls(**kw)
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
-        manifest._validate(where)
+            manifest._validate(where)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise BundleError(f"{where}: malformed manifest ({what})") from e
+        except ConfigError as e:  # the preprocessing or the template it describes
+            raise BundleError(f"{where}: {e}") from e
         return manifest
 
     def _validate(self, where: str) -> None:
+        """Every value the runtime reads, typed and bounded: past this point nothing trusts luck."""
+        from .preprocess import ASPECTS, PreprocessConfig
+        from .prompt import template_from_dict
+
+        for name in ("family", "name", "created_with"):
+            _expect(getattr(self, name), str, f"{where}: {name}")
+        for name in ("preprocess", "tokens_per_image", "tower", "tokenizer", "accuracy", "source"):
+            _expect(getattr(self, name), dict, f"{where}: {name}")
+        _expect(self.n_embd, int, f"{where}: n_embd")
+        if not 0 < self.n_embd <= MAX_N_EMBD:
+            raise BundleError(f"{where}: n_embd must be in 1..{MAX_N_EMBD}, got {self.n_embd}")
+        for record in self.files:
+            _expect(record.path, str, f"{where}: a file's path")
+            _expect(record.size, int, f"{where}: size of {record.path!r}")
+            if not (isinstance(record.sha256, str) and len(record.sha256) == 64
+                    and all(c in "0123456789abcdef" for c in record.sha256)) or record.size < 0:
+                raise BundleError(f"{where}: {record.path!r} needs a 64-hex sha256 and a size >= 0")
+        PreprocessConfig.from_manifest(self.preprocess)
+        if self.preprocess.get("aspect", "pad") not in ASPECTS:
+            raise BundleError(f"{where}: preprocess aspect {self.preprocess.get('aspect')!r} "
+                              f"(known: {', '.join(ASPECTS)})")
+        for key in ("square", "stride", "compressed"):
+            if key in self.tokens_per_image or (key == "compressed" and self.family == "llava-mini"):
+                value = self.tokens_per_image[key]
+                _expect(value, int, f"{where}: tokens_per_image.{key}")
+                if not 0 < value <= MAX_TOKENS_PER_IMAGE:
+                    raise BundleError(f"{where}: tokens_per_image.{key} must be in 1..{MAX_TOKENS_PER_IMAGE}, got {value}")
+        for entry in self.vision:
+            for name in ("variant", "graph", "method"):
+                _expect(getattr(entry, name), str, f"{where}: vision {name}")
+            for f in (*entry.files, *entry.parts.keys(), *entry.parts.values()):
+                _expect(f, str, f"{where}: vision {entry.variant} files")
+        if self.llm is not None:
+            _expect(self.llm.file, str, f"{where}: llm.file")
+            _expect(self.llm.type, str, f"{where}: llm.type")
+            _expect(self.llm.tensor_types, dict, f"{where}: llm.tensor_types")
+            _expect(self.llm.n_ctx_train, int, f"{where}: llm.n_ctx_train")
+        if self.template is not None:
+            _expect(self.template, dict, f"{where}: template")
+            template = template_from_dict(self.template)
+            for text in (*template.stop, getattr(template, "answer_header", ""), getattr(template, "bos_token", "")):
+                _expect(text, str, f"{where}: template stop strings and headers")
+            template.render([("?", None)])  # compiles and renders, in bounded time
         if self.family not in FAMILIES:
             raise BundleError(f"{where}: unknown family {self.family!r} (known: {', '.join(FAMILIES)})")
         if not self.vision:
@@ -118,6 +167,11 @@ class Manifest:
             check_relative(record.path, where)
         if self.n_embd <= 0:
             raise BundleError(f"{where}: n_embd must be positive, got {self.n_embd}")
+
+
+def _expect(value: Any, kind: type, what: str) -> None:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BundleError(f"{what} must be {kind.__name__}, got {type(value).__name__} {str(value)[:40]!r}")
 
 
 def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -158,10 +212,17 @@ def load_manifest(bundle: str | os.PathLike, verify: bool = True) -> Manifest:
         raise BundleError(f"{bundle}: not a bundle folder")
     if not path.is_file():
         raise BundleError(f"{bundle}: no {MANIFEST_NAME} (not a convllava-edge bundle)")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {size:,} bytes, more than a manifest's {MAX_MANIFEST_BYTES:,}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise BundleError(f"{path}: not a manifest (JSON nested too deep)") from e
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read: {e.strerror or e}") from e
     manifest = Manifest.from_dict(data, str(path))
     for record in manifest.files:
         real = resolve_inside(bundle, record.path)

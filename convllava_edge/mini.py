@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import BundleError
 from .prompt import ImageSlot, Item, image_end
-from .vision import open_session
+from .vision import open_session, run_session
 
 GRAPH_IO = {"clip": (["pixel_values"], ["image_features"]),
             "compress": (["image_features"], ["global_tokens", "compressed_tokens"]),
@@ -33,7 +33,8 @@ class MiniEncoder:
         missing = [g for g in GRAPH_IO if g not in paths]
         if missing:
             raise BundleError(f"LLaVA-Mini bundle lacks the {', '.join(missing)} graph(s)")
-        self.sessions = {g: open_session(Path(paths[g]), device, threads) for g in GRAPH_IO}
+        self.paths = {g: Path(paths[g]) for g in GRAPH_IO}
+        self.sessions = {g: open_session(self.paths[g], device, threads) for g in GRAPH_IO}
         first = self.sessions["clip"]
         self.providers, self.note, self.threads = first.providers, first.note, first.threads
         for graph, (inputs, outputs) in GRAPH_IO.items():
@@ -44,7 +45,7 @@ class MiniEncoder:
     def _run(self, graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
         inputs, outputs = GRAPH_IO[graph]
         feed = {name: np.ascontiguousarray(a) for name, a in zip(inputs, arrays)}
-        return [r[0] for r in self.sessions[graph].session.run(outputs, feed)]
+        return [r[0] for r in run_session(self.sessions[graph].session, self.paths[graph], outputs, feed)]
 
     def clip(self, pixel_values: np.ndarray) -> np.ndarray:
         """[1, 3, S, S] -> [N, width]."""

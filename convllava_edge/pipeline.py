@@ -96,14 +96,15 @@ class Model:
                                       device=device, threads=threads)
         else:
             self.vision = OnnxVisionEncoder(resolve_inside(self.bundle, entry.graph), device=device, threads=threads)
+        shas = {f.path: f.sha256 for f in self.manifest.files}
         self.llm = LlamaCppBackend(resolve_inside(self.bundle, self.manifest.llm.file), n_ctx=n_ctx, threads=threads,
-                                   n_gpu_layers=gpu_layers(device), kv_f32=kv_f32)
+                                   n_gpu_layers=gpu_layers(device), kv_f32=kv_f32,
+                                   sha256=shas[self.manifest.llm.file] if verify else None)
         self.note = f"{self.vision.note}; LLM on {'GPU' if self.llm.gpu_offload else 'CPU'} (llama.cpp)"
         if self.llm.n_embd != self.manifest.n_embd:
             raise BundleError(f"{self.bundle}: the LLM's embedding width {self.llm.n_embd} differs from the "
                               f"vision graph's {self.manifest.n_embd}")
         self.cache = EmbeddingCache() if cache is True else (cache or None)
-        shas = {f.path: f.sha256 for f in self.manifest.files}
         self._graph_sha = "+".join(shas[f] for f in entry.files)  # every graph that shapes the cached tokens
         self._llm_sha = shas[self.manifest.llm.file]  # shapes the cached KV states
         self.tokenizer = PromptTokenizer(self.llm, self.manifest.tokenizer)
@@ -119,15 +120,15 @@ class Model:
     def embed(self, image: ImageInput, aspect: str | None = None, use_cache: bool = True) -> _Embedded:
         aspect = aspect or self.manifest.preprocess.get("aspect", "pad")
         t0 = time.perf_counter()
-        picture, digest = _load(image)
+        picture, digest, name = _load(image)
         key = cache_key(digest, self.manifest.preprocess, aspect, self._graph_sha)
         embeds = self._memory.get(key)
         if embeds is None and use_cache and self.cache is not None:
-            embeds = self.cache.get(key)
+            embeds = self._usable(self.cache.get(key))
         if embeds is not None:
             t1 = time.perf_counter()
             return _Embedded(ImageSlot(key, self._slot_size(embeds)), embeds, True, (t1 - t0) * 1e3, 0.0)
-        pixels = preprocess(open_image(picture), self.preprocess_config, aspect)
+        pixels = preprocess(open_image(picture, name=name), self.preprocess_config, aspect)
         t1 = time.perf_counter()
         embeds = self.vision.encode(pixels)
         t2 = time.perf_counter()
@@ -147,7 +148,7 @@ class Model:
         key = cache_key(hashlib.sha256(data).hexdigest(), self.manifest.preprocess, "video-1fps", self._graph_sha)
         embeds = self._memory.get(key)
         if embeds is None and use_cache and self.cache is not None:
-            embeds = self.cache.get(key)
+            embeds = self._usable(self.cache.get(key), video=True)
         if embeds is not None:
             return _Embedded(ImageSlot(key, self._slot_size(embeds)), embeds, True, (time.perf_counter() - t0) * 1e3, 0.0)
         pixels = [preprocess(f, self.preprocess_config, "crop") for f in frames]
@@ -163,6 +164,18 @@ class Model:
                          use_cache: bool = True) -> "AnswerStream":
         embedded = self.embed_video(video, use_cache)
         return AnswerStream(self, self.prompt_items([(question, None)], embedded.slot), embedded, options)
+
+    def _usable(self, embeds: np.ndarray | None, video: bool = False) -> np.ndarray | None:
+        """A cached array the LLM can take ([n > 0, n_embd] float32; [frames, n, n_embd] for video), else
+        None: a miss, so the image is encoded again and the entry rewritten. (The cache already checked
+        the entry's checksum and values; this checks it is the shape this bundle makes.)"""
+        if embeds is None:
+            return None
+        ndim = 3 if video else 2
+        if embeds.dtype != np.float32 or embeds.ndim != ndim or embeds.shape[-1] != self.manifest.n_embd \
+                or 0 in embeds.shape or not np.isfinite(embeds).all():
+            return None
+        return embeds
 
     def _slot_size(self, embeds: np.ndarray) -> int:
         """LLM positions the image takes: ConvLLaVA one per embedding row; LLaVA-Mini C*C per frame."""
@@ -211,7 +224,7 @@ class Model:
         if use_cache and self.cache is not None and self.family != "llava-mini" and keep < end < len(items):
             kv_key = self._kv_key(items[:end])
             state = self.cache.get(kv_key)
-            if state is not None and self.llm.load_sequence(state.tobytes(), positions(items[:end])):
+            if state is not None and state.dtype == np.uint8 and state.ndim == 1 and self.llm.load_sequence(state.tobytes(), positions(items[:end])):
                 keep, kv_key = end, None
         start = positions(items[:keep])
         self.llm.truncate(start)
@@ -458,16 +471,17 @@ def gpu_layers(device: str) -> int:
     return -1
 
 
-def _load(image: ImageInput) -> tuple[ImageInput, str]:
-    """The image source and a digest of its content (file bytes, or pixels for a PIL image)."""
+def _load(image: ImageInput) -> tuple[ImageInput, str, str | None]:
+    """The image source, a digest of its content (file bytes, or pixels for a PIL image) and its name
+    for messages (None: no name)."""
     if isinstance(image, Image.Image):
         h = hashlib.sha256(f"{image.mode}{image.size}".encode())
         h.update(image.tobytes())
-        return image, h.hexdigest()
+        return image, h.hexdigest(), None
     if isinstance(image, (bytes, bytearray)):
-        return bytes(image), hashlib.sha256(image).hexdigest()
-    _, data = read_image_bytes(image)
-    return data, hashlib.sha256(data).hexdigest()
+        return bytes(image), hashlib.sha256(image).hexdigest(), None
+    name, data = read_image_bytes(image, sniff=True)
+    return data, hashlib.sha256(data).hexdigest(), name
 
 
 def load(bundle: str | os.PathLike | None = None, **kwargs) -> Model:

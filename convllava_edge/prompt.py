@@ -9,12 +9,19 @@ their ids, as the HF tokenizer parses them.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from .errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
+# A chat template renders a conversation in microseconds; one still running after this long loops on
+# purpose (nested loops over the sandbox's 100,000-item ranges) or by mistake.
+RENDER_SECONDS = 2.0
+MAX_RENDERED_CHARS = 1 << 22  # 4 Mi characters: far past any context window, short of exhausting memory
+MAX_TEXT_CHARS = 1 << 20  # one question or answer: 1 Mi characters (~250k tokens, past every context)
 
 
 def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True) -> list[tuple[str, str | None]]:
@@ -24,15 +31,35 @@ def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True) -> l
         raise ConfigError("a conversation needs at least one question")
     out = []
     for i, (question, answer) in enumerate(turns):
-        question = question.strip()
+        question = checked_text(question, "the question").strip()
         if not question:
             raise ConfigError("the question is empty")
+        if answer is not None:
+            checked_text(answer, "an earlier answer")
         if IMAGE_TOKEN in question:
             raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
         if answer is None and i != len(turns) - 1:
             raise ConfigError("only the last turn may be unanswered")
         out.append(((IMAGE_TOKEN + "\n" + question) if i == 0 and image else question, answer))
     return out
+
+
+def checked_text(text: str, what: str) -> str:
+    """``text`` if it is a string llama.cpp's tokenizer can take (valid UTF-8, bounded length).
+
+    Command-line arguments that are not UTF-8 reach Python as lone surrogates ("\\udcff"), which
+    cannot be encoded for the tokenizer.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConfigError(f"{what} is {len(text):,} characters long, more than the {MAX_TEXT_CHARS:,} allowed")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} is not valid UTF-8 (at character {e.start}: "
+                          f"{text[e.start:e.end].encode('utf-8', 'surrogateescape')!r})") from e
+    return text
 
 
 @dataclass(frozen=True)
@@ -90,8 +117,8 @@ class ChatTemplate:
             messages.append({"role": "user", "content": question})
             if answer is not None:  # the empty assistant turn is dropped, as the official code does
                 messages.append({"role": "assistant", "content": answer})
-        return _jinja(self.chat_template).render(messages=messages, bos_token=self.bos_token,
-                                                 add_generation_prompt=False)
+        return render_bounded(_jinja(self.chat_template), messages=messages, bos_token=self.bos_token,
+                              add_generation_prompt=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,19 +129,81 @@ class ChatTemplate:
                    answer_header=d.get("answer_header", ""), stop=tuple(d.get("stop", ())))
 
 
-def _jinja(source: str):
-    """Compile a chat template as transformers does (sandboxed; trim_blocks, lstrip_blocks)."""
+class _TemplateTimeout(Exception):
+    pass
+
+
+def render_bounded(template, **context) -> str:
+    """``template.render(**context)``, stopped after RENDER_SECONDS with a ConfigError.
+
+    The sandbox stops escapes, not time. ``signal.alarm`` works on the main thread only and a server
+    renders in worker threads, so a trace function (per thread, installed only for the duration)
+    checks the clock on every line the compiled template runs; Jinja compiles templates to Python
+    code whose file name is "<template>", and only those frames are traced line by line.
+    """
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TemplateTimeout
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        text = template.render(**context)
+    except _TemplateTimeout:
+        raise ConfigError(f"the chat template did not finish rendering within {RENDER_SECONDS:g} s "
+                          "(a loop without end?)") from None
+    except (TemplateError, ArithmeticError, TypeError, ValueError, AttributeError, IndexError, KeyError,
+            RecursionError, MemoryError) as e:
+        raise ConfigError(f"the chat template failed to render: {type(e).__name__}: {e}") from e
+    finally:
+        sys.settrace(previous)
+    if len(text) > MAX_RENDERED_CHARS:
+        raise ConfigError(f"the chat template rendered {len(text):,} characters, more than {MAX_RENDERED_CHARS:,}")
+    return text
+
+
+def _bounded_environment():
+    """transformers' environment for chat templates (sandboxed, immutable; trim_blocks, lstrip_blocks),
+    with ``*`` and ``**`` bounded: ``'x' * 10**10`` would otherwise allocate before any clock is read."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(("*", "**"))
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise SecurityError(f"exponent {right} is too large for a chat template")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
+                        raise SecurityError(f"a sequence of {len(seq) * n:,} items is too long for a chat template")
+            return super().call_binop(context, operator, left, right)
+
+    return Environment(trim_blocks=True, lstrip_blocks=True)
+
+
+def _jinja(source: str):
+    """Compile a chat template as transformers does (see _bounded_environment)."""
+    from jinja2.exceptions import TemplateError
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    if not isinstance(source, str):
+        raise ConfigError(f"the chat template must be text, got {type(source).__name__}")
+    env = _bounded_environment()
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(source)
-    except TemplateError as e:
+    except (TemplateError, RecursionError, MemoryError, ValueError) as e:
         raise ConfigError(f"the chat template does not compile: {e}") from e
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from .errors import ImageError
-from .image import MAX_IMAGE_PIXELS, read_image_bytes
+from .image import DECODE_ERRORS, MAX_IMAGE_PIXELS, read_image_bytes
 
 MAX_FRAMES = 256  # ~4 minutes at 1 fps; each frame is one LLM position, but costs a CLIP pass
 
@@ -58,7 +58,7 @@ def _decode(name: str, data: bytes) -> tuple[list[np.ndarray], float]:
                     durations.append(frame.info.get("duration", 100) or 100)
                     frames.append(np.asarray(frame.convert("RGB")))
                 return frames, 1000.0 / float(np.mean(durations))
-    except (OSError, SyntaxError, ValueError):
+    except DECODE_ERRORS:
         pass  # not something Pillow animates: try a video decoder
     return _decode_video(name, data)
 

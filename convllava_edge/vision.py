@@ -77,6 +77,18 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_THREADS_PER_CORE = 4  # past this, threads only contend: 1000 threads took 75 s for a 1 s answer
+
+
+def check_threads(threads: int | None) -> None:
+    """A thread count the machine can use: 1 to its cores x MAX_THREADS_PER_CORE (None: all cores)."""
+    if threads is None:
+        return
+    limit = default_threads() * MAX_THREADS_PER_CORE
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
+        raise ConfigError(f"threads must be in 1..{limit} ({default_threads()} cores x {MAX_THREADS_PER_CORE}), got {threads}")
+
+
 @dataclass
 class Session:
     session: object  # onnxruntime.InferenceSession
@@ -93,8 +105,7 @@ def open_session(path: str | os.PathLike, device: str = "auto", threads: int | N
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{path}: graph not found")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
+    check_threads(threads)
     choice = choose_providers(device, ort.get_available_providers(), tensorrt_libraries_present())
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -147,5 +158,22 @@ class OnnxVisionEncoder:
     def _run(self, pixel_values: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if pixel_values.ndim != 4 or pixel_values.shape[:2] != (1, 3):
             raise ConfigError(f"pixel_values must be [1, 3, H, W], got {list(pixel_values.shape)}")
-        results = self.session.run(outputs, {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})
+        results = run_session(self.session, self.path, outputs,
+                              {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})
         return [r[0] for r in results]
+
+
+def run_session(session, path: Path, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` with ONNX Runtime's failures (a graph that asks for 4 TB, a kernel error) as one
+    line, and outputs checked for NaN/Inf: a graph that passed its hash check can still be hostile."""
+    try:
+        results = session.run(outputs, feeds)
+    except MemoryError as e:
+        raise BundleError(f"{path}: out of memory running the graph") from e
+    except Exception as e:  # ORT's Fail/RuntimeException/InvalidArgument share no public base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{path}: ONNX Runtime failed running the graph: {first[:300]}") from e
+    for name, value in zip(outputs, results):
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise BundleError(f"{path}: output {name!r} holds NaN or Inf values")
+    return results

@@ -32,12 +32,12 @@ def chat_template(checkpoint: Path) -> ChatTemplate:
     bos = bos.get("content") if isinstance(bos, dict) else bos
     template = ChatTemplate(name="llava_llama_3_1", chat_template=source, system=MINI_SYSTEM, bos_token=bos or "")
     # The assistant header the model writes itself: what add_generation_prompt=True would have added.
-    from ..prompt import _jinja
+    from ..prompt import _jinja, render_bounded
 
     messages = [{"role": "system", "content": MINI_SYSTEM}, {"role": "user", "content": "x"}]
     compiled = _jinja(source)
-    plain = compiled.render(messages=messages, bos_token=template.bos_token, add_generation_prompt=False)
-    with_header = compiled.render(messages=messages, bos_token=template.bos_token, add_generation_prompt=True)
+    plain = render_bounded(compiled, messages=messages, bos_token=template.bos_token, add_generation_prompt=False)
+    with_header = render_bounded(compiled, messages=messages, bos_token=template.bos_token, add_generation_prompt=True)
     header = with_header[len(plain):] if with_header.startswith(plain) else ""
     return ChatTemplate(**{**template.to_dict(), "answer_header": header, "stop": ()})
 

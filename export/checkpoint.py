@@ -5,11 +5,20 @@ Layouts accepted (safetensors preferred when both are present, as transformers d
 - ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` + shards (torch pickles, loaded with
   ``weights_only=True`` so no code in a checkpoint ever runs, memory-mapped where the file allows).
 Any storage dtype (bf16, fp16, fp32); callers convert what they use.
+
+Integrity, as far as files without checksums allow: the index's ``metadata.total_size`` is compared
+with the bytes of the tensors the shards hold (when the index states it); every tensor's shape and
+dtype must fit the bytes stored for it (safetensors and torch.load check this, except what
+memory-mapping skips: ``_check_storage_records``); every floating-point tensor is scanned for
+NaN/Inf as it is read. A flipped byte that turns one finite value into another finite value cannot
+be caught: that would need a checksum, which the Hugging Face layouts do not carry.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +50,13 @@ class TensorStore:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a folder")
+        self._total_size: int | None = None  # the index's metadata.total_size, when it has one
         self.format, self.index_path, self._key_file = self._discover()
         self._open_file: Path | None = None
         self._open_tensors: dict[str, torch.Tensor] | None = None
+        self._scanned: set[str] = set()  # tensors already found free of NaN/Inf
+        if self._total_size is not None:
+            self._check_total_size(self._total_size)
 
     # -- layout ------------------------------------------------------------------------------------
     def _discover(self) -> tuple[str, Path | None, dict[str, Path]]:
@@ -59,9 +72,17 @@ class TensorStore:
                               f"{BIN_SINGLE} or {BIN_INDEX})")
 
     def _read_index(self, index: Path) -> dict[str, Path]:
-        weight_map = read_json(index).get("weight_map")
+        data = read_json(index)
+        weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
+        metadata = data.get("metadata") or {}
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
+        if total is not None:
+            if isinstance(total, bool) or not isinstance(total, (int, float)) or not float(total).is_integer() \
+                    or total < 0:
+                raise CheckpointError(f"{index}: metadata.total_size {total!r} is not a byte count")
+            self._total_size = int(total)
         key_file: dict[str, Path] = {}
         for key, name in weight_map.items():
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
@@ -96,11 +117,22 @@ class TensorStore:
         return sorted(set(self._key_file.values()))
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, as stored (dtype unchanged)."""
+        """One tensor, as stored (dtype unchanged), checked free of NaN/Inf."""
+        tensor = self._read(key)
+        if key not in self._scanned:
+            _check_finite(key, tensor, self.file_of(key))
+            self._scanned.add(key)
+        return tensor
+
+    def _read(self, key: str) -> torch.Tensor:
         path = self.file_of(key)
         if self.format == "safetensors":
+            # safetensors itself refuses a header whose offsets do not match a tensor's shape and dtype.
             with self._safe_open(path) as handle:
-                return handle.get_tensor(key)
+                try:
+                    return handle.get_tensor(key)
+                except Exception as e:  # SafetensorError (not exported): key absent, or bytes out of range
+                    raise CheckpointError(f"{path}: cannot read tensor {key!r}: {_first_line(e)}") from e
         tensors = self._bin_shard(path)
         if key not in tensors:
             raise CheckpointError(f"{path}: index says it holds {key!r}, but the file does not")
@@ -128,8 +160,40 @@ class TensorStore:
                 sl = handle.get_slice(key)
                 shape, dtype = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
             return TensorInfo(key, path, shape, dtype)
-        tensor = self.get(key)
+        tensor = self._read(key)  # no NaN scan: only the shape and dtype are asked for
         return TensorInfo(key, path, tuple(tensor.shape), tensor.dtype)
+
+    # -- integrity -----------------------------------------------------------------------------------
+    def _check_total_size(self, total: int) -> None:
+        """The bytes the index's shards hold against its metadata.total_size.
+
+        Counted over every tensor in the shard files, not only the ones the index maps: a tensor
+        left out of the weight_map is reported by name where it is needed, which says more.
+        """
+        counted, shared = 0, 0
+        for path in self.files:
+            if self.format == "safetensors":
+                with self._safe_open(path) as handle:
+                    for key in handle.keys():
+                        sl = handle.get_slice(key)
+                        if sl.get_dtype() not in _SAFETENSORS_ITEMSIZE:
+                            return  # a newer (sub-byte) dtype: its size is not ours to guess
+                        counted += math.prod(sl.get_shape()) * _SAFETENSORS_ITEMSIZE[sl.get_dtype()]
+            elif zipfile.is_zipfile(path):  # memory-mapped: only the pickle is read, not the weights
+                seen: set[int] = set()
+                for tensor in self._load_bin(path).values():
+                    nbytes = tensor.numel() * tensor.element_size()
+                    counted += nbytes
+                    storage = tensor.untyped_storage().data_ptr()
+                    shared += nbytes if storage in seen and nbytes else 0
+                    seen.add(storage)
+            else:  # a legacy (pre-zip) pickle cannot be memory-mapped: reading it whole here would double the cost
+                return
+        # transformers counts tensors that share storage (tied weights) once; other writers each time.
+        if total not in (counted, counted - shared):
+            where = self.index_path or self.folder
+            raise CheckpointError(f"{where}: metadata.total_size is {total} bytes, but the shards hold "
+                                  f"{counted - shared} bytes of tensors (a shard replaced or altered?)")
 
     # -- file readers --------------------------------------------------------------------------------
     def _safe_open(self, path: Path):
@@ -151,22 +215,70 @@ class TensorStore:
 
     @staticmethod
     def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+        mapped = True
         try:
             try:  # zip-format pickles (torch >= 1.6) can be memory-mapped: shards are not read up front
                 data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
+                mapped = False
                 data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zipfile errors...
             raise CheckpointError(f"{path}: cannot read PyTorch weights (corrupt, truncated, or not a "
-                                  f"weights-only pickle): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                                  f"weights-only pickle): {_first_line(e)}") from e
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise CheckpointError(f"{path}: expected a dict of tensors")
+        if mapped:
+            _check_storage_records(path, data)
         return data
 
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+# The storage dtypes of released checkpoints, where torch.isfinite is implemented on the CPU (float8 is not).
+_SCANNED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+# Bytes per element of each safetensors dtype (its format spec); safe_open reports names, not sizes.
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _check_storage_records(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The storages a memory-mapped .bin declares must be the bytes its zip records hold.
+
+    torch.load refuses a tensor larger than its storage, and a storage larger than its record when
+    it reads the file; memory-mapped (torch 2.x), it maps the declared size over whatever follows
+    the record instead, so a corrupted size in the pickle would read neighbouring bytes as weights.
+    """
+    storages: dict[int, int] = {}
+    for tensor in tensors.values():
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # torch.save names each storage's record "<archive>/data/<key>"
+            stored = sum(info.file_size for info in archive.infolist()
+                         if info.filename.split("/")[-2:-1] == ["data"] and info.filename.rsplit("/", 1)[-1].isdigit())
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch weights (corrupt zip): {_first_line(e)}") from e
+    declared = sum(storages.values())
+    if declared != stored:
+        raise CheckpointError(f"{path}: its tensors' storages declare {declared} bytes, its data records hold "
+                              f"{stored} (corrupt pickle?)")
+
+
+def _check_finite(key: str, tensor: torch.Tensor, path: Path) -> None:
+    """No NaN or Inf in a floating-point tensor: released weights never hold one, a corrupted byte often does."""
+    if tensor.dtype not in _SCANNED_DTYPES:
+        return
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = tensor.numel() - int(finite.sum())
+        raise CheckpointError(f"tensor {key!r} in {path} holds {bad} NaN/Inf values (of {tensor.numel()}): "
+                              "the shard is corrupt")
 
 
 def check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...], path: Path) -> None:

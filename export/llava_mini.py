@@ -30,7 +30,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from ..errors import CheckpointError
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from .checkpoint import TensorStore, check_shape
-from .config import LLAVA_MINI_MODEL_TYPES, LlmConfig, MultimodalConfig, read_json
+from .config import (LLAVA_MINI_MODEL_TYPES, MAX_COMPRESSOR_SIDE, MAX_HIDDEN, MAX_IMAGE_SIDE, MAX_INTERMEDIATE,
+                     MAX_LAYERS, MAX_PATCH, LlmConfig, MultimodalConfig, check_int, get_value, read_json)
 from .vision_model import build_projector
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."  # + "vision_model.*" (CLIPVisionModel names)
@@ -64,13 +65,17 @@ class LlavaMiniConfig:
                                   f"got {mm.select_layer} and {mm.select_feature!r}")
         if mm.projector_type != "mlp2x_gelu" and not mm.projector_type.startswith("mlp"):
             raise CheckpointError(f"{path}: unknown mm_projector_type {mm.projector_type!r}")
-        ratio = int(cfg.get("resolution_ratio", 1))
+        ratio = get_value(cfg, "resolution_ratio", path, default=1)
         if ratio != 1:
             raise CheckpointError(f"{path}: resolution_ratio {ratio} (high-resolution mode) is not supported; "
                                   "the released checkpoint uses 1")
-        return cls(path=path, llm=LlmConfig.from_dict(cfg, path), mm=mm,
-                   compressor_size=int(cfg.get("compressor_size", 1)),
-                   prefusion_layer_num=int(cfg.get("prefusion_layer_num", 4)), resolution_ratio=ratio, raw=cfg)
+        llm = LlmConfig.from_dict(cfg, path)
+        compressor = check_int(path, "compressor_size", get_value(cfg, "compressor_size", path, default=1),
+                                1, MAX_COMPRESSOR_SIDE)
+        prefusion = check_int(path, "prefusion_layer_num", get_value(cfg, "prefusion_layer_num", path, default=4),
+                               0, MAX_LAYERS)
+        return cls(path=path, llm=llm, mm=mm, compressor_size=compressor, prefusion_layer_num=prefusion,
+                   resolution_ratio=ratio, raw=cfg)
 
     def llama_config(self) -> LlamaConfig:
         llm = self.llm
@@ -201,8 +206,7 @@ def open_llava_mini(checkpoint: Path, vision_tower: Path | None = None) -> Llava
     store = TensorStore(checkpoint)
     if vision_tower is not None:
         vision_tower = Path(vision_tower)
-        raw = read_json(vision_tower / "config.json")
-        clip_config = CLIPVisionConfig(**raw.get("vision_config", raw))
+        clip_config = read_clip_config(vision_tower / "config.json")
         clip_store = TensorStore(vision_tower)
         has_prefix = any(k.startswith("vision_model.") for k in clip_store.keys())
         prefix = "" if has_prefix else None
@@ -212,6 +216,8 @@ def open_llava_mini(checkpoint: Path, vision_tower: Path | None = None) -> Llava
         notes = [f"CLIP tower from --vision-tower {vision_tower}"]
     elif any(k.startswith(TOWER_PREFIX + "vision_model.") for k in store.keys()):
         clip_config = infer_clip_config(store, TOWER_PREFIX)
+        check_clip_config({key: getattr(clip_config, key) for key in _CLIP_LIMITS},
+                          f"{checkpoint}: CLIP tower inferred from the shards' {TOWER_PREFIX}* shapes")
         clip_store, prefix = store, TOWER_PREFIX
         pre_path = checkpoint / "preprocessor_config.json"
         notes = [f"CLIP tower from the copy in the checkpoint's shards ({TOWER_PREFIX}vision_model.*)"]
@@ -226,6 +232,48 @@ def open_llava_mini(checkpoint: Path, vision_tower: Path | None = None) -> Llava
         raise CheckpointError(f"{config.path}: mm_hidden_size {config.mm.mm_hidden_size} but the CLIP tower is "
                               f"{clip_config.hidden_size} wide")
     return LlavaMiniCheckpoint(config, store, clip_store, prefix, clip_config, preprocess, notes)
+
+
+def read_clip_config(path: Path) -> CLIPVisionConfig:
+    """A CLIP folder's config.json (a CLIPModel's, with vision_config, or a CLIPVisionModel's), checked."""
+    raw = read_json(path)
+    vision = raw.get("vision_config", raw)
+    if not isinstance(vision, dict):
+        raise CheckpointError(f"{path}: key 'vision_config' = {vision!r} is not an object")
+    # Our checks first, on the values as given (defaults for absent keys), so that the message names
+    # the file and key; transformers' own validation raises its own exception types.
+    values = {key: get_value(vision, key, path) for key in _CLIP_LIMITS if vision.get(key) is not None}
+    defaults = CLIPVisionConfig()
+    check_clip_config({**{key: getattr(defaults, key) for key in _CLIP_LIMITS}, **values}, path)
+    try:
+        return CLIPVisionConfig(**{**vision, **values})
+    except Exception as e:  # TypeError, ValueError, huggingface_hub's StrictDataclassError...
+        raise CheckpointError(f"{path}: not a CLIP vision config ({_one_line(e)})") from e
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# CLIPVisionConfig key -> (min, max); ViT-L/14-336: 1024 wide, 24 layers, 16 heads, 4096 ffn, 336 px, patch 14.
+_CLIP_LIMITS = {"hidden_size": (1, MAX_HIDDEN), "intermediate_size": (1, MAX_INTERMEDIATE),
+                "num_hidden_layers": (1, MAX_LAYERS), "num_attention_heads": (1, MAX_HIDDEN),
+                "image_size": (1, MAX_IMAGE_SIDE), "patch_size": (1, MAX_PATCH)}
+
+
+def check_clip_config(values: dict[str, Any], where: Path | str) -> None:
+    """{key: value} for the keys of _CLIP_LIMITS: in range, and the grid and heads dividing evenly."""
+    for key, (lo, hi) in _CLIP_LIMITS.items():
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{where}: key {key!r} = {value!r} is not an integer")
+        check_int(where, key, value, lo, hi)
+    if values["image_size"] % values["patch_size"]:
+        raise CheckpointError(f"{where}: image_size {values['image_size']} is not a multiple of "
+                              f"patch_size {values['patch_size']}")
+    if values["hidden_size"] % values["num_attention_heads"]:
+        raise CheckpointError(f"{where}: hidden_size {values['hidden_size']} is not a multiple of "
+                              f"num_attention_heads {values['num_attention_heads']}")
 
 
 def infer_clip_config(store: TensorStore, prefix: str) -> CLIPVisionConfig:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..errors import BundleError
+
 # TensorRT 10.0's ONNX parser: operators marked supported in onnx/onnx-tensorrt docs/operators.md
 # (commit 96e7811, June 2024), which also gives the opset range it reads (9 to 20).
 TENSORRT_OPSETS = range(9, 21)
@@ -77,7 +79,10 @@ def lint(path: str | Path, layernorm: bool = True) -> LintReport:
     ops; False for RMSNorm graphs (Llama layers), whose ReduceMean/Pow/Sqrt chain is the only form
     below opset 23 and which TensorRT fuses itself."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, onnx's own errors, OSError: no common base but Exception
+        raise BundleError(f"{path}: not an ONNX graph ({type(e).__name__}: {str(e).strip()[:200]})") from e
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     nodes = list(model.graph.node)
     counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in nodes)

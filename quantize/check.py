@@ -349,8 +349,8 @@ def _load_nf4(config, store, keys):
 class Reference:
     """Where the fp32 vision and the unquantized LLM come from."""
 
-    def __init__(self, path: Path | None, threads: int | None):
-        self.path, self.threads = path, threads
+    def __init__(self, path: Path | None, threads: int | None, vision_tower: Path | None = None):
+        self.path, self.threads, self.vision_tower = path, threads, vision_tower
         self.kind = "self" if path is None else ("bundle" if (Path(path) / "manifest.json").is_file() else "checkpoint")
         self.manifest = load_manifest(path) if self.kind == "bundle" else None
         self._torch_vision = None
@@ -362,8 +362,9 @@ class Reference:
         if self.kind == "checkpoint":
             from ..export.vision_model import load_vision_model, open_vision_checkpoint
 
-            model = load_vision_model(open_vision_checkpoint(self.path))
-            return f"PyTorch fp32 ({self.path})", _TorchVision(model)
+            tower = self.vision_tower or recorded_tower(manifest)
+            model = load_vision_model(open_vision_checkpoint(self.path, tower))
+            return f"PyTorch fp32 ({self.path}{f', tower {tower}' if tower else ''})", _TorchVision(model)
         source_bundle, source = (self.path, self.manifest) if self.kind == "bundle" else (bundle, manifest)
         fp32 = next((v for v in source.vision if v.variant == "fp32"), None)
         if fp32 is None:
@@ -397,6 +398,19 @@ class Reference:
         return None
 
 
+def recorded_tower(manifest) -> Path | None:
+    """The tower folder the bundle was exported from (``--vision-tower``), when it still exists here."""
+    path = manifest.source.get("vision_tower")
+    if not isinstance(path, str):  # bundles from before it was recorded: the export's note names it
+        note = next((n for n in manifest.source.get("notes", []) if isinstance(n, str)
+                     and n.startswith(TOWER_NOTE)), None)
+        path = note[len(TOWER_NOTE):] if note else None
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+TOWER_NOTE = "vision tower from --vision-tower "  # export/vision_model.py's note
+
+
 class _TorchVision:
     def __init__(self, model):
         import torch
@@ -410,14 +424,18 @@ class _TorchVision:
 
 
 def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = None, gates: dict[str, float] | None = None,
-              threads: int | None = None, nf4: bool = True, progress: Callable[[str, int, int], None] = lambda *a: None
-              ) -> CheckResult:
+              threads: int | None = None, nf4: bool = True, progress: Callable[[str, int, int], None] = lambda *a: None,
+              vision_tower: Path | None = None) -> CheckResult:
+    """``vision_tower``: the tower folder of a checkpoint reference (default: the one the bundle was
+    exported from, when it is still there; else the copy in the checkpoint's shards)."""
     gates = gates if gates is not None else parse_gates([])
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     if manifest.llm is None or manifest.template is None:
         raise ConfigError(f"{bundle}: bundle has no LLM")
-    reference = Reference(reference_path, threads)
+    if vision_tower is not None and (reference_path is None or (Path(reference_path) / "manifest.json").is_file()):
+        raise ConfigError("--vision-tower goes with --reference CHECKPOINT (a bundle's graphs already hold a tower)")
+    reference = Reference(reference_path, threads, vision_tower)
     config = PreprocessConfig.from_manifest(manifest.preprocess)
     result = CheckResult(bundle=str(bundle), reference={"kind": reference.kind, "path": str(reference_path or bundle)},
                          inputs={"source": inputs.source, "n_images": len(inputs.images),

@@ -135,3 +135,35 @@ def test_questions_file_and_bad_gates(reference_bundle, tmp_path, capsys):
     bad.write_text("{not json\n")
     assert main(["check", str(reference_bundle), "--questions", str(bad)]) == 1
     assert f"{bad}:1: expected" in capsys.readouterr().err
+
+
+def test_checkpoint_reference_uses_the_tower_the_bundle_was_exported_from(tiny, tmp_path, capsys):
+    """A released sft folder has no preprocessor_config.json and no mm_vision_resolution: the shards'
+    tower copy cannot tell its resolution, so check needs the tower folder: --vision-tower, or the one
+    the manifest recorded at export."""
+    from convllava_edge.errors import CheckpointError
+    from convllava_edge.manifest import MANIFEST_NAME
+
+    ckpt = tmp_path / "sft"
+    shutil.copytree(tiny.bin_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["mm_vision_tower"] = "local/convnext-tower"  # no resolution in the name either
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "bundle"
+    export_bundle(ckpt, out, ExportOptions(vision_types=("fp32",), llm_type="F32"), vision_tower=tiny.tower)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["source"]["vision_tower"] == str(tiny.tower.resolve())
+    inputs = default_inputs(n_images=1)
+    recorded = run_check(out, inputs, reference_path=ckpt, nf4=False)
+    assert str(tiny.tower.resolve()) in recorded.vision["reference"]
+    assert recorded.vision["variants"]["fp32"]["embeds"]["cosine_min"] > 0.99999  # the graph vs that tower in PyTorch
+    del manifest["source"]["vision_tower"]
+    manifest["source"]["notes"] = []
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="--vision-tower"):
+        run_check(out, inputs, reference_path=ckpt, nf4=False)
+    code = main(["check", str(out), "--reference", str(ckpt), "--vision-tower", str(tiny.tower), "--no-nf4",
+                 "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["passed"] and str(tiny.tower) in result["vision"]["reference"]
+    assert main(["check", str(out), "--vision-tower", str(tiny.tower)]) == 1  # goes with --reference CHECKPOINT

@@ -37,6 +37,12 @@ def test_export_refuses_to_overwrite_and_force_replaces(tiny, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: {out} already exists (use --force to replace it)"
     assert (out / "keep.txt").read_text() == "mine"
+    result = run_cli("export", tiny.bin_ckpt, "--out", out, "--force")  # --force replaces bundles only
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {out} is not a convllava-edge bundle "
+                                                      "(no manifest.json); --force only replaces bundles")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose: --force may replace it
     result = run_cli("export", tiny.bin_ckpt, "--out", out, "--force", "--json")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)

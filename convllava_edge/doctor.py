@@ -1,0 +1,117 @@
+"""What this machine and this install can run: ``convllava-edge doctor``.
+
+Every figure is read, not assumed: the CPU's flags from the kernel, llama.cpp's build from its own
+``llama_print_system_info`` and the probe's verdict (native.py), ONNX Runtime's providers from
+ONNX Runtime, a GPU from ``nvidia-smi`` when there is one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+# The flags that decide which kernels the libraries pick (x86); others are listed in full by --json.
+NOTABLE_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                 "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+PACKAGES = ("convllava-edge", "numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "llama_cpp_python", "gguf",
+            "jinja2", "typer", "torch", "transformers", "onnx")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_section() -> dict[str, Any]:
+    from .native import cpu_info
+    from .vision import default_threads
+
+    info = cpu_info()
+    flags = set(info["flags"])
+    return {"model": info["model"], "machine": info["machine"], "cores": default_threads(),
+            "features": {f: f in flags for f in NOTABLE_FLAGS}, "flags": info["flags"]}
+
+
+def llama_section(run_probe: bool = True) -> dict[str, Any]:
+    from . import native
+
+    out: dict[str, Any] = {"version": _version("llama_cpp_python")}
+    try:
+        import llama_cpp
+
+        out["system_info"] = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+        out["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+        out["libraries"] = [p.name for p in native.library_files()]
+        out["library_sha256"] = native.library_digest()
+    except Exception as e:  # a broken install is exactly what doctor is for: report it, do not die
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["ok"] = False
+        return out
+    # llama.cpp's CPU backend lists the features it was built for, e.g. "AVX512 = 1 | AMX_INT8 = 1"
+    out["build_features"] = sorted({part.split("=")[0].split(":")[-1].strip() for part in out["system_info"].split("|")
+                                    if part.strip().endswith("= 1")})
+    verdict = native.cpu_paths_verdict(run=run_probe)
+    out["probe"] = None if verdict is None else {
+        "extra_buffer_types": verdict.extra_bufts, "reason": verdict.reason, "signal": verdict.signal,
+        "cached": verdict.cached, "seconds": round(verdict.seconds, 3)}
+    # ok: models load and run here (with or without the extra buffer types): the probe child finished
+    # or died from a signal that the fallback avoids
+    out["ok"] = verdict is not None and (verdict.extra_bufts or verdict.signal is not None)
+    return out
+
+
+def onnxruntime_section() -> dict[str, Any]:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return {"ok": False, "error": str(e)}
+    providers = ort.get_available_providers()
+    return {"version": ort.__version__, "device": ort.get_device(), "providers": providers,
+            "ok": "CPUExecutionProvider" in providers}
+
+
+def gpu_section() -> dict[str, Any]:
+    from .vision import tensorrt_libraries_present
+
+    out: dict[str, Any] = {"nvidia_smi": shutil.which("nvidia-smi") is not None, "devices": [],
+                           "tensorrt_libraries": tensorrt_libraries_present()}
+    if out["nvidia_smi"]:
+        try:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+            out["devices"] = [line.strip() for line in listing.splitlines() if line.strip()]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return out
+
+
+def cache_section() -> dict[str, Any]:
+    from .cache import EmbeddingCache
+
+    cache = EmbeddingCache()
+    folder = cache.folder
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
+    return {"folder": str(folder), "exists": folder.is_dir(), "writable": os.access(probe, os.W_OK),
+            "entries": cache.entries(), "size_bytes": cache.size_bytes(), "max_bytes": cache.max_bytes}
+
+
+def report(run_probe: bool = True) -> dict[str, Any]:
+    """Everything ``doctor`` shows; ``ok`` is true when a bundle can run here on the CPU."""
+    out = {
+        "cpu": cpu_section(),
+        "llama_cpp": llama_section(run_probe),
+        "onnxruntime": onnxruntime_section(),
+        "gpu": gpu_section(),
+        "cache": cache_section(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in PACKAGES},
+    }
+    out["ok"] = bool(out["llama_cpp"].get("ok") and out["onnxruntime"].get("ok"))
+    return out

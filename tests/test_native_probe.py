@@ -1,0 +1,117 @@
+"""No signal death from llama.cpp: the CPU-path probe, its fault injection, the trial load, and doctor.
+
+CI's llama.cpp build never traps, so the probe's fallback is shown by making the probe child raise
+SIGILL itself (PROBE_FAULT_ENV, a test-only hook): ``ask`` on the demo must still answer "3".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from convllava_edge import native
+from convllava_edge.errors import BundleError
+
+from hardening_util import EXAMPLE, cli, copy_demo, gguf_of, patch_gguf_scalar
+
+QUESTION = "How many shapes are there?"
+NOTICE = "crashed a probe with SIGILL"
+
+
+def _ask(cache, *extra, env=None):
+    return cli("ask", str(EXAMPLE), QUESTION, "--temperature", "0", "--no-cache", *extra,
+               env={"CONVLLAVA_EDGE_CACHE": str(cache), **(env or {})})
+
+
+@pytest.mark.timeout(300)
+def test_a_probe_that_dies_from_sigill_means_ask_still_answers_and_says_so_once(tmp_path):
+    cache = tmp_path / "cache"
+    first = _ask(cache, env={native.PROBE_FAULT_ENV: "SIGILL"})
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "3"
+    assert first.stderr.count(NOTICE) == 1, first.stderr
+    records = list((cache / "native-checks").glob("probe-*.json"))
+    assert len(records) == 1
+    saved = json.loads(records[0].read_text())
+    assert saved["extra_bufts"] is False and saved["signal"] == "SIGILL"
+
+    # --json says how the LLM was loaded
+    as_json = _ask(cache, "--json", env={native.PROBE_FAULT_ENV: "SIGILL"})
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["llm_extra_buffer_types"] is False
+
+    # a second run without the fault reads the cached verdict: had the probe run again here, it would
+    # have passed (CI's build does not trap) and no notice would appear
+    second = _ask(cache)
+    assert second.returncode == 0 and second.stdout.strip() == "3"
+    assert second.stderr.count(NOTICE) == 1, second.stderr
+    assert json.loads(_ask(cache, "--json").stdout)["llm_extra_buffer_types"] is False
+
+
+@pytest.mark.timeout(300)
+def test_a_clean_probe_keeps_the_extra_buffer_types(tmp_path):
+    run = _ask(tmp_path / "cache", "--json")
+    assert run.returncode == 0 and NOTICE not in run.stderr
+    assert json.loads(run.stdout)["llm_extra_buffer_types"] is True
+    saved = json.loads(next((tmp_path / "cache" / "native-checks").glob("probe-*.json")).read_text())
+    assert saved["extra_bufts"] is True and saved["signal"] is None
+
+
+@pytest.mark.timeout(300)
+def test_trial_load_turns_a_llama_cpp_abort_into_one_line(tmp_path, monkeypatch):
+    """Past the header checks (called directly here), llama.cpp aborts on block_count 100000: the trial
+    load's child dies, the parent raises BundleError and lives."""
+    monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    bundle = copy_demo(tmp_path / "b")
+    gguf = gguf_of(bundle)
+    patch_gguf_scalar(gguf, "llama.block_count", "I", 100000)
+    with pytest.raises(BundleError) as e:
+        native.trial_load(gguf, extra_bufts=False)
+    message = str(e.value)
+    assert str(gguf) in message and "\n" not in message
+    assert "SIGABRT" in message or "SIGSEGV" in message or "cannot load" in message
+    assert not list((tmp_path / "cache" / "native-checks").glob("trial-*.json"))  # a failure is not cached
+
+
+@pytest.mark.timeout(300)
+def test_trial_load_success_is_cached_per_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(native.probe_model(), gguf)
+    calls = []
+    real = native._run_child
+    monkeypatch.setattr(native, "_run_child", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert native.trial_load(gguf, extra_bufts=False) is False
+    assert native.trial_load(gguf, extra_bufts=False) is False
+    assert len(calls) == 1  # the second load read the record
+    os.utime(gguf, ns=(1, 1))  # another file as far as the stat-based identity knows
+    native.trial_load(gguf, extra_bufts=False)
+    assert len(calls) == 2
+
+
+@pytest.mark.timeout(300)
+def test_doctor_json_reports_this_machine(tmp_path):
+    run = cli("doctor", "--json", env={"CONVLLAVA_EDGE_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr
+    r = json.loads(run.stdout)
+    assert r["ok"] is True
+    cpu = r["cpu"]
+    assert cpu["model"] and cpu["cores"] >= 1 and set(native.cpu_info()["flags"]) == set(cpu["flags"])
+    assert cpu["features"]["avx2"] is ("avx2" in cpu["flags"])
+    llm = r["llama_cpp"]
+    assert llm["ok"] is True and llm["version"] == "0.3.36" and "CPU" in llm["system_info"]
+    assert len(llm["library_sha256"]) == 64 and any("llama" in name for name in llm["libraries"])
+    assert "SSE3" in llm["build_features"] and all(f"{f} = 1" in llm["system_info"] for f in llm["build_features"])
+    assert llm["probe"]["extra_buffer_types"] is True and llm["probe"]["cached"] is False  # CI's build does not trap
+    ort = r["onnxruntime"]
+    assert ort["ok"] is True and "CPUExecutionProvider" in ort["providers"] and ort["version"]
+    assert isinstance(r["gpu"]["devices"], list)
+    assert r["cache"]["folder"].startswith(str(tmp_path)) and r["cache"]["entries"] == 0
+    assert r["versions"]["convllava-edge"] and r["versions"]["numpy"]
+    # the verdict is kept: a second doctor reads it
+    again = json.loads(cli("doctor", "--json", env={"CONVLLAVA_EDGE_CACHE": str(tmp_path / "cache")}).stdout)
+    assert again["llama_cpp"]["probe"]["cached"] is True
+    table = cli("doctor", env={"CONVLLAVA_EDGE_CACHE": str(tmp_path / "cache")})
+    assert table.returncode == 0 and "ready" in table.stdout and "llama.cpp" in table.stdout
