@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
-# llama-cpp-python compiles llama.cpp at install (3-5 min). The portable build (no -march=native,
-# no mtmd) compiles ~1.5 min faster. Whatever the build, the runtime probes llama.cpp's risky CPU
-# paths before loading a model (convllava_edge/native.py), so no build can kill `ask`.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# llama-cpp-python compiles llama.cpp at install (3-5 min), here for this CPU's vector units named
+# one by one (AVX-512, VNNI, BF16 where present) and never its AMX kernels, which trap on some Xeons:
+# convllava_edge/buildflags.py. Measured on the benchmark Llama (benchmarks/llm_build_bench.py): 1.7-2x
+# the prompt processing of the portable AVX2 build, decode at 83-86% of the bandwidth bound. Whatever
+# the build, the runtime probes llama.cpp's risky CPU paths before loading a model (native.py).
+export CMAKE_ARGS ?= $(shell $(PYTHON) convllava_edge/buildflags.py)
 # The wheel is built once, with these flags, into a wheelhouse every venv installs from: pip's own
 # cache is keyed by the sdist alone and would hand back a wheel built with other flags or on another CPU.
 WHEELHOUSE ?= .wheelhouse

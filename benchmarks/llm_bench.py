@@ -83,7 +83,9 @@ def llama_cpp_speed(path: Path, prompt: list[int], n_decode: int, threads: int, 
     return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:])}
 
 
-def transformers_speed(state: dict, prompt: list[int], n_decode: int, threads: int, runs: int) -> dict:
+def transformers_speed(state: dict, prompt: list[int], n_decode: int, threads: int, runs: int,
+                       dtype: torch.dtype = torch.float32) -> dict:
+    """The official code's engine on the same weights (bf16-rounded, as the checkpoint stores them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -93,6 +95,7 @@ def transformers_speed(state: dict, prompt: list[int], n_decode: int, threads: i
                                          num_key_value_heads=SPEC.num_key_value_heads, vocab_size=SPEC.vocab_size,
                                          tie_word_embeddings=False)).eval()
     model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in state.items()})
+    model = model.to(dtype)
     prefill, decode = [], []
     ids = torch.tensor([prompt])
     with torch.no_grad():

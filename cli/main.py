@@ -523,6 +523,10 @@ def doctor_cmd(
         table.add_row("CPU", f"{cpu['cores']} usable cores; " + " ".join(f for f, on in cpu["features"].items() if on))
         table.add_row("llama.cpp", escape(f"llama-cpp-python {llm.get('version')}; built for: "
                                           f"{', '.join(llm.get('build_features', [])) or llm.get('error', '?')}"))
+        if llm.get("unused_cpu_features"):
+            table.add_row("faster llama.cpp", escape(
+                f"this build leaves {', '.join(llm['unused_cpu_features'])} unused: CMAKE_ARGS=\"{llm['fast_build_cmake_args']}\" "
+                f"pip install --no-cache-dir --force-reinstall {'llama-cpp-python==' + str(llm.get('version'))}"))
         verdict = llm.get("probe")
         table.add_row("CPU-path probe", escape("not run (--no-probe)" if verdict is None else
                                                f"{verdict['reason']}{' (cached)' if verdict['cached'] else ''}"))

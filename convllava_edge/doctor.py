@@ -57,6 +57,11 @@ def llama_section(run_probe: bool = True) -> dict[str, Any]:
     # llama.cpp's CPU backend lists the features it was built for, e.g. "AVX512 = 1 | AMX_INT8 = 1"
     out["build_features"] = sorted({part.split("=")[0].split(":")[-1].strip() for part in out["system_info"].split("|")
                                     if part.strip().endswith("= 1")})
+    from .buildflags import cmake_args, cpu_flags, missing_from_build
+
+    flags = cpu_flags()
+    out["unused_cpu_features"] = missing_from_build(flags, set(out["build_features"]))
+    out["fast_build_cmake_args"] = " ".join(cmake_args(flags))  # this CPU's vector units, no AMX
     verdict = native.cpu_paths_verdict(run=run_probe)
     out["probe"] = None if verdict is None else {
         "extra_buffer_types": verdict.extra_bufts, "reason": verdict.reason, "signal": verdict.signal,

@@ -114,9 +114,11 @@ class LlamaCppBackend:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True,
-                 trial: bool = True, sha256: str | None = None):
+                 trial: bool = True, sha256: str | None = None, extra_bufts: bool | None = None):
         """``trial``: load the file in a child process first, the first time it is seen (see native.py);
-        False only for files this process wrote itself. ``sha256``: the file's verified hash, if known."""
+        False only for files this process wrote itself. ``sha256``: the file's verified hash, if known.
+        ``extra_bufts``: None lets the CPU-path probe decide; True/False forces llama.cpp's extra buffer
+        types on or off (benchmarks, which run each setting in a child of their own)."""
         import llama_cpp
 
         from . import native
@@ -130,7 +132,8 @@ class LlamaCppBackend:
         self.summary = validate_gguf(self.path)  # header checks before native code reads a byte
         if n_ctx is not None and not 0 < n_ctx <= max(self.summary.n_ctx_train, 1 << 20):
             raise ConfigError(f"n_ctx must be in 1..{max(self.summary.n_ctx_train, 1 << 20)}, got {n_ctx}")
-        extra_bufts = native.load_plan(self.path)
+        if extra_bufts is None:
+            extra_bufts = native.load_plan(self.path)
         if trial:
             extra_bufts = native.trial_load(self.path, extra_bufts=extra_bufts, n_gpu_layers=n_gpu_layers, sha256=sha256)
         self.extra_bufts = extra_bufts

@@ -70,12 +70,22 @@ def notice(text: str) -> None:
 
 
 # -- identities --------------------------------------------------------------------------------------
-def library_files() -> list[Path]:
-    """llama-cpp-python's shared libraries (libllama, libggml*, ...), which decide what runs."""
+def library_dir() -> Path:
+    """Where llama-cpp-python loads llama.cpp from: ``$LLAMA_CPP_LIB_PATH`` (its own override) or its lib/."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        return Path(override)
     import llama_cpp
 
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    return sorted(p for p in lib.glob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def library_files() -> list[Path]:
+    """llama.cpp's shared libraries (libllama, libggml*, ...), which decide what runs; each real file once
+    (libfoo.so and libfoo.so.0 are links to one file)."""
+    found = {p.resolve() for p in library_dir().glob("*")
+             if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll"))}
+    return sorted(found)
 
 
 @functools.lru_cache(maxsize=1)

@@ -104,6 +104,8 @@ def test_doctor_json_reports_this_machine(tmp_path):
     assert llm["ok"] is True and llm["version"] == "0.3.36" and "CPU" in llm["system_info"]
     assert len(llm["library_sha256"]) == 64 and any("llama" in name for name in llm["libraries"])
     assert "SSE3" in llm["build_features"] and all(f"{f} = 1" in llm["system_info"] for f in llm["build_features"])
+    assert "-DGGML_NATIVE=OFF" in llm["fast_build_cmake_args"] and "AMX" not in llm["fast_build_cmake_args"]
+    assert not set(llm["unused_cpu_features"]) & set(llm["build_features"])
     assert llm["probe"]["extra_buffer_types"] is True and llm["probe"]["cached"] is False  # CI's build does not trap
     ort = r["onnxruntime"]
     assert ort["ok"] is True and "CPUExecutionProvider" in ort["providers"] and ort["version"]
@@ -115,3 +117,19 @@ def test_doctor_json_reports_this_machine(tmp_path):
     assert again["llama_cpp"]["probe"]["cached"] is True
     table = cli("doctor", env={"CONVLLAVA_EDGE_CACHE": str(tmp_path / "cache")})
     assert table.returncode == 0 and "ready" in table.stdout and "llama.cpp" in table.stdout
+
+
+def test_fast_build_flags_follow_the_cpu_and_never_include_amx():
+    from convllava_edge.buildflags import cmake_args, missing_from_build
+
+    xeon = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512cd", "avx512vl", "avx512dq",
+            "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
+    args = cmake_args(xeon)
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX512=ON" in args and "-DGGML_AVX512_BF16=ON" in args
+    assert not any("AMX" in a and a.endswith("ON") for a in args)
+    laptop = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512_vnni"}  # a stray part without AVX-512 itself
+    args = cmake_args(laptop)
+    assert "-DGGML_AVX2=ON" in args and "-DGGML_AVX512=OFF" in args and "-DGGML_AVX512_VNNI=OFF" in args
+    assert missing_from_build(xeon, {"AVX", "AVX2", "FMA", "F16C", "BMI2"}) == [
+        "AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"]
+    assert missing_from_build(laptop, {"AVX", "AVX2", "FMA", "F16C", "BMI2"}) == []
