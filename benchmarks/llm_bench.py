@@ -26,8 +26,8 @@ import torch
 
 from convllava_edge.export import synthetic as S
 from convllava_edge.export.gguf_convert import convert_llm
-from convllava_edge.llm import LlamaCppBackend, SamplingOptions
 from convllava_edge.quantize.gguf_quant import quantize_gguf
+from llama_timing import llama_cpp_speed
 
 SPEC = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                    num_key_value_heads=4, vocab_size=32000)
@@ -63,24 +63,6 @@ def copy_bandwidth() -> float:
 def bytes_per_token(path: Path) -> int:
     reader = gguf.GGUFReader(str(path))
     return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
-
-
-def llama_cpp_speed(path: Path, prompt: list[int], n_decode: int, threads: int, runs: int) -> dict:
-    backend = LlamaCppBackend(path, n_ctx=len(prompt) + n_decode + 8, threads=threads)
-    sampler = backend.sampler(SamplingOptions(temperature=0.0))
-    prefill, decode = [], []
-    for _ in range(runs + 1):  # the first run warms up
-        backend.truncate(0)
-        t = time.perf_counter()
-        backend.eval_tokens(prompt)
-        t1 = time.perf_counter()
-        for _ in range(n_decode):
-            backend.eval_tokens([sampler.sample()])
-        t2 = time.perf_counter()
-        prefill.append(len(prompt) / (t1 - t))
-        decode.append(n_decode / (t2 - t1))
-    backend.close()
-    return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:])}
 
 
 def transformers_speed(state: dict, prompt: list[int], n_decode: int, threads: int, runs: int,

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,28 +34,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def child(lib: str, path: str, extra: bool, prompt: list[int], n_decode: int, threads: int, runs: int) -> dict:
-    """Runs in the child: one library, one file, one setting."""
+def child(path: str, extra: bool, prompt: list[int], n_decode: int, threads: int, runs: int) -> dict:
+    """Runs in the child: one library (chosen by the parent's LLAMA_CPP_LIB_PATH), one file, one setting."""
     import llama_cpp
 
-    from convllava_edge.llm import LlamaCppBackend, SamplingOptions
+    from llama_timing import llama_cpp_speed
 
-    backend = LlamaCppBackend(path, n_ctx=len(prompt) + n_decode + 8, threads=threads, trial=False, extra_bufts=extra)
-    sampler = backend.sampler(SamplingOptions(temperature=0.0))
-    prefill, decode = [], []
-    for _ in range(runs + 1):  # the first run warms up
-        backend.truncate(0)
-        t = time.perf_counter()
-        backend.eval_tokens(prompt)
-        t1 = time.perf_counter()
-        for _ in range(n_decode):
-            backend.eval_tokens([sampler.sample()])
-        t2 = time.perf_counter()
-        prefill.append(len(prompt) / (t1 - t))
-        decode.append(n_decode / (t2 - t1))
-    info = llama_cpp.llama_print_system_info().decode().strip()
-    return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:]),
-            "system_info": info}
+    speed = llama_cpp_speed(Path(path), prompt, n_decode, threads, runs, trial=False, extra_bufts=extra)
+    return {**speed, "system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 def run_child(lib_dir: str | None, path: Path, extra: bool, args, prompt: list[int]) -> dict:
@@ -97,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         p = json.loads(args.child)
-        print(json.dumps(child(p["lib"], p["path"], p["extra"], p["prompt"], p["n_decode"], p["threads"], p["runs"])))
+        print(json.dumps(child(p["path"], p["extra"], p["prompt"], p["n_decode"], p["threads"], p["runs"])))
         return
 
     import torch
