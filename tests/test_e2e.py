@@ -322,3 +322,16 @@ def test_bench_reports_every_figure_and_the_cache_hit(f32_bundle, images, capsys
     # than timing noise, so only its definition is checked here
     ttft = {series: result[series]["time_to_first_token_ms"]["median"] for series in ("cold", "cache_hit")}
     assert result["cache_hit_ttft_fraction"] == pytest.approx(ttft["cache_hit"] / ttft["cold"])
+
+
+def test_export_time_llm_agreement_is_measured_on_answers(q4_bundle):
+    """The manifest's export-time figure is taken where users meet the LLM: the unquantized model's own greedy
+    answers (the last prompt position and each answer token), labelled so; not every question position."""
+    from convllava_edge.export.bundle import AGREEMENT_ANSWER_TOKENS, AGREEMENT_IMAGES, AGREEMENT_QUESTIONS
+
+    agree = json.loads((q4_bundle / MANIFEST_NAME).read_text())["accuracy"]["llm_vs_unquantized"]
+    prompts = AGREEMENT_IMAGES * len(AGREEMENT_QUESTIONS)
+    assert prompts <= agree["n_positions"] <= prompts * (AGREEMENT_ANSWER_TOKENS + 1)
+    assert agree["measured_on"].startswith(f"{agree['n_positions']} answer positions")
+    assert "int8 graph" in agree["measured_on"]  # the bundle's own default graph made the image rows
+    assert 0 <= agree["kl_mean"] <= agree["kl_p99"] and 0 <= agree["top1"] <= 1
