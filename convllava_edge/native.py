@@ -304,6 +304,9 @@ def _child(mode: str, path: str, extra_bufts: bool, n_gpu_layers: int) -> int:
 
     import llama_cpp
 
+    # the batch layout only: LlamaCppBackend itself would run the probe and the trial load again, here
+    from .llm import LlamaCppBackend
+
     log: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -335,8 +338,7 @@ def _child(mode: str, path: str, extra_bufts: bool, n_gpu_layers: int) -> int:
     batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
     for i in range(n_tokens):
         batch.token[i] = (i * 7 + 1) % n_vocab
-        batch.pos[i], batch.n_seq_id[i], batch.logits[i] = i, 1, i == n_tokens - 1
-        batch.seq_id[i][0] = 0
+        LlamaCppBackend._slot(batch, i, i, last=i == n_tokens - 1)
     batch.n_tokens = n_tokens
     fault = os.environ.get(PROBE_FAULT_ENV)
     if mode == "probe" and fault:
@@ -349,8 +351,7 @@ def _child(mode: str, path: str, extra_bufts: bool, n_gpu_layers: int) -> int:
         for i in range(TRIAL_EMBEDDINGS):
             for j in range(n_embd):
                 rows.embd[i * n_embd + j] = 0.01 * ((i + j) % 7 - 3)
-            rows.pos[i], rows.n_seq_id[i], rows.logits[i] = n_tokens + i, 1, i == TRIAL_EMBEDDINGS - 1
-            rows.seq_id[i][0] = 0
+            LlamaCppBackend._slot(rows, i, n_tokens + i, last=i == TRIAL_EMBEDDINGS - 1)
         rows.n_tokens = TRIAL_EMBEDDINGS
         if llama_cpp.llama_decode(ctx, rows) != 0:
             print(f"llama.cpp failed to evaluate {TRIAL_EMBEDDINGS} embedding rows", file=sys.stderr)

@@ -167,13 +167,14 @@ class Model:
 
     def _usable(self, embeds: np.ndarray | None, video: bool = False) -> np.ndarray | None:
         """A cached array the LLM can take ([n > 0, n_embd] float32; [frames, n, n_embd] for video), else
-        None: a miss, so the image is encoded again and the entry rewritten. (The cache already checked
-        the entry's checksum and values; this checks it is the shape this bundle makes.)"""
+        None: a miss, so the image is encoded again and the entry rewritten. (EmbeddingCache.get already
+        checked the entry's checksum and that its values are finite; this checks it is the shape this
+        bundle makes.)"""
         if embeds is None:
             return None
         ndim = 3 if video else 2
         if embeds.dtype != np.float32 or embeds.ndim != ndim or embeds.shape[-1] != self.manifest.n_embd \
-                or 0 in embeds.shape or not np.isfinite(embeds).all():
+                or 0 in embeds.shape:
             return None
         return embeds
 

@@ -28,8 +28,8 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError, ConvLlavaEdgeError, ExportError
-from ..manifest import (MANIFEST_NAME, FileRecord, LlmEntry, Manifest, SCHEMA_VERSION, VisionEntry, check_relative,
-                        write_manifest)
+from ..manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, LlmEntry, Manifest, SCHEMA_VERSION, VisionEntry,
+                        check_relative, write_manifest)
 from ..prompt import VICUNA_V1, ImageSlot, splice
 from ..quantize.gguf_quant import DEFAULT_QUANT, QUANT_FTYPES, QuantReport
 from ..quantize.onnx_variants import VARIANTS
@@ -45,7 +45,6 @@ AGREEMENT_ANSWER_TOKENS = 24  # per answer: enough positions to see where 4 bits
 
 PARTIAL, OLD = ".partial-", ".old-"  # staging folders: ".OUT.partial-XXXX" (new bundle), ".OUT.old-XXXX" (swapped out)
 OWNER_FILE = ".convllava-edge-owner.json"  # inside a staging folder: the export that writes it
-MAX_MANIFEST_BYTES = 16 << 20  # = 16 MiB; a real manifest is a few KB
 MAX_BUNDLE_ENTRIES = 10_000  # a bundle holds tens of files; walking more is not worth it to decide
 
 
@@ -98,10 +97,7 @@ def staging_folder(out: Path, force: bool, protect: Mapping[str, Path] | None = 
     except OSError as e:
         raise ExportError(f"--out {shown}: cannot create {out.parent}: {e.strerror or e}") from e
     remove_leftovers(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"--out {shown}: cannot write in {out.parent}: {e.strerror or e}") from e
+    tmp = _staging(out, PARTIAL, shown)
     try:
         _write_owner(tmp)
         yield tmp
@@ -114,6 +110,14 @@ def staging_folder(out: Path, force: bool, protect: Mapping[str, Path] | None = 
     except BaseException:  # KeyboardInterrupt too: no half bundle is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _staging(out: Path, kind: str, shown: str) -> Path:
+    """A new hidden folder ``.OUT<kind>XXXX`` beside ``out`` (kind: PARTIAL or OLD)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}{kind}", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"--out {shown}: cannot write in {out.parent}: {e.strerror or e}") from e
 
 
 def _shown(out: Path) -> str:
@@ -231,10 +235,7 @@ def _swap_into_place(tmp: Path, out: Path, shown: str) -> None:
         except OSError as e:
             raise ExportError(f"--out {shown}: cannot move the new bundle into place: {e.strerror or e}") from e
         return
-    try:
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{OLD}", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"--out {shown}: cannot write in {out.parent}: {e.strerror or e}") from e
+    old = _staging(out, OLD, shown)
     try:
         _write_owner(old)
         os.replace(out, old / "bundle")
@@ -472,11 +473,9 @@ def _llm_agreement(vision: VisionExport, llm_path: Path, conversion: GgufConvers
         slot = ImageSlot(f"probe{n}", len(embeds))
         for question in AGREEMENT_QUESTIONS:
             items = tokenizer.items(VICUNA_V1.render([(question, None)]), slot)
-            answer = _greedy_answer(ref, items, {slot.key: embeds})
-            full = list(items) + answer
-            keep = len(answer) + 1  # rows at the last prompt token and at each answer token
-            ref_logits.append(sequence_logits(ref, full, {slot.key: embeds})[-keep:])
-            cand_logits.append(sequence_logits(cand, full, {slot.key: embeds})[-keep:])
+            answer, rows = _greedy_answer(ref, items, {slot.key: embeds})
+            ref_logits.append(rows)
+            cand_logits.append(sequence_logits(cand, list(items) + answer, {slot.key: embeds})[-len(rows):])
     ref.close()
     cand.close()
     conversion.path.unlink()  # the unquantized file was only needed as the reference
@@ -487,20 +486,21 @@ def _llm_agreement(vision: VisionExport, llm_path: Path, conversion: GgufConvers
                            f"(image rows from the {shipped.variant} graph)"}
 
 
-def _greedy_answer(backend, items, embeds: dict, max_tokens: int = AGREEMENT_ANSWER_TOKENS) -> list[int]:
-    """The model's own greedy continuation of ``items`` (stops at its end-of-generation token)."""
+def _greedy_answer(backend, items, embeds: dict, max_tokens: int = AGREEMENT_ANSWER_TOKENS) -> tuple[list[int], np.ndarray]:
+    """The model's own greedy continuation of ``items`` (stops at its end-of-generation token), and its
+    logits at the last prompt position and after each answer token: [len(answer) + 1, n_vocab]."""
     from ..quantize.accuracy import sequence_logits
 
-    logits = sequence_logits(backend, items, embeds)[-1]
+    rows = [sequence_logits(backend, items, embeds)[-1]]
     answer: list[int] = []
     while len(answer) < max_tokens:
-        token = int(np.argmax(logits))
+        token = int(np.argmax(rows[-1]))
         if backend.is_end(token):
             break
         answer.append(token)
         backend.eval_tokens([token])
-        logits = backend.logits()
-    return answer
+        rows.append(backend.logits())
+    return answer, np.stack(rows)
 
 
 def _drop_unshipped(vision: VisionExport, vision_types: Sequence[str]) -> None:
