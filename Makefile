@@ -4,16 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
-# llama-cpp-python compiles llama.cpp at install (3-5 min), here for this CPU's vector units named
-# one by one (AVX-512, VNNI, BF16 where present) and never its AMX kernels, which trap on some Xeons:
-# convllava_edge/buildflags.py. Measured on the benchmark Llama (benchmarks/llm_build_bench.py): 1.7-2x
-# the prompt processing of the portable AVX2 build, decode at 83-86% of the bandwidth bound. Whatever
-# the build, the runtime probes llama.cpp's risky CPU paths before loading a model (native.py).
+# llama-cpp-python compiles llama.cpp at install (4-7 min), here for this CPU's vector units named
+# one by one (AVX-512, VNNI, BF16, AMX where present), AMX with the fix for gcc 12's tile-configuration
+# intrinsic that made llama.cpp's AMX kernels trap: convllava_edge/buildflags.py. Measured on the
+# benchmark Llama: benchmarks/RESULTS.md. Whatever the build, the runtime probes llama.cpp's risky CPU
+# paths before loading a model (native.py).
 export CMAKE_ARGS ?= $(shell $(PYTHON) convllava_edge/buildflags.py)
 # The wheel is built once, with these flags, into a wheelhouse every venv installs from: pip's own
 # cache is keyed by the sdist alone and would hand back a wheel built with other flags or on another CPU.
+# The stamp names the flags, so other flags (another CPU, an edited buildflags.py) build it again.
 WHEELHOUSE ?= .wheelhouse
+WHEEL_STAMP := $(WHEELHOUSE)/.built-$(shell printf '%s' '$(CMAKE_ARGS)' | sha256sum | cut -c1-16)
 PIP_INSTALL := $(BIN)/pip install -q --find-links $(WHEELHOUSE)
+# the wheel of the stamp, even where the venv holds the same version built otherwise
+INSTALL_WHEEL := $(BIN)/pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 
 .PHONY: install dev test ask clean wheelhouse
 
@@ -21,19 +25,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(WHEELHOUSE)/.built: | $(BIN)/python
+$(WHEEL_STAMP): | $(BIN)/python
+	rm -f $(WHEELHOUSE)/.built* $(WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELHOUSE) $(LLAMA_CPP_PYTHON)
 	touch $@
 
-wheelhouse: $(WHEELHOUSE)/.built
+wheelhouse: $(WHEEL_STAMP)
 
-$(VENV)/.runtime-installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
+$(VENV)/.runtime-installed: pyproject.toml $(WHEEL_STAMP) | $(BIN)/python
 	$(PIP_INSTALL) -e .
+	$(INSTALL_WHEEL)
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
+$(VENV)/.dev-installed: pyproject.toml $(WHEEL_STAMP) | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(PIP_INSTALL) -e ".[export,test]"
+	$(INSTALL_WHEEL)
 	touch $@
 
 install: $(VENV)/.runtime-installed

@@ -25,5 +25,7 @@ def llama_cpp_speed(path: Path, prompt: list[int], n_decode: int, threads: int, 
         t2 = time.perf_counter()
         prefill.append(len(prompt) / (t1 - t))
         decode.append(n_decode / (t2 - t1))
+    settings = dict(backend.settings)
     backend.close()
-    return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:])}
+    return {"prefill_tok_s": statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:]),
+            "settings": settings}

@@ -366,7 +366,8 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
     return options
 
 
-def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool):
+def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
+                context_for: Optional[tuple[str, int]] = None):
     from ..default_model import default_bundle
     from ..pipeline import Model
     from ..vision import check_threads
@@ -378,7 +379,8 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
         bundle = default_bundle()
         err.print(f"using the demo model shipped with convllava-edge ({bundle.name}); pass --model for another",
                   markup=False)
-    loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache)
+    loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
+                   context_for=context_for)
     return loaded
 
 
@@ -440,7 +442,9 @@ def ask_cmd(
             raise ConvLlavaEdgeError("missing QUESTION: convllava-edge ask IMAGE QUESTION")
         image_data = _checked_image(Path(image_or_question))
     checked_text(question, "the question")
-    loaded = _load_model(model, device, threads, vision_type, no_cache)
+    # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
+    loaded = _load_model(model, device, threads, vision_type, no_cache,
+                         context_for=None if video is not None else (question, max_tokens))
     if device == "auto" and not as_json:
         err.print(loaded.note, markup=False)
     if video is not None:
@@ -452,7 +456,7 @@ def ask_cmd(
         for _ in stream:
             pass
         print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision.providers,
-                          "llm_extra_buffer_types": loaded.llm.extra_bufts}))
+                          "llm_extra_buffer_types": loaded.llm.extra_bufts, "llm_settings": loaded.llm.settings}))
         return
     for piece in stream:
         sys.stdout.write(piece)
@@ -527,6 +531,10 @@ def doctor_cmd(
             table.add_row("faster llama.cpp", escape(
                 f"this build leaves {', '.join(llm['unused_cpu_features'])} unused: CMAKE_ARGS=\"{llm['fast_build_cmake_args']}\" "
                 f"pip install --no-cache-dir --force-reinstall {'llama-cpp-python==' + str(llm.get('version'))}"))
+        if llm.get("extra_buffer_types_off_for"):
+            table.add_row("llama.cpp settings", escape(
+                f"{', '.join(llm['extra_buffer_types_off_for'])} weights load without extra buffer types with this build "
+                "(measured faster); other types with them"))
         verdict = llm.get("probe")
         table.add_row("CPU-path probe", escape("not run (--no-probe)" if verdict is None else
                                                f"{verdict['reason']}{' (cached)' if verdict['cached'] else ''}"))

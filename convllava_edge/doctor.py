@@ -55,8 +55,9 @@ def llama_section(run_probe: bool = True) -> dict[str, Any]:
         out["ok"] = False
         return out
     # llama.cpp's CPU backend lists the features it was built for, e.g. "AVX512 = 1 | AMX_INT8 = 1"
-    out["build_features"] = sorted({part.split("=")[0].split(":")[-1].strip() for part in out["system_info"].split("|")
-                                    if part.strip().endswith("= 1")})
+    out["build_features"] = sorted(native.build_features())
+    # the load settings chosen from the benchmarks for this build (native.load_plan)
+    out["extra_buffer_types_off_for"] = sorted(t for t, f in native.EXTRA_BUFTS_OFF.items() if f in native.build_features())
     from .buildflags import cmake_args, cpu_flags, missing_from_build
 
     flags = cpu_flags()

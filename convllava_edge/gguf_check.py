@@ -100,6 +100,9 @@ class GgufSummary:
     tokenizer_model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (BPE)
     n_tensors: int
     file_size: int  # bytes
+    # The GGML type holding most of the blocks' matrix bytes ("Q4_K" in a Q4_K_M file): what llama.cpp's
+    # kernels spend their time on, and what native.load_plan chooses settings by.
+    weight_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -492,8 +495,13 @@ def _check_llama(m: _Metadata, infos: list[_TensorInfo]) -> GgufSummary:
         m.int(key, 0, 0, required=False)
     tokenizer_model, n_vocab = _check_vocab(m)
     _check_tensors(m, infos, n_vocab, n_embd, n_layers, n_head, n_head_kv, head_dim, n_ff)
+    weight_bytes: dict[str, int] = {}
+    for info in infos:
+        if len(info.shape) == 2 and BLOCK_NAME.match(info.name):
+            weight_bytes[info.type.name] = weight_bytes.get(info.type.name, 0) + info.n_bytes
     return GgufSummary(m.h.path, m.arch, n_embd, n_layers, n_vocab, n_ctx, n_head, n_head_kv, n_ff,
-                       tokenizer_model, len(infos), m.h.file_size)
+                       tokenizer_model, len(infos), m.h.file_size,
+                       max(weight_bytes, key=weight_bytes.get) if weight_bytes else "")
 
 
 def validate_gguf(path: str | os.PathLike, *, max_bytes_header: int = DEFAULT_MAX_BYTES_HEADER) -> GgufSummary:

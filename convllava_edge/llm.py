@@ -77,6 +77,9 @@ class ContextOverflowError(ConvLlavaEdgeError):
     """The prompt (plus the answer's budget) does not fit in the context window."""
 
 
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # name -> ggml_type of the KV cache's keys and values
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
+
 MAX_TEMPERATURE = 100.0  # far past any useful value; inf and nan make every token equally likely or none
 
 
@@ -114,11 +117,18 @@ class LlamaCppBackend:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True,
-                 trial: bool = True, sha256: str | None = None, extra_bufts: bool | None = None):
+                 trial: bool = True, sha256: str | None = None, extra_bufts: bool | None = None,
+                 n_ubatch: int | None = None, kv_type: str | None = None, flash_attn: str = "auto",
+                 n_ctx_cap: bool = False):
         """``trial``: load the file in a child process first, the first time it is seen (see native.py);
         False only for files this process wrote itself. ``sha256``: the file's verified hash, if known.
         ``extra_bufts``: None lets the CPU-path probe decide; True/False forces llama.cpp's extra buffer
-        types on or off (benchmarks, which run each setting in a child of their own)."""
+        types on or off (benchmarks, which run each setting in a child of their own).
+        ``n_batch``: positions per llama_decode call; ``n_ubatch``: per graph evaluation (default n_batch).
+        ``kv_type``: the KV cache's type, one of KV_TYPES (default f16; ``kv_f32`` is kv_type="f32", the
+        parity runs' choice). ``flash_attn``: one of FLASH_ATTN. The defaults are the ones
+        benchmarks/llm_build_bench.py --sweep measured fastest (see RESULTS.md); ``settings`` says what ran.
+        ``n_ctx_cap``: ``n_ctx`` is an upper bound: the trained context when that is smaller."""
         import llama_cpp
 
         from . import native
@@ -126,6 +136,14 @@ class LlamaCppBackend:
 
         self._l = llama_cpp
         check_threads(threads)
+        kv_type = kv_type or ("f32" if kv_f32 else "f16")
+        if kv_type not in KV_TYPES:
+            raise ConfigError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        if flash_attn not in FLASH_ATTN:
+            raise ConfigError(f"flash attention must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+        n_ubatch = n_ubatch or n_batch
+        if not (0 < n_batch <= 8192 and 0 < n_ubatch <= n_batch):
+            raise ConfigError(f"batch sizes must satisfy 0 < n_ubatch <= n_batch <= 8192, got {n_ubatch} and {n_batch}")
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleError(f"{self.path}: LLM file not found")
@@ -133,9 +151,15 @@ class LlamaCppBackend:
         if n_ctx is not None and not 0 < n_ctx <= max(self.summary.n_ctx_train, 1 << 20):
             raise ConfigError(f"n_ctx must be in 1..{max(self.summary.n_ctx_train, 1 << 20)}, got {n_ctx}")
         if extra_bufts is None:
-            extra_bufts = native.load_plan(self.path)
+            plan = native.load_plan(self.path, self.summary.weight_type)
+            extra_bufts, self.extra_bufts_reason = plan.extra_bufts, plan.reason
+        else:
+            self.extra_bufts_reason = "chosen by the caller"
         if trial:
+            planned = extra_bufts
             extra_bufts = native.trial_load(self.path, extra_bufts=extra_bufts, n_gpu_layers=n_gpu_layers, sha256=sha256)
+            if planned and not extra_bufts:
+                self.extra_bufts_reason = "a trial load of this file crashed with extra buffer types: off"
         self.extra_bufts = extra_bufts
         _ensure_backend(quiet)
         mparams = llama_cpp.llama_model_default_params()
@@ -150,12 +174,12 @@ class LlamaCppBackend:
             self.vocab = llama_cpp.llama_model_get_vocab(self.model)
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
             cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx or self.n_ctx_train
-            cparams.n_batch = cparams.n_ubatch = n_batch
+            cparams.n_ctx = min(n_ctx, self.n_ctx_train) if n_ctx and n_ctx_cap else (n_ctx or self.n_ctx_train)
+            cparams.n_batch, cparams.n_ubatch = n_batch, n_ubatch
             cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
-            self.kv_f32 = kv_f32
-            if kv_f32:
-                cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32 (default F16 rounds keys and values)
+            self.kv_f32 = kv_type == "f32"  # f16 (the default) rounds keys and values
+            cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
+            cparams.flash_attn_type = FLASH_ATTN[flash_attn]
             self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -163,6 +187,10 @@ class LlamaCppBackend:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = n_batch
         self.threads = cparams.n_threads
+        self.settings = {"threads": self.threads, "n_ctx": self.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch,
+                         "kv_type": kv_type, "flash_attn": flash_attn, "extra_bufts": extra_bufts,
+                         "extra_bufts_reason": self.extra_bufts_reason, "weight_type": self.summary.weight_type,
+                         "n_gpu_layers": n_gpu_layers}
         self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)

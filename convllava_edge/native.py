@@ -1,10 +1,11 @@
 """llama.cpp without dying: a probe of its risky CPU paths and a trial load, each in a short-lived child.
 
 llama.cpp ends the whole process on things Python cannot catch: an instruction the CPU refuses
-(its AMX kernels trap with SIGILL on some Xeons although the kernel grants the tile permission; the
-build picks them with ``-march=native``, pip's default, and pip may reuse a wheel built on another
-machine), and ``GGML_ASSERT``/``abort`` on model files no header check anticipated. So before the
-first quantized model is loaded:
+(its AMX kernels trap with SIGILL when built by gcc 12, whose tile-configuration intrinsic lets the
+optimizer drop the configuration: pip's default ``-march=native`` build does exactly that on AMX Xeons;
+buildflags.py's build carries the fix; and pip may reuse a wheel built on another machine), and
+``GGML_ASSERT``/``abort`` on model files no header check anticipated. So before the first quantized
+model is loaded:
 
 1. ``cpu_paths_verdict``: a child loads the demo model's small Q4_K_M GGUF with llama.cpp's extra
    buffer types (AMX, repacked layouts) on and evaluates a batch of tokens, the path those kernels
@@ -243,12 +244,45 @@ def _probe() -> Verdict:
                           "models load without them", seconds=result.seconds)
 
 
-def load_plan(path: Path) -> bool:
-    """``use_extra_bufts`` for loading ``path``: False when the probe saw them crash (noticed once)."""
+# Weight types whose extra buffer types cost speed with some builds, from benchmarks/llm_build_bench.py
+# (RESULTS.md, "llama.cpp settings"): GGML type -> the build feature with which they are left off.
+# Q4_K (Q4_K_M files): llama.cpp's repacked q4_K layout and its AMX kernels process prompts slower than
+# the AVX-512 kernels of the plain layout (Xeon, 2 threads: 71 and 111 vs 106-128 tok/s, same decode);
+# with AVX2 only the repacked layout wins (67 vs 50 tok/s), so there it stays on. Q4_0 gains from both
+# (repacked 1.8x prompt processing; AMX 2.4x, and 2.2x decode) and every type not named keeps
+# llama.cpp's own default (on).
+EXTRA_BUFTS_OFF = {"Q4_K": "AVX512"}
+
+
+@functools.lru_cache(maxsize=1)
+def build_features() -> frozenset[str]:
+    """The instruction sets llama.cpp's CPU backend was built with ("AVX512", "AMX_INT8", ...), from
+    its own ``llama_print_system_info`` ("AVX512 = 1 | ...")."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    return frozenset(part.split("=")[0].split(":")[-1].strip() for part in info.split("|") if part.strip().endswith("= 1"))
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    extra_bufts: bool
+    reason: str
+
+
+def load_plan(path: Path, weight_type: str = "") -> LoadPlan:
+    """How to load ``path``: llama.cpp's extra buffer types off when the probe saw them crash (noticed
+    once), or when they measured slower for the file's ``weight_type`` with this build; else on."""
     verdict = cpu_paths_verdict()
-    if not verdict.extra_bufts and verdict.signal is not None:
-        notice(verdict.reason + " (convllava-edge doctor shows the details)")
-    return verdict.extra_bufts
+    if not verdict.extra_bufts:
+        if verdict.signal is not None:
+            notice(verdict.reason + " (convllava-edge doctor shows the details)")
+        return LoadPlan(False, verdict.reason)
+    feature = EXTRA_BUFTS_OFF.get(weight_type)
+    if feature and feature in build_features():
+        return LoadPlan(False, f"{weight_type} weights with an {feature} build: extra buffer types off "
+                               "(measured faster; benchmarks/RESULTS.md)")
+    return LoadPlan(True, verdict.reason)
 
 
 # -- 2. the trial load -------------------------------------------------------------------------------

@@ -77,7 +77,11 @@ class Model:
 
     def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
                  vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
-                 kv_f32: bool = False, verify: bool = True):
+                 kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None):
+        """``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
+        ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
+        image's token budget, one position per byte of the rendered text, the answer) instead of the
+        model's trained context (a 7B Llama's 4096 positions hold 2 GB of f16 keys and values)."""
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
         self.bundle = Path(bundle)
@@ -97,8 +101,12 @@ class Model:
         else:
             self.vision = OnnxVisionEncoder(resolve_inside(self.bundle, entry.graph), device=device, threads=threads)
         shas = {f.path: f.sha256 for f in self.manifest.files}
-        self.llm = LlamaCppBackend(resolve_inside(self.bundle, self.manifest.llm.file), n_ctx=n_ctx, threads=threads,
-                                   n_gpu_layers=gpu_layers(device), kv_f32=kv_f32,
+        fitted = context_for is not None and n_ctx is None and self.family != "llava-mini" \
+            and "square" in self.manifest.tokens_per_image
+        if fitted:
+            n_ctx = self._context_bound(*context_for)
+        self.llm = LlamaCppBackend(resolve_inside(self.bundle, self.manifest.llm.file), n_ctx=n_ctx, n_ctx_cap=fitted,
+                                   threads=threads, n_gpu_layers=gpu_layers(device), kv_f32=kv_f32,
                                    sha256=shas[self.manifest.llm.file] if verify else None)
         self.note = f"{self.vision.note}; LLM on {'GPU' if self.llm.gpu_offload else 'CPU'} (llama.cpp)"
         if self.llm.n_embd != self.manifest.n_embd:
@@ -112,6 +120,14 @@ class Model:
         self._hidden_prefix = self.llm.tokenize(header, parse_special=True) if header else []
         self._kv: list[Item] = []  # what the KV cache holds, item by item
         self._memory: dict[str, np.ndarray] = {}  # embeddings of recent images, by slot key
+
+    def _context_bound(self, question: str, max_tokens: int) -> int:
+        """Positions a one-question image prompt can take, at most, rounded up to 256: the image's token
+        budget (pad, crop and native aspect all stay within the square's), a token per byte of the rendered
+        text (SentencePiece and byte-level BPE never spend a token on less than a byte), BOS, the answer."""
+        text = self.template.render([(question, None)], image=True)
+        bound = int(self.manifest.tokens_per_image["square"]) + len(text.encode("utf-8")) + 1 + max_tokens
+        return -(-bound // 256) * 256
 
     def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None) -> list[Item]:
         return self.tokenizer.items(self.template.render(turns, image=slot is not None), slot)
@@ -196,7 +212,7 @@ class Model:
         """Cache key of the KV state after ``prefix`` (tokens and the image slot, whose key names the image,
         preprocessing and graphs), for this GGUF and KV type."""
         text = ",".join(f"i{it.key}" if isinstance(it, ImageSlot) else str(it) for it in prefix)
-        return hashlib.sha256(f"kv1|{self._llm_sha}|f32={self.llm.kv_f32}|{text}".encode()).hexdigest()
+        return hashlib.sha256(f"kv2|{self._llm_sha}|{self.llm.settings['kv_type']}|{text}".encode()).hexdigest()
 
     def _run(self, items: list[Item], embedded: _Embedded | None, options: AskOptions,
              answer_out: list[Answer], use_cache: bool = True) -> Iterator[str]:
@@ -218,15 +234,24 @@ class Model:
             keep = 0
         keep = min(keep, len(items) - 1)  # the last prompt item is always evaluated: its logits start the answer
         # ConvLLaVA: the KV state up to the image (system prompt, image rows) does not depend on the question,
-        # so the disk cache keeps it beside the embeddings: a later `ask` on the image, even in another
-        # process, starts after it. (LLaVA-Mini pre-fuses the question into every row: nothing to share.)
+        # and the state of the text before the image (the system prompt) depends on nothing but the GGUF and
+        # the template. The disk cache keeps both, so a later `ask`, even in another process, starts after
+        # the image it saw before, or else after the system prompt. (LLaVA-Mini pre-fuses the question into
+        # every row: nothing to share.)
         end = image_end(items)
-        kv_key = None
-        if use_cache and self.cache is not None and self.family != "llava-mini" and keep < end < len(items):
-            kv_key = self._kv_key(items[:end])
-            state = self.cache.get(kv_key)
-            if state is not None and state.dtype == np.uint8 and state.ndim == 1 and self.llm.load_sequence(state.tobytes(), positions(items[:end])):
-                keep, kv_key = end, None
+        to_store: list[tuple[int, str]] = []  # (boundary, key) states to save on the way
+        if use_cache and self.cache is not None and self.family != "llava-mini":
+            for boundary in (end, end - 1):  # after the image; after the text before it
+                if not keep < boundary < len(items):
+                    continue
+                key = self._kv_key(items[:boundary])
+                state = self.cache.get(key)
+                if state is not None and state.dtype == np.uint8 and state.ndim == 1:
+                    if self.llm.load_sequence(state.tobytes(), positions(items[:boundary])):
+                        keep = boundary
+                        break
+                    keep = 0  # a refused state leaves the KV cache empty
+                to_store.append((boundary, key))
         start = positions(items[:keep])
         self.llm.truncate(start)
         self._kv = list(items[:keep])
@@ -236,12 +261,14 @@ class Model:
             self.llm.eval_embeddings(rows[start:])
             self._kv.extend(items[keep:])
             evaluated = len(rows) - start
-        elif kv_key is not None:
-            evaluated = evaluate_items(self.llm, items[keep:end], self._memory, self._kv.append)
-            self.cache.put(kv_key, np.frombuffer(self.llm.save_sequence(), np.uint8))
-            evaluated += evaluate_items(self.llm, items[end:], self._memory, self._kv.append)
         else:
-            evaluated = evaluate_items(self.llm, items[keep:], self._memory, self._kv.append)
+            evaluated, done = 0, keep
+            for boundary, key in sorted(to_store):
+                if boundary > done:
+                    evaluated += evaluate_items(self.llm, items[done:boundary], self._memory, self._kv.append)
+                    self.cache.put(key, np.frombuffer(self.llm.save_sequence(), np.uint8))
+                    done = boundary
+            evaluated += evaluate_items(self.llm, items[done:], self._memory, self._kv.append)
         t1 = time.perf_counter()
         decoder = Decoder(self.llm, options, self.template.stop, self._kv.append, self._hidden_prefix)
         yield from decoder.run()

@@ -131,7 +131,8 @@ def test_cache_hit_skips_the_encoder_and_gives_the_same_answer(f32_bundle, image
     assert not cold["cache_hit"] and warm["cache_hit"]
     assert warm["timings"]["encode_ms"] == 0.0 and cold["timings"]["encode_ms"] > 0
     assert warm["token_ids"] == cold["token_ids"]
-    assert EmbeddingCache(cache_dir).entries() == 2  # the embeddings, and the KV state up to the image
+    # the embeddings, the KV state up to the image, and the KV state of the text before it (the system prompt)
+    assert EmbeddingCache(cache_dir).entries() == 3
     assert cold["n_evaluated"] == cold["n_prompt_positions"]
     assert warm["n_evaluated"] < warm["n_prompt_positions"] - warm["n_image_tokens"]
     native = _ask_json(capsys, *args, "--aspect", "native")  # another preprocessing is another key
@@ -151,10 +152,24 @@ def test_kv_state_after_the_image_is_reused_by_later_asks_and_stays_token_exact(
         assert later["token_ids"] == reference.generate(image, [(question, None)], 12), question
         # evaluated: only the chunk after the image; system prompt and image rows came from the state
         assert later["n_evaluated"] < later["n_prompt_positions"] - later["n_image_tokens"]
-    other = _ask_json(capsys, images["tall"], QUESTIONS[1], *base)  # another image: nothing to reuse
-    assert other["n_evaluated"] == other["n_prompt_positions"]
+    # another image: only the text before it (the system prompt) is reused, and the answer stays exact
+    other = _ask_json(capsys, images["tall"], QUESTIONS[1], *base)
+    assert other["token_ids"] == reference.generate(Image.open(images["tall"]), [(QUESTIONS[1], None)], 12)
+    system_prompt = _positions_before_image(f32_bundle)
+    assert system_prompt > 10
+    assert other["n_evaluated"] == other["n_prompt_positions"] - system_prompt
     uncached = _ask_json(capsys, images["wide"], QUESTIONS[1], *base, "--no-cache")
     assert uncached["n_evaluated"] == uncached["n_prompt_positions"]
+
+
+def _positions_before_image(bundle) -> int:
+    """Positions the prompt takes before the image slot, from the bundle's own template and tokenizer."""
+    from convllava_edge.prompt import ImageSlot, image_end, positions
+
+    model = convllava_edge.load(bundle)
+    items = model.prompt_items([(QUESTIONS[1], None)], ImageSlot("x", 16))
+    model.close()
+    return positions(items[:image_end(items) - 1])
 
 
 def test_cache_evicts_least_recently_used(tmp_path):

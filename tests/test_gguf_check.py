@@ -227,7 +227,7 @@ def test_demo_gguf_validates_with_the_values_llama_cpp_reads():
             n_vocab=llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)),
             n_ctx_train=llama_cpp.llama_model_n_ctx_train(model), n_head=llama_cpp.llama_model_n_head(model),
             n_head_kv=llama_cpp.llama_model_n_head_kv(model), n_ff=summary.n_ff, tokenizer_model="llama",
-            n_tensors=summary.n_tensors, file_size=DEMO_GGUF.stat().st_size)
+            n_tensors=summary.n_tensors, file_size=DEMO_GGUF.stat().st_size, weight_type=summary.weight_type)
     finally:
         llama_cpp.llama_model_free(model)
     assert summary == expected
@@ -236,6 +236,12 @@ def test_demo_gguf_validates_with_the_values_llama_cpp_reads():
     assert summary.n_ff == r.fields["llama.feed_forward_length"].contents()
     assert summary.n_tensors == len(r.tensors) == 39
     assert r.fields["tokenizer.ggml.model"].contents() == summary.tokenizer_model
+    # the type holding most of the blocks' matrix bytes: Q4_K in a Q4_K_M file (Q6_K takes the rest)
+    by_type = {}
+    for t in r.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    assert summary.weight_type == max(by_type, key=by_type.get) == "Q4_K" and set(by_type) == {"Q4_K", "Q6_K"}
 
 
 @pytest.mark.timeout(60)

@@ -28,5 +28,6 @@ def test_wheel_builds_without_warnings_and_ships_the_demo(tmp_path):
     demo = ROOT / "convllava_edge" / "models" / "shapes-demo"
     for f in demo.iterdir():
         assert f"convllava_edge/models/shapes-demo/{f.name}" in names
-    for module in ("native", "doctor", "cli/main", "export/bundle", "quantize/check"):
+    for module in ("native", "doctor", "buildflags", "cli/main", "export/bundle", "quantize/check"):
         assert f"convllava_edge/{module}.py" in names
+    assert "convllava_edge/native_build/gcc_amx_fix.h" in names  # buildflags.py's AMX build needs it
