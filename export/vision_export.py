@@ -82,8 +82,11 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
         calibration = [preprocess(im, config) for im in images_in(calibration_dir, MAX_CALIBRATION_IMAGES)]
     probes = [preprocess(im, config, aspect) for im, aspect in
               zip(probe_images(N_PROBE_IMAGES, seed=1), ["pad", "pad", "pad", "pad", "native", "native"])]
-    reference = [OnnxVisionEncoder(fp32_path, "cpu", threads).encode(p) for p in probes] \
-        if any(v != "fp32" for v in variants) else []
+    reference = []
+    if any(v != "fp32" for v in variants):
+        fp32_encoder = OnnxVisionEncoder(fp32_path, "cpu", threads)  # one session for every probe
+        reference = [fp32_encoder.encode(p) for p in probes]
+        del fp32_encoder  # before the quantizer needs its memory
     for variant in variants:
         if variant == "fp32":
             continue
@@ -92,6 +95,7 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
                                     calibration if variant == "int8" else None)
         encoder = OnnxVisionEncoder(path, "cpu", threads)
         accuracy = compare_embeddings([encoder.encode(p) for p in probes], reference)
+        del encoder
         graphs.append(VisionGraph(variant, path, method, lint(path), accuracy=accuracy))
     order = {v: i for i, v in enumerate(variants)}
     graphs.sort(key=lambda g: order.get(g.variant, len(order)))

@@ -504,3 +504,19 @@ def test_every_image_error_names_what_the_caller_called_the_image(tmp_path):
         with pytest.raises(ImageError) as info:
             open_image(source, name="photo.jpg")
         assert str(info.value).startswith("photo.jpg: "), info.value
+
+
+def test_encoder_outputs_own_their_memory():
+    """ORT's output arrays are views of its buffers: one kept alive (the cache, the pipeline's recent images,
+    an export's reference embeddings) kept the whole session's memory (2 GB for the 1536 px tower) after
+    the session was gone, and an export of a real ConvLLaVA-1536 was killed for memory. Outputs are copies."""
+    from convllava_edge.default_model import DEMO_BUNDLE
+    from convllava_edge.vision import OnnxVisionEncoder
+
+    encoder = OnnxVisionEncoder(next(DEMO_BUNDLE.glob("*.onnx")), "cpu", 1)
+    for out in (encoder.encode(np.zeros((1, 3, 256, 256), np.float32)),
+                *encoder.encode_both(np.zeros((1, 3, 256, 256), np.float32))):
+        root = out
+        while root.base is not None:
+            root = root.base
+        assert isinstance(root, np.ndarray) and root.flags.owndata, type(root)
