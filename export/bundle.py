@@ -462,21 +462,26 @@ def _llm_agreement(vision: VisionExport, llm_path: Path, conversion: GgufConvers
     shipped = next(g for g in vision.graphs if g.variant == options.vision_types[0])
     encoder = OnnxVisionEncoder(shipped.path, "cpu", options.threads)
     images = [encoder.encode(preprocess(im, vision.preprocess)) for im in probe_images(AGREEMENT_IMAGES, seed=3)]
-    # both files were written by this export a moment ago: no trial load in a child
-    ref = LlamaCppBackend(conversion.path, n_ctx=1024, threads=options.threads, kv_f32=True, trial=False)
-    cand = LlamaCppBackend(llm_path, n_ctx=1024, threads=options.threads, kv_f32=True, trial=False)
+    del encoder  # its memory before the LLMs'
+    # One model at a time, both written by this export a moment ago (no trial load in a child): a 7B's F16
+    # reference (13.5 GB) and its Q4 file together thrashed a 24 GB machine. The reference loads without
+    # extra buffer types: their repacked (AMX) copy of F16 weights doubled its memory.
+    ref = LlamaCppBackend(conversion.path, n_ctx=1024, threads=options.threads, kv_f32=True, trial=False,
+                          extra_bufts=False)
     vocab = conversion.vocab
     tokenizer = PromptTokenizer(ref, {"kind": "sentencepiece", "add_space_prefix": vocab.add_space_prefix,
                                       "space_after_special": vocab.legacy})
-    ref_logits, cand_logits = [], []
+    sequences, ref_logits = [], []
     for n, embeds in enumerate(images):
         slot = ImageSlot(f"probe{n}", len(embeds))
         for question in AGREEMENT_QUESTIONS:
             items = tokenizer.items(VICUNA_V1.render([(question, None)]), slot)
             answer, rows = _greedy_answer(ref, items, {slot.key: embeds})
             ref_logits.append(rows)
-            cand_logits.append(sequence_logits(cand, list(items) + answer, {slot.key: embeds})[-len(rows):])
+            sequences.append((list(items) + answer, {slot.key: embeds}, len(rows)))
     ref.close()
+    cand = LlamaCppBackend(llm_path, n_ctx=1024, threads=options.threads, kv_f32=True, trial=False)
+    cand_logits = [sequence_logits(cand, seq, embeds)[-n_rows:] for seq, embeds, n_rows in sequences]
     cand.close()
     conversion.path.unlink()  # the unquantized file was only needed as the reference
     agreement = compare_logits(ref_logits, cand_logits)
