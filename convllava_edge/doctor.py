@@ -62,7 +62,7 @@ def llama_section(run_probe: bool = True) -> dict[str, Any]:
 
     flags = cpu_flags()
     out["unused_cpu_features"] = missing_from_build(flags, set(out["build_features"]))
-    out["fast_build_cmake_args"] = " ".join(cmake_args(flags))  # this CPU's vector units, no AMX
+    out["fast_build_cmake_args"] = " ".join(cmake_args(flags))  # this CPU's vector units, AMX with the gcc 12 fix
     verdict = native.cpu_paths_verdict(run=run_probe)
     out["probe"] = None if verdict is None else {
         "extra_buffer_types": verdict.extra_bufts, "reason": verdict.reason, "signal": verdict.signal,
