@@ -19,7 +19,7 @@ PIP_INSTALL := $(BIN)/pip install -q --find-links $(WHEELHOUSE)
 # the wheel of the stamp, even where the venv holds the same version built otherwise
 INSTALL_WHEEL := $(BIN)/pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 
-.PHONY: install dev test ask clean wheelhouse
+.PHONY: install dev test unit unit-env ask clean wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,12 +43,38 @@ $(VENV)/.dev-installed: pyproject.toml $(WHEEL_STAMP) | $(BIN)/python
 	$(INSTALL_WHEEL)
 	touch $@
 
+# The unit tier needs the runtime and pytest alone. In a venv `make dev` made it runs there; any other venv
+# (`make unit VENV=.venv-runtime`, as CI does) gets the runtime as users install it: `pip install .` (not
+# editable, no torch), the wheelhouse's llama-cpp-python, and the test extra's pytest pins (the rest of that
+# extra pulls torch). Reinstalled when a file of the package changes (Python files outside tests/,
+# benchmarks/ and demo/, the demo bundle); build/lib goes first, since setuptools packs whatever an old
+# build left there, modules deleted since included.
+UNIT_TOOLS := "pytest>=8" "pytest-timeout>=2.3"
+PACKAGE_FILES := pyproject.toml $(filter-out tests/% benchmarks/% demo/% build/%,$(wildcard */*.py */*/*.py)) \
+	$(wildcard convllava_edge/models/shapes-demo/*)
+UNIT_ENV := $(if $(wildcard $(VENV)/.dev-installed),$(VENV)/.dev-installed,$(VENV)/.unit-installed)
+
+$(VENV)/.unit-installed: $(PACKAGE_FILES) $(WHEEL_STAMP) | $(BIN)/python
+	rm -rf build/lib
+	$(PIP_INSTALL) .
+	$(INSTALL_WHEEL)
+	$(BIN)/pip install -q $(UNIT_TOOLS)
+	touch $@
+
 install: $(VENV)/.runtime-installed
 
 dev: $(VENV)/.dev-installed
 
+unit-env: $(UNIT_ENV)
+
+# Every tier: tests/unit, tests/parity (against torch and transformers), tests/e2e (CLI, processes, exports), tests/fuzz.
 test: dev
 	$(BIN)/python -m pytest -q
+
+# tests/unit only, in seconds. The console script, not `python -m pytest`, keeps the repository root off
+# sys.path: a venv made by `pip install .` tests the installed package, not the source folder.
+unit: unit-env
+	$(BIN)/pytest -q tests/unit
 
 # The README's first command: the demo model shipped in the package answers about an example image.
 ask: install

@@ -1,6 +1,6 @@
 """The shipped demo model on 500 held-out questions, through the CLI path, against its fp32 PyTorch self.
 
-Questions come from the task generator with a seed never used in training (demo_model.HELD_OUT_SEED,
+Questions come from the task generator with a seed never used in training (demo/train.py's HELD_OUT_SEED,
 forms in turn: 100 each). Each goes through `convllava-edge ask IMAGE QUESTION --temperature 0
 --json` (the console script's own function, in-process) with the shipped bundle; the same questions
 go through the fp32 PyTorch model loaded from the checkpoint in the repository.
@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,12 @@ import torch
 from convllava_edge import shapes_task as task
 from convllava_edge.cli.main import main as cli
 from convllava_edge.default_model import DEMO_BUNDLE
-from convllava_edge.export.demo_model import HELD_OUT_SEED, evaluate, load_checkpoint_model
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "shapes-demo-checkpoint"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # demo/ is the repository's, not the package's
+from demo.train import HELD_OUT_SEED, evaluate, load_checkpoint_model  # noqa: E402
+
+CHECKPOINT = ROOT / "models" / "shapes-demo-checkpoint"
 
 
 def via_cli(bundle: Path, samples, folder: Path) -> dict:

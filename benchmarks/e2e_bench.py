@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from convllava_edge.cache import EmbeddingCache
-from convllava_edge.export import synthetic as S
 from convllava_edge.export.bundle import ExportOptions, export_bundle
-from convllava_edge.llm import LlamaCppBackend, SamplingOptions
+from convllava_edge.backends.base import SamplingOptions
+from convllava_edge.backends.llm_llamacpp import LlamaCppBackend
 from convllava_edge.manifest import resolve_inside
-from convllava_edge.pipeline import AskOptions, Model
+from convllava_edge.model import AskOptions, Model
 from convllava_edge.preprocess import PreprocessConfig
 from convllava_edge.shapes_task import random_scene
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
+from support import synthetic as S  # noqa: E402
 
 LLM = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                   num_key_value_heads=4, vocab_size=32000)
@@ -58,16 +62,18 @@ def ttft(bundle: Path, size: int, image: bytes, runs: int, threads: int | None) 
     it) time to first token, medians; ``image`` is an encoded file's bytes, as the CLI passes them."""
     with tempfile.TemporaryDirectory() as cache_dir:
         model = Model(bundle, device="cpu", threads=threads, cache=EmbeddingCache(cache_dir))
-        model.preprocess_config = PreprocessConfig(image_size=size, crop_size=(size, size))  # same graph, another size
+        model.images.preprocess_config = PreprocessConfig(image_size=size, crop_size=(size, size))  # same graph, another size
         options = AskOptions(max_tokens=1, sampling=SamplingOptions(temperature=0.0))
-        model.ask(image, QUESTION, options, use_cache=False)  # warm-up
+        store, model.cache = model.cache, None  # the cold series reads and writes no cache
+        model.ask(image, QUESTION, options)  # warm-up
         cold, hit, parts = [], [], []
         for _ in range(runs):
             model.reset()
-            a = model.ask(image, QUESTION, options, use_cache=False)
+            a = model.ask(image, QUESTION, options)
             cold.append(a.timings["time_to_first_token_ms"])
             parts.append(a.timings)
         model.reset()
+        model.cache = store
         model.ask(image, QUESTION, options)  # writes the cache
         for _ in range(runs):
             model.reset()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +23,15 @@ import numpy as np
 from transformers import CLIPVisionConfig
 
 from convllava_edge.export.bundle import ExportOptions, export_bundle
-from convllava_edge.export.synthetic_mini import write_tiny_llava_mini
-from convllava_edge.llm import SamplingOptions
-from convllava_edge.pipeline import AskOptions, Model
+from convllava_edge.backends.base import SamplingOptions
+from convllava_edge.model import AskOptions, Model
 from convllava_edge.preprocess import PreprocessConfig
 from convllava_edge.shapes_task import random_scene
 
 from e2e_bench import LLM, make_bundle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
+from support.synthetic_mini import write_tiny_llava_mini  # noqa: E402
 
 CLIP_L_336 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)

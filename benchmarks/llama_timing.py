@@ -7,13 +7,14 @@ import statistics
 import time
 from pathlib import Path
 
-from convllava_edge.llm import LlamaCppBackend, SamplingOptions
+from convllava_edge.backends.base import SamplingOptions
+from convllava_edge.backends.llm_llamacpp import LlamaCppBackend, Sampler
 
 
 def llama_cpp_speed(path: Path, prompt: list[int], n_decode: int, threads: int, runs: int, **load) -> dict:
     """Median tok/s of ``runs`` runs after a warm-up; ``load``: LlamaCppBackend's keyword arguments."""
     backend = LlamaCppBackend(path, n_ctx=len(prompt) + n_decode + 8, threads=threads, **load)
-    sampler = backend.sampler(SamplingOptions(temperature=0.0))
+    sampler = Sampler(backend, SamplingOptions(temperature=0.0))
     prefill, decode = [], []
     for _ in range(runs + 1):  # the first run warms up
         backend.truncate(0)

@@ -112,12 +112,12 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # llm_bench; support: the synthetic checkpoints
     from llm_bench import SPEC, bytes_per_token, read_bandwidth, transformers_speed
 
-    from convllava_edge.export import synthetic as S
     from convllava_edge.export.gguf_convert import convert_llm
     from convllava_edge.quantize.gguf_quant import quantize_gguf
+    from support import synthetic as S
 
     libs = [(spec.split("=", 1) if "=" in spec else (spec, None)) for spec in (args.lib or ["installed"])]
     work = args.work or Path(tempfile.mkdtemp(prefix="llm-builds-"))

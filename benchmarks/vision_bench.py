@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +30,14 @@ import torch
 
 from convllava_edge.export.onnx_export import export_onnx
 from convllava_edge.export.probe_images import probe_images
-from convllava_edge.export.synthetic import convllava_tower, random_vision_state
 from convllava_edge.export.vision_model import ConvLlavaVision
 from convllava_edge.metrics import compare_embeddings, convllava_vision_macs
 from convllava_edge.preprocess import PreprocessConfig, preprocess
 from convllava_edge.quantize.onnx_variants import make_variant
-from convllava_edge.vision import OnnxVisionEncoder
+from convllava_edge.families.convllava import ConvLlavaEncoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
+from support.synthetic import convllava_tower, random_vision_state  # noqa: E402
 
 N_EMBD = 4096  # Vicuna-7B's width: the projector's output
 
@@ -130,7 +133,7 @@ def main() -> None:
             reference = model(torch.from_numpy(pixels)).numpy()[0]
         results = {"pytorch-eager-fp32": {"times": ref_t, "cosine_mean": 1.0, "cosine_min": 1.0}}
         for variant, path in graphs.items():
-            enc = OnnxVisionEncoder(path, device="cpu", threads=args.threads)
+            enc = ConvLlavaEncoder.from_file(path, "cpu", args.threads)
             runs = args.fp16_runs if variant == "fp16" else args.runs
             times = timed(lambda: enc.encode(pixels), runs)
             agreement = compare_embeddings([enc.encode(pixels)], [reference])

@@ -17,57 +17,15 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..errors import ConvLlavaEdgeError
 from ..prompt import checked_text
+from .render import StageProgress, bench_tables, check_tables, doctor_table, files_table, stats_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class StageProgress:
-    """One line per stage with its duration; a bar while a stage reports counts (tensors converted)."""
-
-    def __init__(self, console: Console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
-        self.task, self.label, self.start = None, None, 0.0
-
-    def stage(self, label: str) -> None:
-        self.finish()
-        self.label, self.start = label, time.perf_counter()
-        if not self.bar.live.is_started:
-            self.bar.start()
-        self.task = self.bar.add_task(label, total=None)
-
-    def advance(self, done: int, total: int) -> None:
-        if self.task is not None:
-            self.bar.update(self.task, completed=done, total=total)
-
-    def finish(self) -> None:
-        if self.task is not None:
-            self.bar.remove_task(self.task)
-            self.console.print(f"[green]✓[/] {escape(self.label)} [dim]({time.perf_counter() - self.start:.1f} s)[/]")
-            self.task = None
-
-    def close(self) -> None:
-        self.finish()
-        if self.bar.live.is_started:  # stopping a bar that never started still writes a blank line
-            self.bar.stop()
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 @app.command("export")
@@ -100,37 +58,7 @@ def export_cmd(
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
-    out.print(_files_table(manifest, str(out_dir)))
-
-
-def _accuracy_text(acc: dict | None) -> str:
-    """A vision variant's figures against fp32: one graph (ConvLLaVA), or one line per graph (LLaVA-Mini)."""
-    if not acc:
-        return "reference"
-    if "cosine_mean" in acc:
-        return f"vs fp32: cos mean {acc['cosine_mean']:.5f} min {acc['cosine_min']:.5f}, rel L2 {acc['rel_l2']:.1e}"
-    return "vs fp32: " + "; ".join(f"{graph} cos {a['cosine_mean']:.5f}/{a['cosine_min']:.5f}" for graph, a in acc.items())
-
-
-def _files_table(manifest, title: str) -> Table:
-    table = Table(title=title)
-    for col in ("file", "size", "type", "accuracy", "notes"):
-        table.add_column(col)
-    sizes = {f.path: f.size for f in manifest.files}
-    for entry in manifest.vision:
-        figure = _accuracy_text(entry.accuracy)
-        table.add_row(escape(entry.graph if not entry.parts else ", ".join(entry.parts.values())), _size(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}",
-                      figure, "TensorRT-ready" if entry.tensorrt_ready else "not TensorRT-ready (see lint)")
-    if manifest.llm:
-        agree = manifest.accuracy.get("llm_vs_unquantized")
-        figure = (f"vs unquantized: top-1 {agree['top1']:.1%}, KL mean {agree['kl_mean']:.4f} p99 {agree['kl_p99']:.4f}"
-                  f" ({agree['n_positions']} {'answer ' if 'measured_on' in agree else ''}positions)"
-                  if agree else "reference")
-        types = ", ".join(f"{k} x{v}" for k, v in sorted(manifest.llm.tensor_types.items()))
-        fallback = f"{manifest.llm.fallbacks} fallbacks" if manifest.llm.fallbacks else ""
-        table.add_row(escape(manifest.llm.file), _size(sizes[manifest.llm.file]), f"LLM {manifest.llm.type}", figure,
-                      escape(f"{types} {fallback}".strip()))
-    return table
+    out.print(files_table(manifest, str(out_dir)))
 
 
 @app.command("info")
@@ -151,11 +79,13 @@ def info_cmd(
     out.print(f"image: {pre['crop_size'][0]}x{pre['crop_size'][1]} {pre['aspect']} -> "
               f"{manifest.tokens_per_image['square']} tokens of width {manifest.n_embd} "
               f"(rule {manifest.tokens_per_image['rule']})")
+    if manifest.tower:  # the architecture as exported (depths and widths, projector; CLIP width, compressor)
+        out.print("vision architecture: " + escape(", ".join(f"{k} {v}" for k, v in manifest.tower.items())))
     for entry in manifest.vision:
         out.print(f"vision {escape(entry.variant)}: {escape(entry.method)}")
     if manifest.template:
         out.print(f"template: {escape(str(manifest.template['name']))}")
-    out.print(_files_table(manifest, f"files ({'SHA-256 verified' if verify else 'not verified: --no-verify'})"))
+    out.print(files_table(manifest, f"files ({'SHA-256 verified' if verify else 'not verified: --no-verify'})"))
 
 
 @app.command("lint")
@@ -194,9 +124,9 @@ def encode_cmd(
     import numpy as np
 
     from ..image import open_image
-    from ..manifest import load_manifest, resolve_inside
+    from ..manifest import load_manifest
     from ..preprocess import PreprocessConfig, preprocess
-    from ..vision import OnnxVisionEncoder
+    from ..vision import open_encoder
 
     manifest = load_manifest(model)
     entry = manifest.vision_entry(vision_type)
@@ -204,12 +134,7 @@ def encode_cmd(
     t0 = time.perf_counter()
     pixels = preprocess(open_image(image), config, aspect or manifest.preprocess["aspect"])
     t1 = time.perf_counter()
-    if manifest.family == "llava-mini":  # the vision tokens pre-fusion takes: global ones, then the compressed
-        from ..mini import MiniEncoder
-
-        encoder = MiniEncoder({r: resolve_inside(model, f) for r, f in entry.parts.items()}, device, threads)
-    else:
-        encoder = OnnxVisionEncoder(resolve_inside(model, entry.graph), device=device, threads=threads)
+    encoder = open_encoder(model, manifest, entry, device, threads)  # the family's vision output (what the cache keeps)
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
     t3 = time.perf_counter()
@@ -250,7 +175,7 @@ def check_cmd(
     """Measure what each quantization costs, stage by stage; exit 1 when a gate fails."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..quantize.check import load_inputs, parse_gates, run_check, write_report
+    from ..check import load_inputs, parse_gates, run_check, write_report
 
     gates = parse_gates(gate)
     inputs = load_inputs(images, questions, text)
@@ -270,40 +195,12 @@ def check_cmd(
     if as_json:
         print(json.dumps(result.to_dict()))
     else:
-        out.print(_check_tables(result))
+        out.print(check_tables(result))
     for g in result.gates:
         if not g.passed:
             print(f"gate failed: {g.message()}", file=sys.stderr)
     if not result.passed:
         raise typer.Exit(1)
-
-
-def _check_tables(result):
-    from rich.console import Group
-
-    vision = Table(title=f"vision against {result.vision.get('reference')}")
-    for col in ("variant", "features cos mean/min", "embeds cos mean/min", "embeds rel L2"):
-        vision.add_column(col)
-    for v, f in result.vision.get("variants", {}).items():
-        vision.add_row(v, f"{f['features']['cosine_mean']:.5f} / {f['features']['cosine_min']:.5f}",
-                       f"{f['embeds']['cosine_mean']:.5f} / {f['embeds']['cosine_min']:.5f}", f"{f['embeds']['rel_l2']:.2e}")
-    llm = Table(title=f"LLM against {result.llm.get('reference') or '(no reference: ' + str(result.llm.get('note')) + ')'}")
-    for col in ("variant", "KL mean", "KL p99", "top-1", "perplexity"):
-        llm.add_column(col)
-    for v, a in result.llm.get("variants", {}).items():
-        ppl = f"{a['perplexity']:.3f} ({a['perplexity_change']:+.2%})" if "perplexity" in a else "-"
-        llm.add_row(v, f"{a['kl_mean']:.4f}", f"{a['kl_p99']:.4f}", f"{a['top1']:.3f}", ppl)
-    answers = Table(title=f"answers against {result.answers.get('reference')}")
-    for col in ("combination", "exact", "first token", "accuracy"):
-        answers.add_column(col)
-    ref_acc = result.answers.get("reference_accuracy")
-    if ref_acc:
-        answers.add_row("(reference)", "-", "-", f"{ref_acc['overall']:.3f}")
-    for c, a in result.answers.get("combinations", {}).items():
-        answers.add_row(escape(c), f"{a['exact']:.3f}", f"{a['first_token']:.3f}",
-                        f"{a['accuracy']['overall']:.3f}" if "accuracy" in a else "-")
-    verdict = "[green]all gates passed[/]" if result.passed else "[red]gates failed[/]"
-    return Group(vision, llm, answers, verdict)
 
 
 @app.command("bench")
@@ -321,7 +218,7 @@ def bench_cmd(
     """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..bench import FIGURES, default_image, run_bench
+    from ..bench import default_image, run_bench
 
     image_path = image or default_image()
     data = _checked_image(image_path)
@@ -338,28 +235,14 @@ def bench_cmd(
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{Path(bundle).name}: {result['n_image_tokens']} image tokens, {result['n_prompt_positions']} "
-                        f"prompt positions, {result['n_generated']} tokens decoded; median of {runs} (min-max)")
-    table.add_column("figure")
-    table.add_column("cold")
-    table.add_column("cache hit")
-    for figure in FIGURES:
-        row = [figure]
-        for series in ("cold", "cache_hit"):
-            s = result[series][figure]
-            row.append(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})")
-        table.add_row(*row)
+    table, summary = bench_tables(result, Path(bundle).name, runs)
     out.print(table)
-    out.print(f"vision {result['vision']['graph']} on {', '.join(result['vision']['providers'])} "
-              f"({result['vision']['threads']} threads); LLM {result['llm']['type']} on "
-              f"{'GPU' if result['llm']['gpu_offload'] else 'CPU'} ({result['llm']['threads']} threads); "
-              f"cache-hit time to first token = {result['cache_hit_ttft_fraction']:.1%} of cold; "
-              f"peak memory {result['peak_rss_mb']:.0f} MB")
+    out.print(summary)
 
 
 def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, aspect: Optional[str]):
-    from ..llm import SamplingOptions
-    from ..pipeline import AskOptions
+    from ..backends.base import SamplingOptions
+    from ..model import AskOptions
 
     options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature, top_p, seed), aspect=aspect)
     options.validate()
@@ -369,8 +252,8 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
 def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
                 context_for: Optional[tuple[str, int]] = None):
     from ..default_model import default_bundle
-    from ..pipeline import Model
-    from ..vision import check_threads
+    from ..model import Model
+    from ..threads import check_threads
 
     check_threads(threads)  # before the demo's notice: a bad value is the only line
 
@@ -379,8 +262,9 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
         bundle = default_bundle()
         err.print(f"using the demo model shipped with convllava-edge ({bundle.name}); pass --model for another",
                   markup=False)
+    # one question (context_for): the LLM loads once the image is encoded and the graphs are freed (ask_once)
     loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
-                   context_for=context_for)
+                   context_for=context_for, defer_llm=context_for is not None)
     return loaded
 
 
@@ -445,24 +329,24 @@ def ask_cmd(
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
     loaded = _load_model(model, device, threads, vision_type, no_cache,
                          context_for=None if video is not None else (question, max_tokens))
-    if device == "auto" and not as_json:
-        err.print(loaded.note, markup=False)
     if video is not None:
-        stream = loaded.ask_video_stream(video, question, options, use_cache=not no_cache)
+        stream = loaded.ask_video_stream(video, question, options)
     else:
         with _named(image_or_question):
-            stream = loaded.ask_stream(image_data, question, options, use_cache=not no_cache)
+            stream = loaded.ask_once(image_data, question, options)
+    if device == "auto" and not as_json:
+        err.print(loaded.note, markup=False)
     if as_json:
         for _ in stream:
             pass
-        print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision.providers,
-                          "llm_extra_buffer_types": loaded.llm.extra_bufts, "llm_settings": loaded.llm.settings}))
+        print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision_providers,
+                          "llm_extra_buffer_types": loaded.llm.settings.get("extra_bufts"), "llm_settings": loaded.llm.settings}))
         return
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    err.print(f"[dim]{_stats_line(stream.answer)}[/]")
+    err.print(f"[dim]{stats_line(stream.answer)}[/]")
 
 
 @app.command("chat")
@@ -485,7 +369,7 @@ def chat_cmd(
     loaded = _load_model(model, device, threads, vision_type, no_cache)
     err.print(loaded.note, markup=False)
     with _named(str(image)):
-        conversation = loaded.chat(image_data, options, use_cache=not no_cache)
+        conversation = loaded.chat(image_data, options)
     while True:
         err.print("[bold]you>[/] ", end="")
         line = sys.stdin.readline()
@@ -497,7 +381,7 @@ def chat_cmd(
             sys.stdout.flush()
         sys.stdout.write("\n")
         a = stream.answer
-        err.print(f"[dim]{_stats_line(a, chat=True)}[/]")
+        err.print(f"[dim]{stats_line(a, chat=True)}[/]")
 
 
 DEBUG_ENV = "CONVLLAVA_EDGE_DEBUG"  # set to 1 for the traceback of an unexpected error
@@ -520,55 +404,9 @@ def doctor_cmd(
     if as_json:
         print(json.dumps(r))
     else:
-        cpu, llm, ort, gpu, cache = r["cpu"], r["llama_cpp"], r["onnxruntime"], r["gpu"], r["cache"]
-        table = Table(title=f"convllava-edge {r['versions']['convllava-edge']} on {escape(cpu['model'])}", show_header=False)
-        table.add_column("what")
-        table.add_column("found")
-        table.add_row("CPU", f"{cpu['cores']} usable cores; " + " ".join(f for f, on in cpu["features"].items() if on))
-        table.add_row("llama.cpp", escape(f"llama-cpp-python {llm.get('version')}; built for: "
-                                          f"{', '.join(llm.get('build_features', [])) or llm.get('error', '?')}"))
-        if llm.get("unused_cpu_features"):
-            table.add_row("faster llama.cpp", escape(
-                f"this build leaves {', '.join(llm['unused_cpu_features'])} unused: CMAKE_ARGS=\"{llm['fast_build_cmake_args']}\" "
-                f"pip install --no-cache-dir --force-reinstall {'llama-cpp-python==' + str(llm.get('version'))}"))
-        if llm.get("extra_buffer_types_off_for"):
-            table.add_row("llama.cpp settings", escape(
-                f"{', '.join(llm['extra_buffer_types_off_for'])} weights load without extra buffer types with this build "
-                "(measured faster); other types with them"))
-        verdict = llm.get("probe")
-        table.add_row("CPU-path probe", escape("not run (--no-probe)" if verdict is None else
-                                               f"{verdict['reason']}{' (cached)' if verdict['cached'] else ''}"))
-        table.add_row("ONNX Runtime", escape(f"{ort.get('version')}: {', '.join(ort.get('providers', []))}"))
-        table.add_row("GPU", escape("; ".join(gpu["devices"]) or "none found") +
-                      (f"; llama.cpp GPU offload: {'yes' if llm.get('gpu_offload') else 'no'}"))
-        table.add_row("cache", escape(f"{cache['folder']}: {cache['entries']} entries, {_size(cache['size_bytes'])} "
-                                      f"of {_size(cache['max_bytes'])}{'' if cache['writable'] else ' (read-only)'}"))
-        table.add_row("verdict", "[green]ready[/]" if r["ok"] else "[red]cannot run bundles here (see above)[/]")
-        out.print(table)
+        out.print(doctor_table(r))
     if not r["ok"]:
         raise typer.Exit(1)
-
-
-MIN_TOKENS_FOR_RATE = 8  # a decode rate over fewer tokens is mostly timer noise and the first token's wait
-
-
-def _stats_line(a, chat: bool = False) -> str:
-    """Only figures that mean something for this answer: no rate over a one-token answer."""
-    t = a.timings
-    parts = []
-    if chat:
-        parts.append(f"evaluated {a.n_evaluated} of {a.n_prompt_positions} prompt positions "
-                     f"({a.n_prompt_positions - a.n_evaluated} reused from the KV cache)")
-    else:
-        source = "embeddings from the cache" if a.cache_hit else f"encoded in {t['encode_ms']:.0f} ms"
-        parts.append(f"{a.n_image_tokens} image tokens ({source})" if a.n_image_tokens else "no image")
-    parts.append(f"first token after {t['time_to_first_token_ms']:.0f} ms")
-    n = len(a.token_ids)
-    if n >= MIN_TOKENS_FOR_RATE and t.get("decode_tokens_per_s"):
-        parts.append(f"{n} tokens at {t['decode_tokens_per_s']:.1f} tokens/s")
-    else:
-        parts.append(f"{n} token{'s' if n != 1 else ''}")
-    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

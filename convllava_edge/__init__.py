@@ -14,6 +14,6 @@ def load(bundle=None, **kwargs):
     With no bundle, the demo model shipped with the package. Keyword arguments: device ("auto",
     "cpu", "cuda"), threads, vision_type, n_ctx, cache (True, False or an EmbeddingCache).
     """
-    from .pipeline import load as _load
+    from .model import load as _load
 
     return _load(bundle, **kwargs)

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 from .cache import EmbeddingCache
 from .errors import ConvLlavaEdgeError
-from .llm import SamplingOptions
-from .pipeline import AskOptions, Model
+from .backends.base import SamplingOptions
+from .model import AskOptions, Model
 
 FIGURES = ("preprocess_ms", "encode_ms", "prefill_ms", "prefill_tokens_per_s", "time_to_first_token_ms",
            "decode_ms", "decode_tokens_per_s")
@@ -36,13 +36,15 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
         model = Model(bundle, device=device, threads=threads, vision_type=vision_type,
                       cache=EmbeddingCache(cache_dir))
         options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature=0.0))
-        model.ask(image, question, options, use_cache=False)  # warm-up: first-call allocations, page cache
+        store, model.cache = model.cache, None  # the cold series reads and writes no cache
+        model.ask(image, question, options)  # warm-up: first-call allocations, page cache
         series: dict[str, list[dict[str, float]]] = {"cold": [], "cache_hit": []}
         for i in range(runs):
             progress("cold runs", i, runs)
             model.reset()
-            series["cold"].append(_figures(model.ask(image, question, options, use_cache=False)))
+            series["cold"].append(_figures(model.ask(image, question, options)))
         model.reset()
+        model.cache = store
         model.ask(image, question, options)  # fills the cache
         for i in range(runs):
             progress("cache-hit runs", i, runs)
@@ -55,7 +57,7 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
             "bundle": str(bundle), "runs": runs, "max_tokens": max_tokens, "question": question,
             "n_image_tokens": answer.n_image_tokens, "n_prompt_positions": answer.n_prompt_positions,
             "n_generated": len(answer.token_ids),
-            "vision": {"graph": model.vision_entry.variant, "providers": model.vision.providers,
+            "vision": {"graph": model.vision_entry.variant, "providers": model.vision_providers,
                        "threads": model.vision.threads},
             "llm": {"type": model.manifest.llm.type, "threads": model.llm.threads, "gpu_offload": model.llm.gpu_offload},
             "cold": {k: summarize([r[k] for r in series["cold"]]) for k in FIGURES},

@@ -31,7 +31,7 @@ def _version(name: str) -> str | None:
 
 def cpu_section() -> dict[str, Any]:
     from .native import cpu_info
-    from .vision import default_threads
+    from .threads import default_threads
 
     info = cpu_info()
     flags = set(info["flags"])
@@ -84,7 +84,7 @@ def onnxruntime_section() -> dict[str, Any]:
 
 
 def gpu_section() -> dict[str, Any]:
-    from .vision import tensorrt_libraries_present
+    from .backends.vision_ort import tensorrt_libraries_present
 
     out: dict[str, Any] = {"nvidia_smi": shutil.which("nvidia-smi") is not None, "devices": [],
                            "tensorrt_libraries": tensorrt_libraries_present()}

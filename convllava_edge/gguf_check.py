@@ -9,6 +9,9 @@ value head size that differs from the key head size (the llama graph). ``validat
 the header (key/value pairs, token strings, tensor infos), never the tensor data, and refuses such a
 file with one ``BundleError`` line: "<path>: GGUF <what> is <value>, expected <rule>".
 
+Long module: the parser and every rule it enforces stay together, so each rule sits beside the bytes
+it reads and the list of what llama.cpp would abort on reads as one list.
+
 The header is parsed here with ``struct`` rather than with ``gguf.GGUFReader`` because the reader
 cannot be made safe against crafted counts: it never compares an array's length with the file size
 and builds one numpy view per element (measured with the installed gguf 0.19.0: a 60-byte file

@@ -41,7 +41,7 @@ _FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 # What PIL raises on corrupt data: OSError ("image file is truncated"), SyntaxError/ValueError from
 # decoders, EOFError, and what Image.open itself treats as "not this format" (struct.error, IndexError,
 # TypeError): load() can raise those too, e.g. TypeError on a TIFF whose strip offset is stored as a
-# fraction (found by tests/test_fuzz_image_cache.py, Pillow 13).
+# fraction (found by tests/fuzz/test_fuzz_image_cache.py, Pillow 13).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
 # Open without blocking on a FIFO swapped in after the stat (a regular file ignores O_NONBLOCK).
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)

@@ -18,7 +18,6 @@ from .errors import BundleError, ConfigError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-FAMILIES = ("convllava", "llava-mini")
 _HASH_CHUNK = 1 << 20
 MAX_N_EMBD = 65536  # 8x Llama-3-70B's 8192: any wider is not a model this runs
 MAX_TOKENS_PER_IMAGE = 65536  # ConvLLaVA-1536 has 576; a 16384 px square at stride 64 has 65536
@@ -59,7 +58,7 @@ class LlmEntry:
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    family: str  # convllava | llava-mini
+    family: str  # a name families.family_for knows: convllava, llava-mini
     name: str
     created_with: str  # "convllava-edge 0.1.0"
     files: tuple[FileRecord, ...]
@@ -111,6 +110,7 @@ class Manifest:
 
     def _validate(self, where: str) -> None:
         """Every value the runtime reads, typed and bounded: past this point nothing trusts luck."""
+        from .families import family_for
         from .preprocess import ASPECTS, PreprocessConfig
         from .prompt import template_from_dict
 
@@ -132,7 +132,7 @@ class Manifest:
             raise BundleError(f"{where}: preprocess aspect {self.preprocess.get('aspect')!r} "
                               f"(known: {', '.join(ASPECTS)})")
         for key in ("square", "stride", "compressed"):
-            if key in self.tokens_per_image or (key == "compressed" and self.family == "llava-mini"):
+            if key in self.tokens_per_image:
                 value = self.tokens_per_image[key]
                 _expect(value, int, f"{where}: tokens_per_image.{key}")
                 if not 0 < value <= MAX_TOKENS_PER_IMAGE:
@@ -153,10 +153,9 @@ class Manifest:
             for text in (*template.stop, getattr(template, "answer_header", ""), getattr(template, "bos_token", "")):
                 _expect(text, str, f"{where}: template stop strings and headers")
             template.render([("?", None)])  # compiles and renders, in bounded time
-        if self.family not in FAMILIES:
-            raise BundleError(f"{where}: unknown family {self.family!r} (known: {', '.join(FAMILIES)})")
         if not self.vision:
             raise BundleError(f"{where}: no vision graph")
+        family_for(self.family, where).validate(self, where)
         listed = {f.path for f in self.files}
         named = [p for v in self.vision for p in (v.graph, *v.files, *v.parts.values())] + \
             ([self.llm.file] if self.llm else [])

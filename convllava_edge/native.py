@@ -331,15 +331,20 @@ def _describe(result: ChildResult) -> str:
     return result.message or f"a trial load exited with code {result.returncode}"
 
 
+def batch_slot(batch, i: int, pos: int, last: bool) -> None:
+    """Entry ``i`` of a llama_batch: position ``pos`` of sequence 0, logits kept when ``last``."""
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = 0
+    batch.logits[i] = last
+
+
 # -- the child's side --------------------------------------------------------------------------------
 def _child(mode: str, path: str, extra_bufts: bool, n_gpu_layers: int) -> int:
     """Load ``path`` and evaluate a batch of tokens (and, in a trial, a few embedding rows)."""
     import ctypes
 
     import llama_cpp
-
-    # the batch layout only: LlamaCppBackend itself would run the probe and the trial load again, here
-    from .llm import LlamaCppBackend
 
     log: list[str] = []
 
@@ -372,7 +377,7 @@ def _child(mode: str, path: str, extra_bufts: bool, n_gpu_layers: int) -> int:
     batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
     for i in range(n_tokens):
         batch.token[i] = (i * 7 + 1) % n_vocab
-        LlamaCppBackend._slot(batch, i, i, last=i == n_tokens - 1)
+        batch_slot(batch, i, i, last=i == n_tokens - 1)
     batch.n_tokens = n_tokens
     fault = os.environ.get(PROBE_FAULT_ENV)
     if mode == "probe" and fault:
@@ -385,7 +390,7 @@ def _child(mode: str, path: str, extra_bufts: bool, n_gpu_layers: int) -> int:
         for i in range(TRIAL_EMBEDDINGS):
             for j in range(n_embd):
                 rows.embd[i * n_embd + j] = 0.01 * ((i + j) % 7 - 3)
-            LlamaCppBackend._slot(rows, i, n_tokens + i, last=i == TRIAL_EMBEDDINGS - 1)
+            batch_slot(rows, i, n_tokens + i, last=i == TRIAL_EMBEDDINGS - 1)
         rows.n_tokens = TRIAL_EMBEDDINGS
         if llama_cpp.llama_decode(ctx, rows) != 0:
             print(f"llama.cpp failed to evaluate {TRIAL_EMBEDDINGS} embedding rows", file=sys.stderr)

@@ -218,7 +218,6 @@ VICUNA_V1 = Template(
            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
     roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>", stop=("</s>",),
 )
-TEMPLATES = {VICUNA_V1.name: VICUNA_V1}
 
 
 @dataclass(frozen=True)

@@ -270,8 +270,6 @@ class LlavaConfig:
         path = Path(folder) / "config.json"
         cfg = read_json(path)
         model_type = str(cfg.get("model_type", ""))
-        if model_type in LLAVA_MINI_MODEL_TYPES:
-            raise CheckpointError(f"{path}: model_type {model_type!r} is a LLaVA-Mini checkpoint, not ConvLLaVA")
         if model_type not in CONVLLAVA_MODEL_TYPES:
             raise CheckpointError(f"{path}: model_type {model_type!r} is not a ConvLLaVA checkpoint "
                                   f"(expected one of {', '.join(CONVLLAVA_MODEL_TYPES)})")

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, ExportError
 from .checkpoint import TensorStore
-from .config import LlavaConfig, LlmConfig, read_json
+from .config import LlmConfig
 from .vocab import Vocab, read_vocab
 
 OUT_TYPES = {  # --llm-type value -> (GGUF file type, type of 2-D weights); 1-D tensors stay F32 as llama.cpp's converter writes them
@@ -205,12 +205,17 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, llm: LlmConfig) -> None:
 
 
 def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Progress = lambda *a: None,
-                name: str | None = None) -> GgufConversion:
-    """Write the checkpoint's Llama to ``out`` as GGUF (F32, F16 or BF16)."""
+                name: str | None = None, config: tuple[LlmConfig, int, tuple[str, ...]] | None = None) -> GgufConversion:
+    """Write the checkpoint's Llama to ``out`` as GGUF (F32, F16 or BF16). ``config``: (LLM config, sequence
+    cap, tensor prefixes that are not the LLM's), by default its family's (export/families.py)."""
     if out_type not in OUT_TYPES:
         raise ConfigError(f"unknown GGUF output type {out_type!r} (known: {', '.join(OUT_TYPES)})")
     checkpoint = Path(checkpoint)
-    llm, max_length, skip = llm_config(checkpoint)
+    if config is None:
+        from .families import export_family_for
+
+        config = export_family_for(checkpoint).llm_config(checkpoint)
+    llm, max_length, skip = config
     store = TensorStore(checkpoint)
     vocab = read_vocab(checkpoint, llm.vocab_size)
     plan = plan_tensors(store, llm, out_type, skip)
@@ -244,20 +249,6 @@ def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Pr
     return GgufConversion(path=Path(out), out_type=out_type, n_tensors=len(plan),
                           n_params=sum(int(np.prod(t.shape)) for t in plan), tensor_types=dict(types), vocab=vocab,
                           context_length=context)
-
-
-def llm_config(checkpoint: Path) -> tuple[LlmConfig, int, tuple[str, ...]]:
-    """(LLM config, sequence cap, tensor prefixes that are not the LLM's) for either family."""
-    model_type = read_json(Path(checkpoint) / "config.json").get("model_type")
-    from .llava_mini import LLAVA_MINI_MODEL_TYPES
-
-    if model_type in LLAVA_MINI_MODEL_TYPES:
-        from .llava_mini import NOT_LLM_PREFIXES as MINI_PREFIXES, LlavaMiniConfig
-
-        mini = LlavaMiniConfig.load(checkpoint)
-        return mini.llm, mini.mm.max_length, MINI_PREFIXES
-    llava = LlavaConfig.load(checkpoint)
-    return llava.llm, llava.mm.max_length, NOT_LLM_PREFIXES
 
 
 def _as_gguf(tensor: torch.Tensor, kind: gguf.GGMLQuantizationType) -> np.ndarray:

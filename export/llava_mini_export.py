@@ -22,7 +22,8 @@ from torch.export import Dim
 from ..errors import ExportError
 from ..metrics import EmbeddingAgreement, compare_embeddings, relative_max_error
 from .llava_mini import ClipFeatures, Compress, LlavaMiniCheckpoint, PreFusion, load_modules
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, FP32_TOLERANCE, _quiet_exporter, fold_constants
+from ..quantize.onnx_variants import fold_constants
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, FP32_TOLERANCE, _quiet_exporter
 from .trt_lint import LintReport, lint
 
 GRAPHS = ("clip", "compress", "prefusion")
@@ -31,7 +32,7 @@ GRAPHS = ("clip", "compress", "prefusion")
 # reads opsets 9-20 (8.6 stops at 17).
 OPSET = 18
 MAX_TEXT = 8192  # longest prompt the pre-fusion graph accepts (tokenizer_model_max_length is 4096)
-# Names of the graphs' inputs and outputs (the runtime in convllava_edge/mini.py uses the same)
+# Names of the graphs' inputs and outputs (the runtime in convllava_edge/families/llava_mini.py uses the same)
 IO = {"clip": (["pixel_values"], ["image_features"]),
       "compress": (["image_features"], ["global_tokens", "compressed_tokens"]),
       "prefusion": (["vision_tokens", "input_ids"], ["fused_text", "compressed_fused"])}
@@ -137,7 +138,7 @@ def sample_inputs(ckpt: LlavaMiniCheckpoint, seed: int = 0) -> dict[str, list[tu
 
 def export_mini_fp32(ckpt: LlavaMiniCheckpoint, out_dir: Path, progress: Callable[[str], None] = lambda m: None,
                      threads: int | None = None) -> MiniGraphs:
-    from ..mini import MiniEncoder
+    from ..families.llava_mini import MiniEncoder
 
     progress("loading CLIP, compressor and pre-fusion layers")
     clip, compress, prefusion = load_modules(ckpt)
@@ -157,7 +158,7 @@ def export_mini_fp32(ckpt: LlavaMiniCheckpoint, out_dir: Path, progress: Callabl
                                  out_dir / "prefusion-fp32.onnx", "prefusion",
                                  {"vision_tokens": None, "input_ids": {1: length}})
     progress("validating the three graphs against PyTorch")
-    encoder = MiniEncoder(paths, device="cpu", threads=threads)
+    encoder = MiniEncoder.from_files(paths, "cpu", threads)
     errors = {}
     with torch.no_grad():
         for graph in GRAPHS:
@@ -194,7 +195,7 @@ def lint_all(paths: dict[str, Path]) -> dict[str, LintReport]:
 def make_mini_variant(variant: str, fp32: MiniGraphs, ckpt: LlavaMiniCheckpoint, out_dir: Path,
                       threads: int | None = None) -> MiniGraphs:
     """fp16 or int8 versions of the three graphs, each measured against fp32 on the same inputs."""
-    from ..mini import MiniEncoder
+    from ..families.llava_mini import MiniEncoder
     from ..quantize.onnx_variants import RMSNORM_OPS, convert_fp16, quantize_int8_dynamic
 
     paths = {}
@@ -207,7 +208,7 @@ def make_mini_variant(variant: str, fp32: MiniGraphs, ckpt: LlavaMiniCheckpoint,
     method = ("fp16 weights and activations, LayerNorm/RMSNorm statistics in fp32" if variant == "fp16"
               else "dynamic int8 (MatMul weights per-channel, activations at run time)")
     samples = sample_inputs(ckpt, seed=1)
-    ref, cand = MiniEncoder(fp32.paths, "cpu", threads), MiniEncoder(paths, "cpu", threads)
+    ref, cand = MiniEncoder.from_files(fp32.paths, "cpu", threads), MiniEncoder.from_files(paths, "cpu", threads)
     pairs: dict[str, tuple[list, list]] = {"clip": ([], []), "compress": ([], []), "prefusion": ([], [])}
     for i in range(2):
         feats = ref.clip(samples["pixels"][i])

@@ -24,7 +24,7 @@ from torch.export import Dim
 
 from ..errors import ExportError
 from ..metrics import relative_max_error
-from ..vision import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, OnnxVisionEncoder
+from ..families.convllava import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ConvLlavaEncoder
 from .vision_model import ConvLlavaVision, VisionGraph
 
 # LayerNormalization entered ONNX at opset 17, and TensorRT 8.6 (JetPack 5) reads up to 17; TensorRT
@@ -85,14 +85,6 @@ def export_onnx(model: ConvLlavaVision, path: Path, sample_hw: tuple[int, int], 
     return path
 
 
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold every subgraph that depends only on weights (e.g. a position-table lookup, a compressor's
-    query side). The exporter's own pass skips inputs over 8192 elements; TensorRT wants none left."""
-    import onnxscript.optimizer
-
-    return onnxscript.optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
-
-
 def graph_files(path: Path) -> list[Path]:
     """The graph file and its external-data file, when it has one."""
     data = path.with_name(path.name + ".data")
@@ -129,7 +121,7 @@ def validate_onnx(path: Path, model: ConvLlavaVision, inputs: Sequence[np.ndarra
 
     Both outputs are compared; the result records the worse of the two.
     """
-    encoder = OnnxVisionEncoder(path, device="cpu", threads=threads)
+    encoder = ConvLlavaEncoder.from_file(path, "cpu", threads)
     results = []
     with torch.no_grad():
         for pixels in inputs:

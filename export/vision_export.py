@@ -15,7 +15,7 @@ import numpy as np
 
 from ..metrics import EmbeddingAgreement, compare_embeddings
 from ..preprocess import PreprocessConfig, preprocess
-from ..vision import OnnxVisionEncoder
+from ..families.convllava import ConvLlavaEncoder
 from .onnx_export import ValidationResult, export_onnx, graph_files, validate_onnx
 from .probe_images import images_in, probe_images
 from .trt_lint import LintReport, lint
@@ -84,7 +84,7 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
               zip(probe_images(N_PROBE_IMAGES, seed=1), ["pad", "pad", "pad", "pad", "native", "native"])]
     reference = []
     if any(v != "fp32" for v in variants):
-        fp32_encoder = OnnxVisionEncoder(fp32_path, "cpu", threads)  # one session for every probe
+        fp32_encoder = ConvLlavaEncoder.from_file(fp32_path, "cpu", threads)  # one session for every probe
         reference = [fp32_encoder.encode(p) for p in probes]
         del fp32_encoder  # before the quantizer needs its memory
     for variant in variants:
@@ -93,7 +93,7 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
         progress(f"making the {variant} graph")
         path, method = make_variant(variant, fp32_path, out_dir / f"vision-{variant}.onnx",
                                     calibration if variant == "int8" else None)
-        encoder = OnnxVisionEncoder(path, "cpu", threads)
+        encoder = ConvLlavaEncoder.from_file(path, "cpu", threads)
         accuracy = compare_embeddings([encoder.encode(p) for p in probes], reference)
         del encoder
         graphs.append(VisionGraph(variant, path, method, lint(path), accuracy=accuracy))

@@ -199,7 +199,7 @@ def check_tokenizer(gguf_path: Path, checkpoint: Path) -> None:
     """llama.cpp, reading the GGUF's vocabulary, must give the checkpoint tokenizer's ids on every probe."""
     import llama_cpp
 
-    from ..llm import llama_log
+    from ..backends.llm_llamacpp import llama_log
 
     reference = reference_tokenizer(checkpoint)
     with llama_log(lambda line: None):  # llama.cpp's loader chatter; failures surface as exceptions

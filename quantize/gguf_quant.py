@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, ExportError
-from ..llm import llama_log
+from ..backends.llm_llamacpp import llama_log
 
 DEFAULT_QUANT = "Q4_K_M"
 # --llm-type -> llama_ftype (llama.h). F16/F32 need no quantizer: they are written directly.

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError, unknown_choice
-from ..vision import INPUT_NAME
+from ..families.convllava import INPUT_NAME
 
 VARIANTS = ("fp32", "fp16", "int8")
 
@@ -37,6 +37,14 @@ VARIANTS = ("fp32", "fp16", "int8")
 # RMSNorm (Llama layers) has no op below opset 23: its square, mean and root stay fp32 in fp16 graphs,
 # or squares of activations above ~256 overflow fp16.
 RMSNORM_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal"]
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold every subgraph that depends only on weights (e.g. a position-table lookup, a compressor's
+    query side). The exporter's own pass skips inputs over 8192 elements; TensorRT wants none left."""
+    import onnxscript.optimizer
+
+    return onnxscript.optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
 
 
 def convert_fp16(src: Path, dst: Path, keep_fp32_ops: list[str] | None = None) -> Path:
@@ -49,8 +57,6 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_ops: list[str] | None = None) -
     if keep_fp32_ops:
         # The converter leaves value_info types from before its casts, and Casts of constants behind.
         del model16.graph.value_info[:]
-        from ..export.onnx_export import fold_constants
-
         model16 = fold_constants(model16)
     for node in model16.graph.node:
         if node.op_type == "LayerNormalization":

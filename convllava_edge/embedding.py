@@ -1,0 +1,127 @@
+"""Images (and videos) -> the vision output the LLM receives, with the embedding cache in front.
+
+A cache key names the image's content, the preprocessing and every graph that shaped the rows; the
+last image's output is kept in memory as well (a chat about one image encodes it once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .cache import EmbeddingCache, cache_key
+from .errors import ConfigError
+from .families import Family, VisionEncoder
+from .image import open_image, read_image_bytes
+from .manifest import Manifest
+from .preprocess import PreprocessConfig, preprocess
+from .prompt import ImageSlot
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+VideoInput = str | os.PathLike | bytes
+
+
+@dataclass
+class Embedded:
+    slot: ImageSlot
+    embeds: np.ndarray
+    hit: bool  # from a cache, no encoder run
+    preprocess_ms: float
+    encode_ms: float
+
+    @classmethod
+    def none(cls) -> "Embedded":
+        """A text-only prompt's."""
+        return cls(ImageSlot("", 0), np.zeros((0, 0), np.float32), False, 0.0, 0.0)
+
+    def reused(self) -> "Embedded":
+        """The same rows, already in hand: nothing to preprocess or encode."""
+        return Embedded(self.slot, self.embeds, True, 0.0, 0.0)
+
+
+class ImageEmbedder:
+    def __init__(self, manifest: Manifest, family: Family, encoder: VisionEncoder, graph_sha: str,
+                 store: EmbeddingCache | None = None):
+        self.manifest, self.family, self.encoder, self.graph_sha, self.store = manifest, family, encoder, graph_sha, store
+        self.preprocess_config = PreprocessConfig.from_manifest(manifest.preprocess)
+        self.memory: dict[str, np.ndarray] = {}  # vision outputs of recent images, by slot key
+
+    def embed(self, image: ImageInput, aspect: str | None = None) -> Embedded:
+        aspect = aspect or self.manifest.preprocess.get("aspect", "pad")
+        t0 = time.perf_counter()
+        picture, digest, name = _source(image)
+        key = cache_key(digest, self.manifest.preprocess, aspect, self.graph_sha)
+        found = self._lookup(key, video=False)
+        if found is not None:
+            return Embedded(self._slot(key, found), found, True, (time.perf_counter() - t0) * 1e3, 0.0)
+        pixels = preprocess(open_image(picture, name=name), self.preprocess_config, aspect)
+        t1 = time.perf_counter()
+        embeds = self._encoder().encode(pixels)
+        return self._store(key, embeds, t0, t1)
+
+    def embed_video(self, video: VideoInput) -> Embedded:
+        """About one frame per second, each through the vision graphs (families with ``video``)."""
+        from .video import read_frames
+
+        if not self.family.video:
+            raise ConfigError(f"video needs a LLaVA-Mini bundle, or another family that reads videos "
+                              f"(this one is {self.manifest.family})")
+        t0 = time.perf_counter()
+        frames, data = read_frames(video, self.preprocess_config.image_size)
+        key = cache_key(hashlib.sha256(data).hexdigest(), self.manifest.preprocess, "video-1fps", self.graph_sha)
+        found = self._lookup(key, video=True)
+        if found is not None:
+            return Embedded(self._slot(key, found), found, True, (time.perf_counter() - t0) * 1e3, 0.0)
+        pixels = [preprocess(f, self.preprocess_config, "crop") for f in frames]
+        t1 = time.perf_counter()
+        return self._store(key, self.family.encode_video(self._encoder(), pixels), t0, t1)
+
+    def keep(self, embedded: Embedded) -> None:
+        self.memory[embedded.slot.key] = embedded.embeds
+
+    def forget(self) -> None:
+        self.memory = {}
+
+    def _encoder(self) -> VisionEncoder:
+        if self.encoder is None:
+            raise ConfigError("this model released its vision graphs (release_vision): it cannot encode another image")
+        return self.encoder
+
+    def _slot(self, key: str, embeds: np.ndarray) -> ImageSlot:
+        return ImageSlot(key, self.family.slot_size(self.manifest, embeds))
+
+    def _lookup(self, key: str, video: bool) -> np.ndarray | None:
+        """From memory, else from the disk cache when the entry is an array this bundle makes (a miss
+        otherwise: the image is encoded again and the entry rewritten; EmbeddingCache.get already
+        checked its checksum and that its values are finite)."""
+        found = self.memory.get(key)
+        if found is None and self.store is not None:
+            found = self.store.get(key)
+            if found is not None and not self.family.usable(self.manifest, found, video):
+                found = None
+        return found
+
+    def _store(self, key: str, embeds: np.ndarray, t0: float, t1: float) -> Embedded:
+        t2 = time.perf_counter()
+        if self.store is not None:
+            self.store.put(key, embeds)
+        self.memory = {key: embeds}  # one image at a time in memory is what chat needs
+        return Embedded(self._slot(key, embeds), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+
+def _source(image: ImageInput) -> tuple[ImageInput, str, str | None]:
+    """The image source, a digest of its content (file bytes, or pixels for a PIL image) and its name
+    for messages (None: no name)."""
+    if isinstance(image, Image.Image):
+        h = hashlib.sha256(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+        return image, h.hexdigest(), None
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), hashlib.sha256(image).hexdigest(), None
+    name, data = read_image_bytes(image, sniff=True)
+    return data, hashlib.sha256(data).hexdigest(), name

@@ -1,0 +1,54 @@
+"""Model families, by the name a manifest gives (``family_for``).
+
+Built in: ``convllava``, ``llava-mini`` (one module each here). Another family registers itself with
+``register`` (a plugin, a test), or as an entry point of the group ``convllava_edge.families`` whose
+object is a Family; its bundles are made by an export family module (export/families.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from ..errors import BundleError
+from .base import Family, VisionEncoder
+
+BUILTIN_MODULES = ("convllava", "llava_mini")
+ENTRY_POINT_GROUP = "convllava_edge.families"
+_FAMILIES: dict[str, Family] = {}
+_loaded = False
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` known by its name (replacing one of the same name)."""
+    if not family.name or not family.graphs:
+        raise ValueError(f"{type(family).__name__}: a family needs a name and its graphs")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN_MODULES:
+        register(importlib.import_module(f"{__name__}.{module}").FAMILY)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        register(point.load())
+
+
+def known() -> tuple[str, ...]:
+    _load()
+    return tuple(_FAMILIES)
+
+
+def family_for(name: str, where: str = "manifest.json") -> Family:
+    _load()
+    family = _FAMILIES.get(name)
+    if family is None:
+        raise BundleError(f"{where}: unknown family {name!r} (known: {', '.join(_FAMILIES)})")
+    return family
+
+
+__all__ = ["Family", "VisionEncoder", "family_for", "known", "register"]

@@ -1,0 +1,294 @@
+"""A bundle, loaded: image -> vision output -> prompt -> LLM -> streamed answer.
+
+``Model.ask`` and ``Model.ask_stream`` answer one question; ``Model.chat`` keeps a conversation in
+the official multi-turn format. A Model composes named pieces, each replaceable: the family
+(families/), the vision encoder and the LLM (backends/, chosen once), the prompt (template + the
+checkpoint's tokenization: tokenizer.py), the image embeddings and their cache (embedding.py), the KV
+cache's record and disk states (kv_cache.py), decoding (decoding.py). ``Model(cache=...)`` is the one
+switch for every cache on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generator, Iterator, Sequence
+
+from .backends import open_llm
+from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
+from .cache import EmbeddingCache
+from .decoding import Decoder
+from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput
+from .errors import BundleError, ConfigError
+from .families import family_for
+from .kv_cache import KvCache
+from .manifest import Manifest, load_manifest, resolve_inside
+from .preprocess import ASPECTS
+from .prompt import ImageSlot, Item, positions, template_from_dict
+from .tokenizer import PromptTokenizer
+from .vision import open_encoder
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    max_tokens: int = 512  # the official CLI's max_new_tokens
+    sampling: SamplingOptions = SamplingOptions()
+    aspect: str | None = None  # None: the bundle's default ("pad", as trained)
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.aspect is not None and self.aspect not in ASPECTS:
+            raise ConfigError(f"unknown aspect mode {self.aspect!r} (known: {', '.join(ASPECTS)})")
+        self.sampling.validate()
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    n_image_tokens: int
+    n_prompt_positions: int  # prompt length in KV positions (text tokens + image rows)
+    n_evaluated: int  # positions evaluated for this prompt; the rest came from the KV cache
+    stop_reason: str  # "eos", "stop" (a stop string such as </s> in the text) or "length"
+    cache_hit: bool  # the image embeddings came from the cache (no encoder run)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"answer": self.text, "token_ids": self.token_ids, "n_image_tokens": self.n_image_tokens,
+                "n_prompt_positions": self.n_prompt_positions, "n_evaluated": self.n_evaluated,
+                "stop_reason": self.stop_reason, "cache_hit": self.cache_hit, "timings": self.timings}
+
+
+class AnswerStream:
+    """Iterate for text pieces; ``.answer`` holds the Answer once the stream is exhausted."""
+
+    def __init__(self, pieces: Generator[str, None, Answer], on_done: Callable[[Answer], None] = lambda a: None):
+        self._pieces, self._on_done = pieces, on_done
+        self._answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self._answer = yield from self._pieces
+        self._on_done(self._answer)
+
+    @property
+    def answer(self) -> Answer:
+        if self._answer is None:
+            raise RuntimeError("the stream has not been consumed yet")
+        return self._answer
+
+
+class Model:
+    """A loaded bundle. Not thread-safe: one conversation at a time per Model."""
+
+    def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                 vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
+                 kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
+                 llm: LlmBackend | None = None, defer_llm: bool = False):
+        """``cache``: True (the default folder), an EmbeddingCache, or False/None (no disk cache).
+        ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
+        ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
+        image's token budget, one position per byte of the rendered text, the answer) instead of the
+        model's trained context (a 7B Llama's 4096 positions hold 2 GB of f16 keys and values).
+        ``llm``: an LLM backend already open on this bundle's LLM (default: llama.cpp on its GGUF).
+        ``defer_llm``: load the LLM when a prompt first needs it, not now: a one-shot ``ask`` encodes its
+        image and frees the graphs (``release_vision``) before the LLM takes its memory."""
+        self.bundle = Path(bundle)
+        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        if self.manifest.llm is None or self.manifest.template is None:
+            raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
+        self.family = family_for(self.manifest.family)
+        self.vision_entry = self.manifest.vision_entry(vision_type)
+        self.template = template_from_dict(self.manifest.template)
+        self.vision = open_encoder(self.bundle, self.manifest, self.vision_entry, device, threads)
+        self.images_note = self.vision.note
+        self._shas = shas = {f.path: f.sha256 for f in self.manifest.files}
+        store = EmbeddingCache() if cache is True else (cache or None)
+        graph_sha = "+".join(shas[f] for f in self.vision_entry.files)  # every graph that shapes the cached rows
+        self.images = ImageEmbedder(self.manifest, self.family, self.vision, graph_sha, store)
+        self.vision_providers = list(self.vision.providers)
+        fitted = context_for is not None and n_ctx is None and self.family.fit_context \
+            and "square" in self.manifest.tokens_per_image
+        self._open_llm = lambda: open_llm(
+            resolve_inside(self.bundle, self.manifest.llm.file), device, threads=threads, kv_f32=kv_f32,
+            n_ctx=self.context_bound(*context_for) if fitted else n_ctx, n_ctx_cap=fitted,
+            sha256=shas[self.manifest.llm.file] if verify else None)
+        self.llm: LlmBackend | None = None
+        if llm is not None or not defer_llm:
+            self._attach(llm or self._open_llm())
+
+    def _attach(self, llm: LlmBackend) -> None:
+        if llm.n_embd != self.manifest.n_embd:
+            llm.close()
+            raise BundleError(f"{self.bundle}: the LLM's embedding width {llm.n_embd} differs from the "
+                              f"vision graph's {self.manifest.n_embd}")
+        self.llm = llm
+        self.kv = KvCache(llm, self.family, self._shas[self.manifest.llm.file], self.images.store)
+        self.tokenizer = PromptTokenizer(llm, self.manifest.tokenizer)
+        header = getattr(self.template, "answer_header", "")
+        self.hidden_prefix = llm.tokenize(header, parse_special=True) if header else []
+
+    def _need_llm(self) -> LlmBackend:
+        """The LLM, loaded now if it was deferred."""
+        if self.llm is None:
+            self._attach(self._open_llm())
+        return self.llm
+
+    @property
+    def note(self) -> str:
+        """Where the graphs and the LLM run, in one line (loads a deferred LLM)."""
+        llm = self._need_llm()
+        return f"{self.images_note}; LLM on {'GPU' if llm.gpu_offload else 'CPU'} ({llm.name})"
+
+    @property
+    def preprocess_config(self):
+        """How images become pixel values for this bundle's graphs (the manifest's)."""
+        return self.images.preprocess_config
+
+    @property
+    def cache(self) -> EmbeddingCache | None:
+        return self.images.store
+
+    @cache.setter
+    def cache(self, store: EmbeddingCache | None) -> None:
+        """Swap the disk cache (None: none), for the embeddings and the KV states alike."""
+        self.images.store = store
+        if self.llm is not None:
+            self.kv.store = store
+
+    def context_bound(self, question: str, max_tokens: int) -> int:
+        """Positions a one-question image prompt can take, at most, rounded up to 256: the image's token
+        budget (pad, crop and native aspect all stay within the square's), a token per byte of the rendered
+        text (SentencePiece and byte-level BPE never spend a token on less than a byte), BOS, the answer."""
+        text = self.template.render([(question, None)], image=True)
+        bound = int(self.manifest.tokens_per_image["square"]) + len(text.encode("utf-8")) + 1 + max_tokens
+        return -(-bound // 256) * 256
+
+    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None) -> list[Item]:
+        """The conversation rendered by the bundle's template, as token ids with the image's slot."""
+        self._need_llm()
+        return self.tokenizer.items(self.template.render(turns, image=slot is not None), slot)
+
+    def embed(self, image: ImageInput, aspect: str | None = None) -> Embedded:
+        return self.images.embed(image, aspect)
+
+    def embed_video(self, video: VideoInput) -> Embedded:
+        return self.images.embed_video(video)
+
+    # -- answering ---------------------------------------------------------------------------------
+    def answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions,
+               on_done: Callable[[Answer], None] = lambda answer: None) -> AnswerStream:
+        """The answer to a prompt already built (``prompt_items``), as a stream; ``on_done`` sees the Answer."""
+        return AnswerStream(self._answer(items, embedded, options), on_done)
+
+    def _answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions) -> Generator[str, None, Answer]:
+        options.validate()
+        self._need_llm()
+        embedded = embedded or Embedded.none()
+        if embedded.slot.key:
+            self.images.keep(embedded)
+        needed = positions(items)
+        if needed + options.max_tokens > self.llm.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt takes {needed} positions ({embedded.slot.n_tokens} image + {needed - embedded.slot.n_tokens} "
+                f"text) and the answer up to {options.max_tokens} more, but the context holds {self.llm.n_ctx}; "
+                "use fewer --max-tokens, a smaller image (--aspect native), or a shorter conversation")
+        t0 = time.perf_counter()
+        rows = self.family.llm_rows(self.vision, items, self.images.memory)
+        evaluated = self.kv.prefill(items, self.images.memory, rows)
+        t1 = time.perf_counter()
+        decoder = Decoder(self.llm, options, self.template.stop, self.hidden_prefix)
+        yield from decoder.run()
+        t2 = time.perf_counter()
+        self.kv.record_answer(decoder.tokens)
+        first_token_at = decoder.first_token_at or t2
+        decode_s = t2 - t1
+        return Answer(
+            text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=embedded.slot.n_tokens,
+            n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=embedded.hit,
+            timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
+                     "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
+                     "time_to_first_token_ms": embedded.preprocess_ms + embedded.encode_ms + (first_token_at - t0) * 1e3,
+                     "decode_ms": decode_s * 1e3,
+                     "decode_tokens_per_s": decoder.n_generated / decode_s if decode_s > 0 and decoder.n_generated else 0.0})
+
+    def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
+        """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted."""
+        embedded = self.embed(image, options.aspect)
+        return self.answer(self.prompt_items([(question, None)], embedded.slot), embedded, options)
+
+    def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> Answer:
+        return _drain(self.ask_stream(image, question, options))
+
+    def ask_once(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
+        """``ask_stream`` for a Model that answers one question: the image is encoded, the graphs are freed
+        where the family allows (release_vision), then the LLM (deferred: ``defer_llm``) loads and answers."""
+        embedded = self.embed(image, options.aspect)
+        self.release_vision()
+        return self.answer(self.prompt_items([(question, None)], embedded.slot), embedded, options)
+
+    def ask_video_stream(self, video: VideoInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
+        embedded = self.embed_video(video)
+        return self.answer(self.prompt_items([(question, None)], embedded.slot), embedded, options)
+
+    def ask_text_stream(self, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
+        """A question with no image: the template without "<image>", plain tokens."""
+        return self.answer(self.prompt_items([(question, None)], None), None, options)
+
+    def ask_text(self, question: str, options: AskOptions = AskOptions()) -> Answer:
+        return _drain(self.ask_text_stream(question, options))
+
+    def chat(self, image: ImageInput, options: AskOptions = AskOptions()) -> "Chat":
+        return Chat(self, self.embed(image, options.aspect), options)
+
+    def release_vision(self) -> None:
+        """Free the vision graphs' memory once the image is encoded: a one-shot ``ask`` on a family whose
+        prompt needs no graph (``Family.vision_in_prompt``) holds only the LLM while it answers."""
+        if not self.family.vision_in_prompt:
+            self.vision = self.images.encoder = None
+
+    def reset(self) -> None:
+        """Forget the KV cache and in-memory embeddings (benchmarks: every run starts cold)."""
+        if self.llm is not None:
+            self.kv.reset()
+        self.images.forget()
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+
+
+class Chat:
+    """A multi-turn conversation about one image (``... ASSISTANT: A1</s>USER: Q2 ASSISTANT:``)."""
+
+    def __init__(self, model: Model, embedded: Embedded, options: AskOptions):
+        self.model, self.embedded, self.options = model, embedded, options
+        self.turns: list[tuple[str, str]] = []
+
+    def ask_stream(self, question: str, options: AskOptions | None = None) -> AnswerStream:
+        items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot)
+        stream = self.model.answer(items, self.embedded, options or self.options,
+                                   on_done=lambda answer: self.turns.append((question, answer.text)))
+        # Later turns reuse the embeddings in hand: no preprocessing or encoding to report.
+        self.embedded = self.embedded.reused()
+        return stream
+
+    def ask(self, question: str, options: AskOptions | None = None) -> Answer:
+        return _drain(self.ask_stream(question, options))
+
+
+def _drain(stream: AnswerStream) -> Answer:
+    for _ in stream:
+        pass
+    return stream.answer
+
+
+def load(bundle: str | os.PathLike | None = None, **kwargs) -> Model:
+    """Load a bundle (default: the demo model shipped with the package)."""
+    if bundle is None:
+        from .default_model import default_bundle
+
+        bundle = default_bundle()
+    return Model(bundle, **kwargs)

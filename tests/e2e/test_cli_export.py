@@ -1,0 +1,156 @@
+"""The export/info/lint/encode commands: exit codes, exact error lines, atomic bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convllava_edge.backends.vision_ort import CPU
+from convllava_edge.cli.main import main
+from convllava_edge.manifest import MANIFEST_NAME
+
+CLI = [sys.executable, "-m", "convllava_edge.cli.main"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+
+
+def test_main_returns_clean_error_for_missing_checkpoint(tmp_path, capsys):
+    code = main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")])
+    assert code == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}/config.json: file not found\n"
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_refuses_to_overwrite_and_force_replaces(tiny, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("export", tiny.bin_ckpt, "--out", out)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {out} already exists (use --force to replace it)"
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run_cli("export", tiny.bin_ckpt, "--out", out, "--force")  # --force replaces bundles only
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {out} is not a convllava-edge bundle "
+                                                      "(no manifest.json); --force only replaces bundles")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose: --force may replace it
+    result = run_cli("export", tiny.bin_ckpt, "--out", out, "--force", "--json")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["family"] == "convllava" and [v["variant"] for v in manifest["vision"]] == ["fp32"]
+    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+
+
+def test_failed_export_leaves_existing_bundle_untouched(tiny, tiny_bundle, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.bin_ckpt, broken)
+    index = json.loads((broken / "pytorch_model.bin.index.json").read_text())
+    shard = broken / index["weight_map"]["model.mm_projector.0.weight"]
+    shard.write_bytes(shard.read_bytes()[:2000])
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    before = sorted((p.name, p.stat().st_size) for p in out.iterdir())
+    result = run_cli("export", broken, "--out", out, "--force")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {shard}: cannot read PyTorch weights")
+    assert "Traceback" not in result.stderr
+    assert sorted((p.name, p.stat().st_size) for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--vision-type", "int4"], "unknown vision type 'int4' (known: fp32, fp16, int8)"),
+    (["--vision-type", "fp16", "--calibration-images", "."], "--calibration-images only applies to --vision-type int8"),
+])
+def test_bad_export_options(tiny, tmp_path, args, message, capsys):
+    assert main(["export", str(tiny.bin_ckpt), "--out", str(tmp_path / "b"), *args]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_info_verifies_hashes(tiny_bundle, tmp_path, capsys):
+    assert main(["info", str(tiny_bundle), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["verified"] is True and info["n_embd"] == 256
+    altered = tmp_path / "altered"
+    shutil.copytree(tiny_bundle, altered)
+    graph = altered / "vision-fp16.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    assert main(["info", str(altered)]) == 1
+    assert capsys.readouterr().err == f"error: {graph}: SHA-256 does not match the manifest (altered)\n"
+
+
+def test_manifest_paths_cannot_leave_the_bundle(tiny_bundle, tmp_path, capsys):
+    bundle = tmp_path / "evil"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    for bad in ("../outside.onnx", "/etc/passwd"):
+        manifest["files"][0]["path"] = bad
+        manifest["vision"][0]["graph"] = bad
+        manifest["vision"][0]["files"] = [bad]
+        (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+        assert main(["info", str(bundle)]) == 1
+        assert f"file name {bad!r} points outside the bundle" in capsys.readouterr().err
+
+
+def test_symlink_out_of_the_bundle_is_refused(tiny_bundle, tmp_path, capsys):
+    bundle = tmp_path / "linked"
+    shutil.copytree(tiny_bundle, bundle)
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(bundle / "vision-fp16.onnx", outside)
+    (bundle / "vision-fp16.onnx").unlink()
+    os.symlink(outside, bundle / "vision-fp16.onnx")
+    assert main(["info", str(bundle)]) == 1
+    assert "symbolic link leads outside the bundle" in capsys.readouterr().err
+
+
+def test_lint_command(tiny_bundle, capsys):
+    assert main(["lint", str(tiny_bundle / "vision-fp32.onnx")]) == 0
+    assert "=> TensorRT-ready" in capsys.readouterr().out
+    assert main(["lint", str(tiny_bundle / "vision-int8.onnx"), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is False and report["op_counts"]["MatMulInteger"] > 0
+
+
+def test_encode_command(tiny_bundle, tmp_path, capsys):
+    image = Path(__file__).parents[2] / "examples" / "probe.jpg"
+    save = tmp_path / "e.npy"
+    assert main(["encode", str(image), "--model", str(tiny_bundle), "--vision-type", "fp16", "--aspect", "native",
+                 "--save", str(save), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["vision_type"] == "fp16" and result["providers"] == [CPU]
+    h, w = result["pixel_shape"][2:]
+    assert result["n_tokens"] == (h // 64) * (w // 64) and w > h  # the example is 640x480: a wide grid
+    import numpy as np
+    assert np.load(save).shape == (result["n_tokens"], 256)
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["export"]) == 2
+    assert "Missing argument" in capsys.readouterr().err
+
+
+def test_runtime_never_imports_torch(tiny_bundle):
+    code = (
+        "import sys, json\n"
+        "import convllava_edge, convllava_edge.image, convllava_edge.preprocess, convllava_edge.vision\n"
+        "import convllava_edge.manifest, convllava_edge.metrics, convllava_edge.cli.main\n"
+        "from convllava_edge.cli.main import main\n"
+        f"assert main(['encode', {str(Path(__file__).parents[2] / 'examples' / 'probe.jpg')!r}, '--model', {str(tiny_bundle)!r}, '--json']) == 0\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('transformers')]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,116 @@
+"""The demo model's training script (demo/train.py): its loss is the loss it claims, its phases train what
+they say and resume.
+
+The shipped model's accuracy is tested in e2e/test_demo_model.py; this is about the script that produced it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from convllava_edge import shapes_task as task
+from convllava_edge.preprocess import PreprocessConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # demo/ is the repository's, not the package's
+from demo import train as D  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-work")
+
+
+@pytest.fixture(scope="module")
+def batcher(work):
+    return D.Batcher(D._tokenizer(work), PreprocessConfig(image_size=256, crop_size=(256, 256)))
+
+
+def _items(n: int, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    scenes = [task.random_scene(rng) for _ in range(n)]
+    return [(s, D.pick_questions(s, rng, 3)) for s in scenes]
+
+
+def test_shared_prefix_loss_equals_each_row_run_whole(batcher):
+    torch.manual_seed(0)
+    model = D.DemoModel(batcher.sp.vocab_size()).eval()
+    pixels, rows, _ = batcher.build(_items(3))
+    with torch.no_grad():
+        image = model.vision(pixels)
+        shared = D.llm_loss(model, image, rows, batcher.prefix)
+        # Reference: every row as one whole sequence, alone, as the runtime sees it; mean over answer tokens.
+        embed = model.llm.get_input_embeddings()
+        total, count = 0.0, 0
+        for i, suffix, answer, _ in rows:
+            seq = torch.cat([embed(torch.tensor(batcher.prefix)), image[i], embed(torch.tensor(suffix + answer))])
+            logits = model.llm(inputs_embeds=seq[None]).logits[0].float()
+            start = len(batcher.prefix) + image.shape[1] + len(suffix)
+            nll = torch.nn.functional.cross_entropy(logits[start - 1: start - 1 + len(answer)], torch.tensor(answer),
+                                                    reduction="sum")
+            total, count = total + float(nll), count + len(answer)
+    assert abs(float(shared) - total / count) <= 1e-5 * max(1.0, total / count), (float(shared), total / count)
+
+
+def test_questions_are_drawn_evenly_across_forms():
+    rng = np.random.default_rng(0)
+    forms = [q.form for _ in range(400) for q in D.pick_questions(task.random_scene(rng), rng, 4)]
+    share = {f: forms.count(f) / len(forms) for f in task.FORMS}
+    # exists has one question per shape and per absent pair drawn; drawn per question it would be ~35%
+    assert all(0.15 <= share[f] <= 0.26 for f in task.FORMS), share
+
+
+def test_token_targets_mark_the_cell_of_each_centre():
+    scene = task.Scene(300, 200, (240, 240, 240), (
+        task.Shape("circle", "red", 40, 90, 60, (255, 0, 0), 300),
+        task.Shape("triangle", "blue", 260, 30, 50, (0, 0, 255), 300)))
+    *_, cells = D.scene_targets(scene)
+    # padded onto a 300 x 300 square (50 px above and below), 4 x 4 cells of 75 px
+    assert cells[1 * 4 + 0, D.PAIRS.index(("circle", "red"))] == 1
+    assert cells[1 * 4 + 3, D.PAIRS.index(("triangle", "blue"))] == 1
+    assert cells.sum() == 2
+    # the attention aid's target: the cell of the one shape a question names, or none
+    questions = task.questions_for(scene, np.random.default_rng(0))
+    looks = {q.text: D.Batcher.look(scene, q) for q in questions}
+    expected = {"What color is the circle?": 4, "What shape is the blue one?": 7,
+                "Is the blue triangle on the left or the right?": 7, "Is there a red circle?": 4,
+                "How many shapes are there?": -1}
+    assert {text: looks[text] for text in expected} == expected, looks
+    absent = [q.text for q in questions if q.answer == "no"]
+    assert absent and all(looks[text] == -1 for text in absent), looks
+
+
+def test_phases_train_their_own_parts_and_resume(work):
+    def params():
+        model = D.DemoModel(D._tokenizer(work).vocab_size())
+        model.load_state_dict(torch.load(work / "state.pt", weights_only=True)["model"])
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    small = dict(images_per_step=2, questions_per_image=2, warmup=1, bf16=False, eval_n=5)
+    torch.manual_seed(0)  # train() seeds with config.seed = 0 before building the model: the same start
+    start = {k: v.clone() for k, v in D.DemoModel(D._tokenizer(work).vocab_size()).state_dict().items()}
+    D.train(work, D.TrainConfig(steps=1, phase="vision", **small), log=lambda *_: None)
+    after_vision = params()
+    assert all(torch.equal(start[k], after_vision[k]) for k in start if k.startswith("llm."))
+    assert not torch.equal(start["vision.vision_tower.embeddings.patch_embeddings.weight"],
+                           after_vision["vision.vision_tower.embeddings.patch_embeddings.weight"])
+    D.train(work, D.TrainConfig(steps=2, phase="language", **small), log=lambda *_: None)
+    after_language = params()
+    state = torch.load(work / "state.pt", weights_only=True)
+    assert state["vision_step"] == 1 and state["language_step"] == 2
+    assert "vision_optimizer" in state and "language_optimizer" in state
+
+    def changed(prefix):
+        return any(not torch.equal(after_vision[k], after_language[k]) for k in after_vision if k.startswith(prefix))
+
+    assert not changed("vision.vision_tower.") and not changed("probe.")  # the tower is frozen there
+    assert changed("vision.mm_projector.") and changed("llm.") and changed("token_probe.")
+    logs = []
+    D.train(work, D.TrainConfig(steps=2, phase="language", **small), log=logs.append)  # already done
+    assert logs == ["language phase: resuming at step 2"]
+    with pytest.raises(ValueError, match="phase 'lm'"):
+        D.train(work, D.TrainConfig(steps=1, phase="lm"))
