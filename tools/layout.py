@@ -122,6 +122,7 @@ def family_branches() -> list[str]:
                         (side.id if isinstance(side, ast.Name) else side.attr).endswith("MODEL_TYPES"))
                 if named:
                     found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+                    break
     return found
 
 
