@@ -22,6 +22,8 @@ from ..errors import ConvLlavaEdgeError
 from ..prompt import checked_text
 from .render import StageProgress, bench_tables, check_tables, doctor_table, files_table, stats_line
 
+VISION_BACKEND_HELP = ("What runs the vision graphs: onnxruntime (CPU, CUDA, TensorRT) or openvino (CPU; the "
+                       "'openvino' extra; the only one that runs the bf16 vision type).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
 out = Console(highlight=False, soft_wrap=True)
@@ -116,6 +118,7 @@ def encode_cmd(
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph (default: the bundle's first)."),
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this .npy file."),
     as_json: bool = typer.Option(False, "--json"),
@@ -134,7 +137,7 @@ def encode_cmd(
     t0 = time.perf_counter()
     pixels = preprocess(open_image(image), config, aspect or manifest.preprocess["aspect"])
     t1 = time.perf_counter()
-    encoder = open_encoder(model, manifest, entry, device, threads)  # the family's vision output (what the cache keeps)
+    encoder = open_encoder(model, manifest, entry, device, threads, kind=vision_backend)  # what the cache keeps
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
     t3 = time.perf_counter()
@@ -147,6 +150,7 @@ def encode_cmd(
             raise ConvLlavaEdgeError(f"{save}: cannot write: {e.strerror or e}") from e
     result = {"image": str(image), "vision_type": entry.variant, "pixel_shape": list(pixels.shape),
               "n_tokens": int(embeds.shape[0]), "n_embd": int(embeds.shape[1]), "providers": encoder.providers,
+              "vision_backend": vision_backend,
               "timings": {"preprocess_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "encode_ms": (t3 - t2) * 1e3}}
     if as_json:
         out.print_json(json.dumps(result))
@@ -213,6 +217,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
+    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
@@ -230,7 +235,8 @@ def bench_cmd(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done + 1)
 
-        result = run_bench(bundle, data, question, runs, max_tokens, device, threads, vision_type, progress)
+        result = run_bench(bundle, data, question, runs, max_tokens, device, threads, vision_type, progress,
+                           vision_backend=vision_backend)
     result["image"] = str(image_path)
     if as_json:
         print(json.dumps(result))
@@ -250,7 +256,7 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
 
 
 def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
-                context_for: Optional[tuple[str, int]] = None):
+                context_for: Optional[tuple[str, int]] = None, vision_backend: str = "onnxruntime"):
     from ..default_model import default_bundle
     from ..model import Model
     from ..threads import check_threads
@@ -264,7 +270,7 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
                   markup=False)
     # one question (context_for): the LLM loads once the image is encoded and the graphs are freed (ask_once)
     loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
-                   context_for=context_for, defer_llm=context_for is not None)
+                   context_for=context_for, defer_llm=context_for is not None, vision_backend=vision_backend)
     return loaded
 
 
@@ -309,6 +315,7 @@ def ask_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, ConvLLaVA's default), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
+    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
@@ -328,7 +335,7 @@ def ask_cmd(
     checked_text(question, "the question")
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
     loaded = _load_model(model, device, threads, vision_type, no_cache,
-                         context_for=None if video is not None else (question, max_tokens))
+                         context_for=None if video is not None else (question, max_tokens), vision_backend=vision_backend)
     if video is not None:
         stream = loaded.ask_video_stream(video, question, options)
     else:
@@ -340,6 +347,7 @@ def ask_cmd(
         for _ in stream:
             pass
         print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision_providers,
+                          "vision_backend": vision_backend,
                           "llm_extra_buffer_types": loaded.llm.settings.get("extra_bufts"), "llm_settings": loaded.llm.settings}))
         return
     for piece in stream:
@@ -361,12 +369,13 @@ def chat_cmd(
     device: str = typer.Option("auto", "--device"),
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
+    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Talk about an image over several turns (an empty line or end of input quits)."""
     options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
     image_data = _checked_image(image)
-    loaded = _load_model(model, device, threads, vision_type, no_cache)
+    loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend)
     err.print(loaded.note, markup=False)
     with _named(str(image)):
         conversation = loaded.chat(image_data, options)

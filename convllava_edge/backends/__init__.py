@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import os
 
-from ..errors import unknown_choice
+from ..errors import ConfigError, unknown_choice
 from .base import DEVICES, LlmBackend, LlmCapabilities, SamplingOptions, Step, VisionBackend
 
-VISION_BACKENDS = ("onnxruntime",)
+VISION_BACKENDS = ("onnxruntime", "openvino")
 LLM_BACKENDS = ("llama.cpp",)
 
 
 def open_vision_backend(device: str = "auto", threads: int | None = None, kind: str = "onnxruntime",
-                        cache_dir: str | os.PathLike | None = None) -> VisionBackend:
+                        cache_dir: str | os.PathLike | None = None, precision: str = "fp32") -> VisionBackend:
+    """``precision``: the arithmetic the graphs run in, "fp32" or "bf16" (a bundle's bf16 vision type).
+    fp32 means fp32 on every backend; bf16 where the backend has it, else a one-line refusal."""
     if kind not in VISION_BACKENDS:
         raise unknown_choice("vision backend", kind, VISION_BACKENDS)
+    if kind == "openvino":
+        from .vision_openvino import OpenVinoBackend
+
+        return OpenVinoBackend(device, threads, precision)
+    if precision != "fp32":
+        raise ConfigError(f"ONNX Runtime has no {precision} CPU kernels for these graphs: use --vision-backend openvino "
+                          f"or another vision type")
     from .vision_ort import OrtBackend
 
     return OrtBackend(device, threads, cache_dir)

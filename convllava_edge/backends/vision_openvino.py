@@ -1,0 +1,93 @@
+"""The vision backend on OpenVINO (CPU): the bundle's ONNX graphs read directly, the arithmetic explicit.
+
+OpenVINO's CPU plugin runs fp32 models in bf16 by default where the CPU has bf16 (AVX512-BF16, AMX):
+``precision`` is therefore always set, "f32" for every vision type but bf16, so fp32 means fp32 arithmetic
+here as on ONNX Runtime. Needs the ``openvino`` extra (no torch).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import BundleError, ConfigError, unknown_choice
+from ..threads import check_threads, default_threads
+from .base import DEVICES
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO's INFERENCE_PRECISION_HINT
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+class OvGraph:
+    """One compiled graph (the Graph of backends/base.py)."""
+
+    def __init__(self, compiled, path: Path):
+        self.compiled, self.path = compiled, path
+        self.input_names = [i.get_any_name() for i in compiled.inputs]
+        self.output_names = [o.get_any_name() for o in compiled.outputs]
+        self.request = compiled.create_infer_request()
+
+    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            results = self.request.infer({name: np.ascontiguousarray(a) for name, a in feeds.items()})
+            by_name = {port.get_any_name(): value for port, value in results.items()}
+            arrays = [np.array(by_name[name], copy=True) for name in outputs]  # ours, not the request's buffers
+        except MemoryError as e:
+            raise BundleError(f"{self.path}: out of memory running the graph") from e
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line messages
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{self.path}: OpenVINO failed running the graph: {first[:300]}") from e
+        for name, value in zip(outputs, arrays):
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise BundleError(f"{self.path}: output {name!r} holds NaN or Inf values")
+        return arrays
+
+
+class OpenVinoBackend:
+    """OpenVINO on the CPU (the VisionBackend of backends/base.py)."""
+
+    def __init__(self, device: str = "auto", threads: int | None = None, precision: str = "fp32"):
+        if device not in DEVICES:
+            raise unknown_choice("device", device, DEVICES)
+        if device == "cuda":
+            raise ConfigError("--vision-backend openvino runs on the CPU; --device cuda needs --vision-backend onnxruntime")
+        if precision not in PRECISIONS:
+            raise unknown_choice("OpenVINO precision", precision, PRECISIONS)
+        check_threads(threads)
+        try:
+            import openvino
+        except ImportError:
+            raise ConfigError("--vision-backend openvino needs OpenVINO (pip install 'convllava-edge[openvino]')") from None
+        self.core = openvino.Core()
+        capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if precision == "bf16" and "BF16" not in capabilities:
+            raise ConfigError("the bf16 vision type needs a CPU with bf16 arithmetic (AVX512-BF16 or AMX); this one has "
+                              f"{', '.join(capabilities)}: use the fp32 or int8 vision type")
+        self.precision, self.threads = precision, threads or default_threads()
+        self.config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "INFERENCE_NUM_THREADS": self.threads,
+                       "PERFORMANCE_HINT": "LATENCY"}
+        self.providers = [f"OpenVINO CPU ({precision})"]
+        self.note = f"vision on CPU (OpenVINO {openvino.__version__.split('-')[0]}, {precision})"
+
+    def load(self, path: str | os.PathLike, inputs: Sequence[str], outputs: Sequence[str]) -> OvGraph:
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path}: graph not found")
+        try:
+            compiled = self.core.compile_model(self.core.read_model(str(path)), "CPU", self.config)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{path}: OpenVINO cannot load this graph: {first[:300]}") from e
+        graph = OvGraph(compiled, path)
+        if graph.input_names != list(inputs) or not set(outputs) <= set(graph.output_names):
+            raise BundleError(f"{path}: expected inputs {list(inputs)} and outputs {list(outputs)}, "
+                              f"found {graph.input_names} and {graph.output_names}")
+        return graph
