@@ -1,4 +1,5 @@
-"""Full-size ConvLLaVA vision towers: ONNX Runtime fp32 / fp16 / int8 against PyTorch eager fp32.
+"""Full-size ConvLLaVA vision towers: ONNX Runtime fp32 / fp16 / int8 and OpenVINO fp32 / bf16 (when the
+`openvino` extra is installed) against PyTorch eager fp32 and bf16.
 
 Random weights with the real shapes (ConvNeXt-Large + the 5th stage, 669M parameters, projector
 3072 -> 4096 -> 4096); the same weights serve every resolution, since the tower is fully
@@ -34,7 +35,10 @@ from convllava_edge.export.vision_model import ConvLlavaVision
 from convllava_edge.metrics import compare_embeddings, convllava_vision_macs
 from convllava_edge.preprocess import PreprocessConfig, preprocess
 from convllava_edge.quantize.onnx_variants import make_variant
-from convllava_edge.families.convllava import ConvLlavaEncoder
+from convllava_edge.backends import open_vision_backend
+from convllava_edge.backends.vision_openvino import openvino_available
+from convllava_edge.errors import ConfigError
+from convllava_edge.families.convllava import CONVLLAVA, ConvLlavaEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
 from support.synthetic import convllava_tower, random_vision_state  # noqa: E402
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--fp16-runs", type=int, default=1, help="fp16 has no fast CPU kernels; time it less")
     parser.add_argument("--work", type=Path, default=None, help="keep the graphs here (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vision.json")
+    parser.add_argument("--no-eager-bf16", dest="eager_bf16", action="store_false",
+                        help="skip PyTorch eager bf16 (the official code's fastest dtype on AMX machines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="vision-bench-"))
@@ -104,6 +110,9 @@ def main() -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in names})
     del state
     n_params = sum(p.numel() for p in model.parameters())
+    import copy
+
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16).eval() if args.eager_bf16 else None
     print(f"tower + projector: {n_params / 1e6:.0f}M parameters")
 
     t = time.perf_counter()
@@ -132,6 +141,13 @@ def main() -> None:
             ref_t = timed(lambda: model(torch.from_numpy(pixels)), args.runs)
             reference = model(torch.from_numpy(pixels)).numpy()[0]
         results = {"pytorch-eager-fp32": {"times": ref_t, "cosine_mean": 1.0, "cosine_min": 1.0}}
+        if model_bf16 is not None:  # the official code's fastest dtype here
+            with torch.no_grad():
+                x16 = torch.from_numpy(pixels).to(torch.bfloat16)
+                times = timed(lambda: model_bf16(x16), args.runs)
+                agreement = compare_embeddings([model_bf16(x16).float().numpy()[0]], [reference])
+            results["pytorch-eager-bf16"] = {"times": times, "cosine_mean": agreement.cosine_mean,
+                                             "cosine_min": agreement.cosine_min, "rel_l2": agreement.rel_l2}
         for variant, path in graphs.items():
             enc = ConvLlavaEncoder.from_file(path, "cpu", args.threads)
             runs = args.fp16_runs if variant == "fp16" else args.runs
@@ -140,6 +156,18 @@ def main() -> None:
             results[f"ort-{variant}"] = {"times": times, "cosine_mean": agreement.cosine_mean,
                                          "cosine_min": agreement.cosine_min, "rel_l2": agreement.rel_l2}
             del enc
+        for variant, precision in (("fp32", "fp32"), ("fp32", "bf16")) if openvino_available() else ():
+            try:
+                backend = open_vision_backend("cpu", args.threads, "openvino", precision=precision)
+            except ConfigError as e:  # no bf16 on this CPU
+                print(f"openvino {precision}: {e}")
+                continue
+            enc = ConvLlavaEncoder(backend.load(graphs[variant], *CONVLLAVA.graphs["vision"]), backend)
+            times = timed(lambda: enc.encode(pixels), args.runs)
+            agreement = compare_embeddings([enc.encode(pixels)], [reference])
+            results[f"openvino-{variant}-as-{precision}"] = {"times": times, "cosine_mean": agreement.cosine_mean,
+                                                            "cosine_min": agreement.cosine_min, "rel_l2": agreement.rel_l2}
+            del enc, backend
         base_t = statistics.median(ref_t)
         for name, r in results.items():
             med = statistics.median(r["times"])
