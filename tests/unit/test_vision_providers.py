@@ -67,7 +67,23 @@ def test_a_graph_with_other_inputs_or_outputs_is_refused():
 
 
 def test_unknown_vision_backends_and_devices_are_refused_before_loading():
-    with pytest.raises(ConfigError, match=r"unknown vision backend 'openvino' \(known: onnxruntime\)"):
-        open_vision_backend("cpu", kind="openvino")
+    with pytest.raises(ConfigError, match=r"unknown vision backend 'tensorflow' \(known: onnxruntime, openvino\)"):
+        open_vision_backend("cpu", kind="tensorflow")
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         open_vision_backend("tpu")
+
+
+def test_openvino_without_its_extra_is_one_line_naming_the_extra(monkeypatch):
+    """The runtime-only install has no OpenVINO: asking for it says which extra to install."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(ConfigError, match=r"--vision-backend openvino needs OpenVINO \(pip install 'convllava-edge\[openvino\]'\)"):
+        open_vision_backend("cpu", kind="openvino")
