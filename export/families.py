@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import CheckpointError
 from ..prompt import ChatTemplate, Template
@@ -76,8 +76,9 @@ class ExportFamily:
         """Quantized against unquantized LLM on image prompts (None: not measured for this family)."""
         return None
 
-    def torch_vision_reference(self, checkpoint: Path, tower: Path | None) -> tuple[str, Any]:
-        """(description, encoder with encode_both) of the PyTorch vision side, for ``check --reference CHECKPOINT``."""
+    def torch_vision_reference(self, checkpoint: Path, tower: Path | None, manifest=None) -> tuple[str, Any]:
+        """(description, encoder with encode_both) of the PyTorch vision side, for ``check --reference CHECKPOINT``
+        (``manifest``: the checked bundle's, which may name the tower it was exported from)."""
         from ..errors import ConfigError
 
         raise ConfigError(f"--reference CHECKPOINT is not supported for {self.name} bundles: pass a bundle "
@@ -123,5 +124,3 @@ def export_family_named(name: str) -> ExportFamily:
         raise CheckpointError(f"no export family {name!r} (known: {', '.join(_FAMILIES)})")
     return _FAMILIES[name]
 
-
-Progress = Callable[[str], None]

@@ -194,3 +194,12 @@ def test_text_only_questions_skip_prefusion(model, reference, monkeypatch):
 def reference_system() -> str:
     from support.reference_mini import SYSTEM
     return SYSTEM
+
+
+def test_check_against_a_llava_mini_checkpoint_is_refused_in_one_line(mini, bundle):
+    from convllava_edge.check import CheckInputs, CheckQuestion, run_check
+    from convllava_edge.errors import ConfigError
+
+    inputs = CheckInputs({"a": _images()[0]}, [CheckQuestion("a", "What is it?")])
+    with pytest.raises(ConfigError, match="--reference CHECKPOINT is not supported for llava-mini bundles"):
+        run_check(bundle, inputs, reference_path=mini[0], nf4=False)
