@@ -22,11 +22,12 @@ import numpy as np
 from ..decoding import TextStream
 from ..errors import ConfigError
 from ..families import Family
-from ..manifest import Manifest
+from ..manifest import Manifest, resolve_inside
 from ..metrics import compare_embeddings
 from ..prompt import ImageSlot, Item
 from ..quantize.accuracy import compare_logits
 from ..tokenizer import PromptTokenizer
+from ..vision import open_encoder
 from .inputs import CheckInputs
 from .references import BundleLlm, Reference
 
@@ -128,8 +129,6 @@ def vision_stage(ctx: Context) -> tuple[dict, list[GateResult]]:
     ctx.ref_vision = {f"img:{name}": vision for name, (_, vision) in ref_out.items()}
     figures, gates = {"reference": ctx.ref_name, "variants": {}}, []
     sizes = {f.path: f.size for f in ctx.manifest.files}
-    from ..vision import open_encoder
-
     for entry in ctx.manifest.vision:
         ctx.encoders[entry.variant] = open_encoder(ctx.bundle, ctx.manifest, entry, "cpu", ctx.threads)
         ctx.sizes[f"vision {entry.variant}"] = sum(sizes[f] for f in entry.files)
@@ -149,8 +148,6 @@ def vision_stage(ctx: Context) -> tuple[dict, list[GateResult]]:
 
 def prepare_prompts(ctx: Context) -> None:
     """The bundle's LLM, its tokenizer, and every question as prompt items (the runtime's own pieces)."""
-    from ..manifest import resolve_inside
-
     ctx.candidate = BundleLlm(ctx.manifest.llm.type, resolve_inside(ctx.bundle, ctx.manifest.llm.file), ctx.threads)
     ctx.sizes[f"LLM {ctx.manifest.llm.type}"] = {f.path: f.size for f in ctx.manifest.files}[ctx.manifest.llm.file]
     ctx.tokenizer = PromptTokenizer(ctx.candidate.backend, ctx.manifest.tokenizer)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..decoding import TextStream
+from ..decoding import TextStream, without_header
 from ..errors import ConfigError
 from ..export.checkpoint import TensorStore
 from ..export.families import export_family_for
@@ -101,8 +101,7 @@ class TorchLlm:
                 if stream.stopped:
                     break
                 inputs = table(torch.tensor([[token]]))
-        n = len(hidden_prefix)
-        return tokens[n:] if n and tokens[:n] == list(hidden_prefix) else tokens
+        return without_header(tokens, hidden_prefix)
 
     def token_nll(self, tokens: list[int]) -> np.ndarray:
         torch = self._torch

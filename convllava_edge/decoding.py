@@ -52,6 +52,12 @@ class TextStream:
         return out
 
 
+def without_header(tokens: Sequence[int], header: Sequence[int]) -> list[int]:
+    """``tokens`` without a generated assistant header at their start (what a user is shown)."""
+    n = len(header)
+    return list(tokens[n:]) if n and list(tokens[:n]) == list(header) else list(tokens)
+
+
 class Decoder:
     """Generate an answer after an evaluated prompt: stops at the end-of-generation token, a stop string
     (the template's), or ``options.max_tokens`` (``options``: max_tokens and sampling)."""
@@ -70,8 +76,7 @@ class Decoder:
     @property
     def visible_tokens(self) -> list[int]:
         """The answer's ids without a generated hidden header."""
-        n = len(self.hidden_prefix)
-        return self.tokens[n:] if n and self.tokens[:n] == self.hidden_prefix else self.tokens
+        return without_header(self.tokens, self.hidden_prefix)
 
     def run(self) -> Iterator[str]:
         steps = self.llm.generate(self.options.sampling, self.options.max_tokens)

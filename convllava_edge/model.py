@@ -218,10 +218,13 @@ class Model:
                      "decode_ms": decode_s * 1e3,
                      "decode_tokens_per_s": decoder.n_generated / decode_s if decode_s > 0 and decoder.n_generated else 0.0})
 
+    def _question(self, embedded: Embedded | None, question: str, options: AskOptions) -> AnswerStream:
+        """One question about ``embedded`` (None: no image), as a stream."""
+        return self.answer(self.prompt_items([(question, None)], embedded.slot if embedded else None), embedded, options)
+
     def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
         """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted."""
-        embedded = self.embed(image, options.aspect)
-        return self.answer(self.prompt_items([(question, None)], embedded.slot), embedded, options)
+        return self._question(self.embed(image, options.aspect), question, options)
 
     def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> Answer:
         return _drain(self.ask_stream(image, question, options))
@@ -231,15 +234,14 @@ class Model:
         where the family allows (release_vision), then the LLM (deferred: ``defer_llm``) loads and answers."""
         embedded = self.embed(image, options.aspect)
         self.release_vision()
-        return self.answer(self.prompt_items([(question, None)], embedded.slot), embedded, options)
+        return self._question(embedded, question, options)
 
     def ask_video_stream(self, video: VideoInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
-        embedded = self.embed_video(video)
-        return self.answer(self.prompt_items([(question, None)], embedded.slot), embedded, options)
+        return self._question(self.embed_video(video), question, options)
 
     def ask_text_stream(self, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
         """A question with no image: the template without "<image>", plain tokens."""
-        return self.answer(self.prompt_items([(question, None)], None), None, options)
+        return self._question(None, question, options)
 
     def ask_text(self, question: str, options: AskOptions = AskOptions()) -> Answer:
         return _drain(self.ask_text_stream(question, options))

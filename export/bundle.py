@@ -21,7 +21,7 @@ from ..quantize.onnx_variants import VARIANTS
 from .checkpoint import TensorStore
 from .families import ExportFamily, VisionResult, export_family_for
 from .gguf_convert import OUT_TYPES, GgufConversion
-from .staging import check_out, not_a_bundle, remove_leftovers, staging_folder  # noqa: F401 (the export API)
+from .staging import check_out, staging_folder
 
 LLM_TYPES = tuple(QUANT_FTYPES) + tuple(OUT_TYPES)  # Q4_K_M Q4_0 Q5_K_M Q6_K Q8_0 F32 F16 BF16
 

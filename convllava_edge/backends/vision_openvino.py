@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BundleError, ConfigError, unknown_choice
 from ..threads import check_threads, default_threads
-from .base import DEVICES
+from .base import DEVICES, check_graph_names, checked_outputs, first_line
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO's INFERENCE_PRECISION_HINT
 
@@ -54,20 +54,12 @@ class OvGraph:
         return self.request
 
     def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            feeds = {name: np.ascontiguousarray(a) for name, a in feeds.items()}
-            results = self._request_for(feeds).infer(feeds)
-            by_name = {port.get_any_name(): value for port, value in results.items()}
-            arrays = [np.array(by_name[name], copy=True) for name in outputs]  # ours, not the request's buffers
-        except MemoryError as e:
-            raise BundleError(f"{self.path}: out of memory running the graph") from e
-        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line messages
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{self.path}: OpenVINO failed running the graph: {first[:300]}") from e
-        for name, value in zip(outputs, arrays):
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                raise BundleError(f"{self.path}: output {name!r} holds NaN or Inf values")
-        return arrays
+        def infer():
+            contiguous = {name: np.ascontiguousarray(a) for name, a in feeds.items()}
+            by_name = {port.get_any_name(): value for port, value in self._request_for(contiguous).infer(contiguous).items()}
+            return [by_name[name] for name in outputs]
+
+        return checked_outputs(self.path, "OpenVINO", outputs, infer)
 
 
 class OpenVinoBackend:
@@ -103,10 +95,7 @@ class OpenVinoBackend:
         try:
             model = self.core.read_model(str(path))
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{path}: OpenVINO cannot load this graph: {first[:300]}") from e
+            raise BundleError(f"{path}: OpenVINO cannot load this graph: {first_line(e)}") from e
         graph = OvGraph(self.core, model, self.config, path)
-        if graph.input_names != list(inputs) or not set(outputs) <= set(graph.output_names):
-            raise BundleError(f"{path}: expected inputs {list(inputs)} and outputs {list(outputs)}, "
-                              f"found {graph.input_names} and {graph.output_names}")
+        check_graph_names(graph, inputs, outputs)
         return graph

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import BundleError, ConfigError, unknown_choice
 from ..threads import check_threads, default_threads
-from .base import DEVICES
+from .base import DEVICES, check_graph_names, checked_outputs
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -122,31 +122,12 @@ class OrtBackend:
     def load(self, path, inputs: Sequence[str], outputs: Sequence[str]) -> OrtGraph:
         session = open_session(path, self.device, self.threads, self.cache_dir)
         graph = OrtGraph(session, Path(path))
-        if graph.input_names != list(inputs) or not set(outputs) <= set(graph.output_names):
-            raise BundleError(f"{path}: expected inputs {list(inputs)} and outputs {list(outputs)}, "
-                              f"found {graph.input_names} and {graph.output_names}")
+        check_graph_names(graph, inputs, outputs)
         if not self.providers:  # the first graph's session says where this backend runs
             self.providers, self.note = session.providers, session.note
         return graph
 
 
 def run_session(session, path: Path, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``session.run`` with ONNX Runtime's failures (a graph that asks for 4 TB, a kernel error) as one
-    line, and outputs checked for NaN/Inf: a graph that passed its hash check can still be hostile.
-
-    The outputs are copied into arrays of our own: ORT's arrays are views of its buffers, and one kept
-    (an embedding in the cache or the model's memory) keeps the whole session's memory alive after
-    the session is gone. Measured on the 1536 px ConvLLaVA tower: 2.0 GB per session, until an export
-    that encodes its probe images (a session each) was killed for memory at 22.5 GB; with copies, RSS
-    returns to 0.2 GB after each (the copy: the embeddings' ~9 MB)."""
-    try:
-        results = [np.array(value, copy=True) for value in session.run(outputs, feeds)]
-    except MemoryError as e:
-        raise BundleError(f"{path}: out of memory running the graph") from e
-    except Exception as e:  # ORT's Fail/RuntimeException/InvalidArgument share no public base class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{path}: ONNX Runtime failed running the graph: {first[:300]}") from e
-    for name, value in zip(outputs, results):
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise BundleError(f"{path}: output {name!r} holds NaN or Inf values")
-    return results
+    """``session.run``, its outputs ours and checked (backends/base.py's checked_outputs)."""
+    return checked_outputs(path, "ONNX Runtime", outputs, lambda: session.run(outputs, feeds))
