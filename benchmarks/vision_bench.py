@@ -3,8 +3,9 @@
 
 Random weights with the real shapes (ConvNeXt-Large + the 5th stage, 669M parameters, projector
 3072 -> 4096 -> 4096); the same weights serve every resolution, since the tower is fully
-convolutional. Every variant runs on the same inputs in the same process, so the ratios are
-side by side. GFLOP/s = 2 x multiply-accumulates / median time, against this machine's measured
+convolutional. Every variant runs on the same inputs in the same process, interleaved (each round times
+every engine once, in turn, so that a shared host's drift falls on all alike), so the ratios are side by
+side. OpenVINO runs the fp32 graph in fp32 and in bf16, and each int8 graph (fp32 around its int8 ops). GFLOP/s = 2 x multiply-accumulates / median time, against this machine's measured
 fp32 matrix-multiply peak (torch, 2048^3) and int8 peak (ONNX Runtime MatMulInteger, 2048^3).
 
     python benchmarks/vision_bench.py --sizes 768 1024 1536 --runs 3
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +38,7 @@ from convllava_edge.quantize.onnx_variants import make_variant
 from convllava_edge.backends import open_vision_backend
 from convllava_edge.backends.vision_openvino import openvino_available
 from convllava_edge.errors import ConfigError
+from convllava_edge.native import cpu_info
 from convllava_edge.families.convllava import CONVLLAVA, ConvLlavaEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
@@ -55,6 +56,31 @@ def timed(fn, runs: int, warmup: int = 1) -> list[float]:
         fn()
         times.append(time.perf_counter() - t)
     return times
+
+
+def interleaved(engines: dict, pixels: np.ndarray, runs: int, fp16_runs: int) -> dict[str, dict]:
+    """Each engine once per round, in turn (after one untimed run each): the shared host's drift falls on
+    all alike. Then each output against eager fp32's."""
+    with torch.no_grad():
+        outputs = {}
+        for name, fn in engines.items():  # the untimed run: its output is the one compared
+            out = fn()
+            outputs[name] = out.float().numpy()[0] if torch.is_tensor(out) else out  # eager keeps the batch axis
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for i in range(runs):
+            for name, fn in engines.items():
+                if "fp16" in name and i >= fp16_runs:
+                    continue  # no fast fp16 CPU kernels: timed less
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    reference = outputs["pytorch-eager-fp32"]
+    results = {}
+    for name, out in outputs.items():
+        agreement = compare_embeddings([np.asarray(out, dtype=np.float32)], [reference])
+        results[name] = {"times": times[name], "cosine_mean": agreement.cosine_mean, "cosine_min": agreement.cosine_min,
+                         "rel_l2": agreement.rel_l2}
+    return results
 
 
 def fp32_matmul_peak(threads: int) -> float:
@@ -137,37 +163,26 @@ def main() -> None:
         cfg = PreprocessConfig(image_size=size, crop_size=(size, size))
         pixels = preprocess(probe_images(1, seed=size)[0], cfg)
         gflop = 2 * convllava_vision_macs(tower.depths, tower.hidden_sizes, 4, size, size, N_EMBD) / 1e9
-        with torch.no_grad():
-            ref_t = timed(lambda: model(torch.from_numpy(pixels)), args.runs)
-            reference = model(torch.from_numpy(pixels)).numpy()[0]
-        results = {"pytorch-eager-fp32": {"times": ref_t, "cosine_mean": 1.0, "cosine_min": 1.0}}
+        x32 = torch.from_numpy(pixels)
+        engines = {"pytorch-eager-fp32": lambda: model(x32)}
         if model_bf16 is not None:  # the official code's fastest dtype here
-            with torch.no_grad():
-                x16 = torch.from_numpy(pixels).to(torch.bfloat16)
-                times = timed(lambda: model_bf16(x16), args.runs)
-                agreement = compare_embeddings([model_bf16(x16).float().numpy()[0]], [reference])
-            results["pytorch-eager-bf16"] = {"times": times, "cosine_mean": agreement.cosine_mean,
-                                             "cosine_min": agreement.cosine_min, "rel_l2": agreement.rel_l2}
+            x16 = x32.to(torch.bfloat16)
+            engines["pytorch-eager-bf16"] = lambda: model_bf16(x16).float()
         for variant, path in graphs.items():
             enc = ConvLlavaEncoder.from_file(path, "cpu", args.threads)
-            runs = args.fp16_runs if variant == "fp16" else args.runs
-            times = timed(lambda: enc.encode(pixels), runs)
-            agreement = compare_embeddings([enc.encode(pixels)], [reference])
-            results[f"ort-{variant}"] = {"times": times, "cosine_mean": agreement.cosine_mean,
-                                         "cosine_min": agreement.cosine_min, "rel_l2": agreement.rel_l2}
-            del enc
-        for variant, precision in (("fp32", "fp32"), ("fp32", "bf16")) if openvino_available() else ():
+            engines[f"ort-{variant}"] = enc.encode
+        ov_runs = [("fp32", "fp32"), ("fp32", "bf16")] + [(v, "fp32") for v in graphs if v.startswith("int8")]
+        for variant, precision in ov_runs if openvino_available() else ():
             try:
                 backend = open_vision_backend("cpu", args.threads, "openvino", precision=precision)
             except ConfigError as e:  # no bf16 on this CPU
                 print(f"openvino {precision}: {e}")
                 continue
             enc = ConvLlavaEncoder(backend.load(graphs[variant], *CONVLLAVA.graphs["vision"]), backend)
-            times = timed(lambda: enc.encode(pixels), args.runs)
-            agreement = compare_embeddings([enc.encode(pixels)], [reference])
-            results[f"openvino-{variant}-as-{precision}"] = {"times": times, "cosine_mean": agreement.cosine_mean,
-                                                            "cosine_min": agreement.cosine_min, "rel_l2": agreement.rel_l2}
-            del enc, backend
+            engines[f"openvino-{variant}-as-{precision}"] = enc.encode
+        results = interleaved(engines, pixels, args.runs, args.fp16_runs)
+        del engines
+        ref_t = results["pytorch-eager-fp32"]["times"]
         base_t = statistics.median(ref_t)
         for name, r in results.items():
             med = statistics.median(r["times"])
@@ -181,7 +196,7 @@ def main() -> None:
                   f"({row['pct_of_peak']:.0f}% of peak)  cos mean {row['cosine_mean']:.4f} min {row['cosine_min']:.4f}",
                   flush=True)
 
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    out = {"machine": {"cpu": cpu_info()["model"], "threads": args.threads,
                        "torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
            "date": time.strftime("%Y-%m-%d"), "params_m": n_params / 1e6, "peaks": peaks,
            "build_s": build_s, "graph_mb": sizes_mb, "rows": rows}

@@ -8,6 +8,8 @@ Decoder): a bundle's LLM through its LLM backend, which must report logits for t
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -91,6 +93,9 @@ class Reference:
         """(description, encoder with encode_both) for the fp32 reference graph(s)."""
         source_bundle, source = (self.path, self.manifest) if self.kind == "bundle" else (bundle, manifest)
         fp32 = next((v for v in source.vision if v.variant == "fp32"), None)
+        bf16 = next((v for v in source.vision if v.variant == "bf16"), None)
+        if fp32 is None and bf16 is not None:  # the bf16 type ships the fp32 graph: run it in fp32
+            fp32 = dataclasses.replace(bf16, variant="fp32", accuracy=None)
         if fp32 is None:
             raise ConfigError(f"{source_bundle}: no fp32 vision graph to compare against "
                               "(export one with --vision-type fp32, or pass --reference CHECKPOINT)")

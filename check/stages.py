@@ -27,7 +27,7 @@ from ..metrics import compare_embeddings
 from ..prompt import ImageSlot, Item
 from ..quantize.accuracy import compare_logits
 from ..tokenizer import PromptTokenizer
-from ..vision import open_encoder
+from ..vision import VISION_GATE, open_encoder, runnable_kind
 from .inputs import CheckInputs
 from .references import BundleLlm, Reference
 
@@ -35,8 +35,8 @@ from .references import BundleLlm, Reference
 # (what the LLM receives). Defaults: the vision issue's int8 bar for cosine; a KL and top-1 budget a
 # 4-bit LLM meets on trained models; answers may not lose more than 2 points of accuracy.
 GATES: dict[str, tuple[float, bool]] = {
-    "vision.cosine_mean": (0.99, True),
-    "vision.cosine_min": (0.95, True),
+    "vision.cosine_mean": (VISION_GATE["cosine_mean"], True),  # also what --vision-backend auto may choose
+    "vision.cosine_min": (VISION_GATE["cosine_min"], True),
     "vision.rel_l2": (0.15, False),
     "llm.kl_mean": (0.05, False),
     "llm.kl_p99": (0.5, False),
@@ -130,7 +130,8 @@ def vision_stage(ctx: Context) -> tuple[dict, list[GateResult]]:
     figures, gates = {"reference": ctx.ref_name, "variants": {}}, []
     sizes = {f.path: f.size for f in ctx.manifest.files}
     for entry in ctx.manifest.vision:
-        ctx.encoders[entry.variant] = open_encoder(ctx.bundle, ctx.manifest, entry, "cpu", ctx.threads)
+        ctx.encoders[entry.variant] = open_encoder(ctx.bundle, ctx.manifest, entry, "cpu", ctx.threads,
+                                                   kind=runnable_kind(entry, "cpu"))  # bf16: OpenVINO
         ctx.sizes[f"vision {entry.variant}"] = sum(sizes[f] for f in entry.files)
         if ctx.reference.kind == "self" and entry.variant == "fp32":
             continue  # the reference itself

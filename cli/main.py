@@ -20,10 +20,12 @@ from rich.markup import escape
 
 from ..errors import ConvLlavaEdgeError
 from ..prompt import checked_text
-from .render import StageProgress, bench_tables, check_tables, doctor_table, files_table, stats_line
+from .render import StageProgress, bench_tables, check_tables, doctor_table, files_table, info_lines, stats_line
 
-VISION_BACKEND_HELP = ("What runs the vision graphs: onnxruntime (CPU, CUDA, TensorRT) or openvino (CPU; the "
-                       "'openvino' extra; the only one that runs the bf16 vision type).")
+VISION_BACKEND_HELP = ("What runs the vision graphs: auto (the default, or $CONVLLAVA_EDGE_VISION_BACKEND: times the "
+                       "bundle's vision types on the backends here once and keeps the fastest within the accuracy "
+                       "gate), onnxruntime (CPU, CUDA, TensorRT) or openvino (CPU; the 'openvino' extra; the only "
+                       "one that runs the bf16 vision type).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
 out = Console(highlight=False, soft_wrap=True)
@@ -36,7 +38,7 @@ def export_cmd(
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to create."),
     vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="ConvNeXt tower folder; default: the copy in the shards."),
     llm_type: str = typer.Option("Q4_K_M", "--llm-type", help="Q4_K_M, Q4_0, Q5_K_M, Q6_K, Q8_0 (llama.cpp quantizer), or F16, BF16, F32."),
-    vision_type: List[str] = typer.Option(["fp32"], "--vision-type", help="fp32, fp16 or int8; repeat to ship several (the first is the default)."),
+    vision_type: List[str] = typer.Option(["fp32"], "--vision-type", help="fp32, fp16, int8 or bf16 (the fp32 graph run in bf16: OpenVINO, a CPU with bf16); repeat to ship several (the first is the default)."),
     calibration_images: Optional[Path] = typer.Option(None, "--calibration-images", help="Folder of images: static (TensorRT-ready QDQ) int8 instead of dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for validation and quantization."),
@@ -70,23 +72,19 @@ def info_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's SHA-256."),
 ) -> None:
     """Show a bundle's manifest and verify its files."""
+    from ..backends import VISION_BACKENDS
     from ..manifest import load_manifest
+    from ..vision import cached_choice, can_run
 
     manifest = load_manifest(bundle, verify=verify)
+    runs_on = {e.variant: [k for k in VISION_BACKENDS if can_run(k, e)] for e in manifest.vision}
+    choice = cached_choice(manifest)  # what --vision-backend auto measured here, if it ran
     if as_json:
-        out.print_json(json.dumps({**manifest.to_dict(), "verified": verify}))
+        out.print_json(json.dumps({**manifest.to_dict(), "verified": verify, "vision_runs_on": runs_on,
+                                   "vision_choice_here": choice}))
         return
-    out.print(f"[bold]{escape(manifest.name)}[/] ({escape(manifest.family)}, {escape(manifest.created_with)})")
-    pre = manifest.preprocess
-    out.print(f"image: {pre['crop_size'][0]}x{pre['crop_size'][1]} {pre['aspect']} -> "
-              f"{manifest.tokens_per_image['square']} tokens of width {manifest.n_embd} "
-              f"(rule {manifest.tokens_per_image['rule']})")
-    if manifest.tower:  # the architecture as exported (depths and widths, projector; CLIP width, compressor)
-        out.print("vision architecture: " + escape(", ".join(f"{k} {v}" for k, v in manifest.tower.items())))
-    for entry in manifest.vision:
-        out.print(f"vision {escape(entry.variant)}: {escape(entry.method)}")
-    if manifest.template:
-        out.print(f"template: {escape(str(manifest.template['name']))}")
+    for line in info_lines(manifest, runs_on, choice):
+        out.print(line)
     out.print(files_table(manifest, f"files ({'SHA-256 verified' if verify else 'not verified: --no-verify'})"))
 
 
@@ -118,7 +116,7 @@ def encode_cmd(
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph (default: the bundle's first)."),
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this .npy file."),
     as_json: bool = typer.Option(False, "--json"),
@@ -129,15 +127,17 @@ def encode_cmd(
     from ..image import open_image
     from ..manifest import load_manifest
     from ..preprocess import PreprocessConfig, preprocess
-    from ..vision import open_encoder
+    from ..vision import choose_vision
 
     manifest = load_manifest(model)
-    entry = manifest.vision_entry(vision_type)
+    manifest.vision_entry(vision_type)  # an unknown type fails before any work
     config = PreprocessConfig.from_manifest(manifest.preprocess)
     t0 = time.perf_counter()
     pixels = preprocess(open_image(image), config, aspect or manifest.preprocess["aspect"])
     t1 = time.perf_counter()
-    encoder = open_encoder(model, manifest, entry, device, threads, kind=vision_backend)  # what the cache keeps
+    choice, encoder = choose_vision(model, manifest, vision_type, device, threads, vision_backend,
+                                    lambda line: err.print(line, markup=False))  # what the cache keeps
+    entry = choice.entry
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
     t3 = time.perf_counter()
@@ -150,7 +150,7 @@ def encode_cmd(
             raise ConvLlavaEdgeError(f"{save}: cannot write: {e.strerror or e}") from e
     result = {"image": str(image), "vision_type": entry.variant, "pixel_shape": list(pixels.shape),
               "n_tokens": int(embeds.shape[0]), "n_embd": int(embeds.shape[1]), "providers": encoder.providers,
-              "vision_backend": vision_backend,
+              "vision_backend": choice.kind, "vision_choice": choice.to_dict(),
               "timings": {"preprocess_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "encode_ms": (t3 - t2) * 1e3}}
     if as_json:
         out.print_json(json.dumps(result))
@@ -217,7 +217,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
-    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
@@ -256,7 +256,7 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
 
 
 def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
-                context_for: Optional[tuple[str, int]] = None, vision_backend: str = "onnxruntime"):
+                context_for: Optional[tuple[str, int]] = None, vision_backend: Optional[str] = None):
     from ..default_model import default_bundle
     from ..model import Model
     from ..threads import check_threads
@@ -270,7 +270,8 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
                   markup=False)
     # one question (context_for): the LLM loads once the image is encoded and the graphs are freed (ask_once)
     loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
-                   context_for=context_for, defer_llm=context_for is not None, vision_backend=vision_backend)
+                   context_for=context_for, defer_llm=context_for is not None, vision_backend=vision_backend,
+                   progress=lambda line: err.print(line, markup=False))
     return loaded
 
 
@@ -315,7 +316,7 @@ def ask_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, ConvLLaVA's default), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
-    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
@@ -347,7 +348,8 @@ def ask_cmd(
         for _ in stream:
             pass
         print(json.dumps({**stream.answer.to_dict(), "providers": loaded.vision_providers,
-                          "vision_backend": vision_backend,
+                          "vision_backend": loaded.vision_backend, "vision_type": loaded.vision_entry.variant,
+                          "vision_choice": loaded.vision_choice.to_dict(),
                           "llm_extra_buffer_types": loaded.llm.settings.get("extra_bufts"), "llm_settings": loaded.llm.settings}))
         return
     for piece in stream:
@@ -369,7 +371,7 @@ def chat_cmd(
     device: str = typer.Option("auto", "--device"),
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
-    vision_backend: str = typer.Option("onnxruntime", "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Talk about an image over several turns (an empty line or end of input quits)."""

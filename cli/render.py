@@ -152,6 +152,16 @@ def doctor_table(r: dict) -> Table:
     table.add_row("CPU-path probe", escape("not run (--no-probe)" if verdict is None else
                                            f"{verdict['reason']}{' (cached)' if verdict['cached'] else ''}"))
     table.add_row("ONNX Runtime", escape(f"{ort.get('version')}: {', '.join(ort.get('providers', []))}"))
+    vision = r["vision"]
+    ov = vision["openvino"]
+    table.add_row("vision backends", escape(
+        f"default {vision['default']}; onnxruntime (fp32); openvino "
+        + (f"{ov['version']} ({', '.join(ov.get('precisions', []))})" if ov["installed"]
+           else "not installed (pip install 'convllava-edge[openvino]')")))
+    for c in vision["auto_choices"]:
+        table.add_row("auto chose", escape(f"{c['bundle']}: {c['vision_type']} on {c['vision_backend']} ({c['date']}; "
+                                           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in (c["calibration_s"] or {}).items())
+                                           + ")"))
     table.add_row("GPU", escape("; ".join(gpu["devices"]) or "none found") +
                   (f"; llama.cpp GPU offload: {'yes' if llm.get('gpu_offload') else 'no'}"))
     table.add_row("cache", escape(f"{cache['folder']}: {cache['entries']} entries, {size_text(cache['size_bytes'])} "
@@ -181,3 +191,31 @@ def bench_tables(result: dict, name: str, runs: int) -> tuple[Table, str]:
                f"cache-hit time to first token = {result['cache_hit_ttft_fraction']:.1%} of cold; "
                f"peak memory {result['peak_rss_mb']:.0f} MB")
     return table, summary
+
+
+def info_lines(manifest, runs_on: dict[str, list[str]], choice: dict | None):
+    """``info``'s lines above the files table: the image rule, the architecture, each vision type (with where it
+    runs here and its cosine against fp32), what auto chose here, the template."""
+    from ..vision import cosines, within_gate
+
+    yield f"[bold]{escape(manifest.name)}[/] ({escape(manifest.family)}, {escape(manifest.created_with)})"
+    pre = manifest.preprocess
+    yield (f"image: {pre['crop_size'][0]}x{pre['crop_size'][1]} {pre['aspect']} -> "
+           f"{manifest.tokens_per_image['square']} tokens of width {manifest.n_embd} "
+           f"(rule {manifest.tokens_per_image['rule']})")
+    if manifest.tower:  # the architecture as exported (depths and widths, projector; CLIP width, compressor)
+        yield "vision architecture: " + escape(", ".join(f"{k} {v}" for k, v in manifest.tower.items()))
+    for entry in manifest.vision:
+        mean, _ = cosines(entry)
+        gate = "" if within_gate(entry) or entry is manifest.vision[0] else "; outside auto's accuracy gate"
+        yield (f"vision {escape(entry.variant)}: {escape(entry.method)} (cosine vs fp32 {mean:.4f}; runs here on "
+               f"{', '.join(runs_on[entry.variant]) or 'no installed backend'}{gate})")
+    if choice is not None:
+        times = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in choice.get("calibration_s", {}).items())
+        yield (f"vision here (auto): {escape(choice['vision_type'])} on {escape(choice['vision_backend'])}, "
+               f"{escape(choice['how'])} {escape(str(choice.get('date', '')))} ({escape(times)})")
+    else:
+        yield ("vision here (auto): the bundle's first vision type, timed against the others on first use when "
+               "several types or backends can run it")
+    if manifest.template:
+        yield f"template: {escape(str(manifest.template['name']))}"

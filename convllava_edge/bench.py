@@ -32,7 +32,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", runs: int = 5, max_tokens: int = 32,
               device: str = "cpu", threads: int | None = None, vision_type: str | None = None,
               progress: Callable[[str, int, int], None] = lambda *a: None,
-              vision_backend: str = "onnxruntime") -> dict[str, Any]:
+              vision_backend: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="convllava-bench-cache-") as cache_dir:
         model = Model(bundle, device=device, threads=threads, vision_type=vision_type,
                       cache=EmbeddingCache(cache_dir), vision_backend=vision_backend)
@@ -58,7 +58,8 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
             "bundle": str(bundle), "runs": runs, "max_tokens": max_tokens, "question": question,
             "n_image_tokens": answer.n_image_tokens, "n_prompt_positions": answer.n_prompt_positions,
             "n_generated": len(answer.token_ids),
-            "vision": {"graph": model.vision_entry.variant, "backend": vision_backend, "providers": model.vision_providers,
+            "vision": {"graph": model.vision_entry.variant, "backend": model.vision_backend,
+                       "choice": model.vision_choice.to_dict(), "providers": model.vision_providers,
                        "threads": model.vision.threads},
             "llm": {"type": model.manifest.llm.type, "threads": model.llm.threads, "gpu_offload": model.llm.gpu_offload},
             "cold": {k: summarize([r[k] for r in series["cold"]]) for k in FIGURES},

@@ -18,7 +18,7 @@ from typing import Any
 # The flags that decide which kernels the libraries pick (x86); others are listed in full by --json.
 NOTABLE_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                  "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-PACKAGES = ("convllava-edge", "numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "llama_cpp_python", "gguf",
+PACKAGES = ("convllava-edge", "numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "llama_cpp_python", "gguf",
             "jinja2", "typer", "torch", "transformers", "onnx")
 
 
@@ -97,6 +97,26 @@ def gpu_section() -> dict[str, Any]:
     return out
 
 
+def vision_section() -> dict[str, Any]:
+    """The vision backends installed, what each runs here, and what ``--vision-backend auto`` chose per bundle."""
+    from .backends.vision_openvino import openvino_available
+    from .native import read_record, state_dir
+    from .vision import cpu_has_bf16, default_backend
+
+    out: dict[str, Any] = {"default": default_backend(), "onnxruntime": {"precisions": ["fp32"]},
+                           "openvino": {"installed": openvino_available(), "version": _version("openvino")}}
+    if openvino_available():
+        out["openvino"]["precisions"] = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+    choices = []
+    for path in sorted(state_dir().glob("vision-choice-*.json")):
+        record = read_record(path.name)
+        if record is not None:
+            choices.append({k: record.get(k) for k in ("bundle", "vision_type", "vision_backend", "how", "date",
+                                                      "calibration_s")})
+    out["auto_choices"] = choices
+    return out
+
+
 def cache_section() -> dict[str, Any]:
     from .cache import EmbeddingCache
 
@@ -114,6 +134,7 @@ def report(run_probe: bool = True) -> dict[str, Any]:
         "llama_cpp": llama_section(run_probe),
         "onnxruntime": onnxruntime_section(),
         "gpu": gpu_section(),
+        "vision": vision_section(),
         "cache": cache_section(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -37,7 +37,7 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class VisionEntry:
-    variant: str  # fp32 | fp16 | int8
+    variant: str  # fp32 | fp16 | int8 | bf16 (the fp32 graph, run in bf16 arithmetic)
     graph: str  # the .onnx file (its external data, if any, is listed in ``files``)
     files: tuple[str, ...]
     method: str  # how it was made, in words

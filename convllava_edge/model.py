@@ -28,7 +28,7 @@ from .manifest import Manifest, load_manifest, resolve_inside
 from .preprocess import ASPECTS
 from .prompt import ImageSlot, Item, positions, template_from_dict
 from .tokenizer import PromptTokenizer
-from .vision import open_encoder, precision_of
+from .vision import choose_vision, precision_of
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ class Model:
     def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
                  vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
                  kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
-                 llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str = "onnxruntime"):
+                 llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str | None = None,
+                 progress: Callable[[str], None] | None = None):
         """``cache``: True (the default folder), an EmbeddingCache, or False/None (no disk cache).
         ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
         ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
@@ -95,22 +96,25 @@ class Model:
         ``llm``: an LLM backend already open on this bundle's LLM (default: llama.cpp on its GGUF).
         ``defer_llm``: load the LLM when a prompt first needs it, not now: a one-shot ``ask`` encodes its
         image and frees the graphs (``release_vision``) before the LLM takes its memory.
-        ``vision_backend``: what runs the graphs, "onnxruntime" or "openvino" (backends.VISION_BACKENDS)."""
+        ``vision_backend``: what runs the graphs, "onnxruntime", "openvino" or "auto" (None: $CONVLLAVA_EDGE_VISION_BACKEND,
+        else auto): auto times the bundle's types on the backends here once and keeps the fastest within the
+        accuracy gate (vision.choose_vision; ``progress`` hears about the timing)."""
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.llm is None or self.manifest.template is None:
             raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
         self.family = family_for(self.manifest.family)
-        self.vision_entry = self.manifest.vision_entry(vision_type)
         self.template = template_from_dict(self.manifest.template)
-        self.vision = open_encoder(self.bundle, self.manifest, self.vision_entry, device, threads, kind=vision_backend)
+        self.vision_choice, self.vision = choose_vision(self.bundle, self.manifest, vision_type, device, threads,
+                                                        vision_backend, progress)
+        self.vision_entry, self.vision_backend = self.vision_choice.entry, self.vision_choice.kind
         self.images_note = self.vision.note
         self._shas = shas = {f.path: f.sha256 for f in self.manifest.files}
         store = EmbeddingCache() if cache is True else (cache or None)
         graph_sha = "+".join(shas[f] for f in self.vision_entry.files)  # every graph that shapes the cached rows
         precision = precision_of(self.vision_entry)
-        if (vision_backend, precision) != ("onnxruntime", "fp32"):  # what ran them, where the result differs by it
-            graph_sha += f"|{vision_backend}|{precision}"
+        if (self.vision_backend, precision) != ("onnxruntime", "fp32"):  # what ran them, where the result differs by it
+            graph_sha += f"|{self.vision_backend}|{precision}"
         self.images = ImageEmbedder(self.manifest, self.family, self.vision, graph_sha, store)
         self.vision_providers = list(self.vision.providers)
         fitted = context_for is not None and n_ctx is None and self.family.fit_context \

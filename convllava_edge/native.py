@@ -133,7 +133,7 @@ def state_dir() -> Path:
     return default_cache_dir() / "native-checks"
 
 
-def _read_record(name: str) -> dict | None:
+def read_record(name: str) -> dict | None:
     try:
         data = json.loads((state_dir() / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -141,7 +141,7 @@ def _read_record(name: str) -> dict | None:
     return data if isinstance(data, dict) and data.get("version") == VERDICT_VERSION else None
 
 
-def _write_record(name: str, data: dict) -> None:
+def write_record(name: str, data: dict) -> None:
     """Atomic write; an unwritable cache only means the check runs again next time."""
     folder = state_dir()
     try:
@@ -212,7 +212,7 @@ def cpu_paths_verdict(run: bool = True) -> Verdict | None:
     with _lock:
         if _verdict:
             return _verdict[0]
-    record = _read_record(_probe_record_name())
+    record = read_record(_probe_record_name())
     if record is not None:
         verdict = Verdict(bool(record["extra_bufts"]), str(record["reason"]), record.get("signal"), cached=True,
                           seconds=float(record.get("seconds", 0.0)))
@@ -221,7 +221,7 @@ def cpu_paths_verdict(run: bool = True) -> Verdict | None:
     else:
         verdict = _probe()
         if verdict.signal is not None or verdict.extra_bufts:  # a child that could not start proves nothing
-            _write_record(_probe_record_name(), {k: v for k, v in asdict(verdict).items() if k != "cached"})
+            write_record(_probe_record_name(), {k: v for k, v in asdict(verdict).items() if k != "cached"})
     with _lock:
         if not _verdict:
             _verdict.append(verdict)
@@ -303,7 +303,7 @@ def trial_load(path: Path, *, extra_bufts: bool, n_gpu_layers: int = 0, sha256: 
     """
     key = hashlib.sha256(f"{file_identity(path, sha256)}|{library_digest()}|{cpu_digest()}|{n_gpu_layers}".encode())
     name = f"trial-{key.hexdigest()[:40]}.json"
-    record = _read_record(name)
+    record = read_record(name)
     if record is not None and isinstance(record.get("extra_bufts"), bool):
         return record["extra_bufts"] if extra_bufts else False
     result = _run_child(["trial", str(path), str(int(extra_bufts)), str(n_gpu_layers)], TRIAL_TIMEOUT_S)
@@ -312,12 +312,12 @@ def trial_load(path: Path, *, extra_bufts: bool, n_gpu_layers: int = 0, sha256: 
         if retry.returncode == 0:
             notice(f"{path.name}: llama.cpp's extra buffer types crashed a trial load with {result.signal_name}; "
                    "loading it without them")
-            _write_record(name, {"extra_bufts": False})
+            write_record(name, {"extra_bufts": False})
             return False
         result = retry
     if result.returncode != 0:
         raise BundleError(f"{path}: llama.cpp cannot load this GGUF ({_describe(result)})")
-    _write_record(name, {"extra_bufts": extra_bufts})
+    write_record(name, {"extra_bufts": extra_bufts})
     return extra_bufts
 
 

@@ -1,23 +1,50 @@
 """A bundle's vision side, opened in one place: the family's graphs, loaded by a vision backend.
 
-``ask``, ``encode``, ``check`` and ``bench`` all get their encoder from ``open_encoder``.
+``ask``, ``encode``, ``check`` and ``bench`` all get their encoder from here. ``choose_vision`` decides what
+runs when the user did not say: with ``--vision-backend auto`` (the default) every pair of the bundle's vision
+types within the accuracy gate and the backends that can run it here is timed once on this machine, and the
+fastest is kept in a record beside the embedding cache (per bundle, CPU, thread count and library versions),
+so later runs read the choice instead of measuring again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .backends import open_vision_backend
+import numpy as np
+
+from .backends import VISION_BACKENDS, open_vision_backend
 from .backends.base import VisionBackend
+from .errors import ConfigError, ConvLlavaEdgeError, unknown_choice
 from .families import VisionEncoder, family_for
 from .manifest import Manifest, VisionEntry, resolve_inside
+
+AUTO = "auto"
+BACKEND_CHOICES = (AUTO,) + VISION_BACKENDS
+ENV_BACKEND = "CONVLLAVA_EDGE_VISION_BACKEND"  # the default of --vision-backend (tests pin it)
+# A vision type auto may pick: check's vision gates (check/stages.py reads them from here).
+VISION_GATE = {"cosine_mean": 0.99, "cosine_min": 0.95}
+CALIBRATION_RUNS = 2  # timed encodes per candidate, after one untimed (compilation, arena growth)
+CHOICE_VERSION = 1
 
 
 def precision_of(entry: VisionEntry) -> str:
     """The arithmetic a vision type runs in: bf16 for the bf16 type, fp32 for every other (fp16 and int8 graphs
     compute what they do not quantize in fp32)."""
     return "bf16" if entry.variant == "bf16" else "fp32"
+
+
+def default_backend() -> str:
+    kind = os.environ.get(ENV_BACKEND) or AUTO
+    if kind not in BACKEND_CHOICES:
+        raise ConfigError(f"${ENV_BACKEND}={kind!r}: expected one of {', '.join(BACKEND_CHOICES)}")
+    return kind
 
 
 def open_encoder(bundle: str | os.PathLike, manifest: Manifest, entry: VisionEntry | str | None = None,
@@ -34,4 +61,182 @@ def open_encoder(bundle: str | os.PathLike, manifest: Manifest, entry: VisionEnt
     return family.encoder(graphs, backend)
 
 
-__all__ = ["VisionEncoder", "open_encoder"]
+# -- which backend can run what ----------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    from .native import cpu_info
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
+
+
+def _gpu_visible(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def can_run(kind: str, entry: VisionEntry, device: str = "auto") -> bool:
+    """Whether backend ``kind`` runs ``entry`` here as it is meant to (a cheap test: no graph is opened)."""
+    if kind == "onnxruntime":
+        return precision_of(entry) == "fp32"  # no bf16 CPU kernels for these graphs
+    if kind == "openvino":
+        from .backends.vision_openvino import openvino_available
+
+        return (device != "cuda" and not _gpu_visible(device) and openvino_available()
+                and (precision_of(entry) != "bf16" or cpu_has_bf16()))
+    return False
+
+
+def runnable_kind(entry: VisionEntry, device: str = "auto", preferred: str = "onnxruntime") -> str:
+    """``preferred`` when it can run ``entry``, else the first backend that can (``check`` runs a bundle's
+    every type, bf16 included); ``preferred`` when none can, so that its refusal is the message."""
+    if can_run(preferred, entry, device):
+        return preferred
+    return next((k for k in VISION_BACKENDS if can_run(k, entry, device)), preferred)
+
+
+def cosines(entry: VisionEntry) -> tuple[float, float]:
+    """(cosine_mean, cosine_min) of a vision type against fp32 as the export measured it; for several graphs
+    (LLaVA-Mini: clip, compress, prefusion) the worst of them. fp32 itself: (1, 1)."""
+    if entry.variant == "fp32":
+        return 1.0, 1.0
+    accuracy = entry.accuracy or {}
+    parts = [accuracy] if "cosine_mean" in accuracy else [a for a in accuracy.values() if isinstance(a, dict)]
+    try:
+        return min(float(p["cosine_mean"]) for p in parts), min(float(p["cosine_min"]) for p in parts)
+    except (KeyError, TypeError, ValueError):  # not measured: never chosen unasked
+        return float("nan"), float("nan")
+
+
+def within_gate(entry: VisionEntry) -> bool:
+    mean, low = cosines(entry)
+    return mean >= VISION_GATE["cosine_mean"] and low >= VISION_GATE["cosine_min"]
+
+
+# -- the choice ---------------------------------------------------------------------------------------
+@dataclass
+class VisionChoice:
+    entry: VisionEntry
+    kind: str  # the backend: onnxruntime | openvino
+    how: str  # asked | only candidate | calibrated | cached
+    seconds: dict[str, float] = field(default_factory=dict)  # "variant/backend" -> encode seconds (calibration)
+
+    def to_dict(self) -> dict:
+        return {"vision_type": self.entry.variant, "vision_backend": self.kind, "how": self.how,
+                "precision": precision_of(self.entry), "calibration_s": self.seconds}
+
+
+def candidates(manifest: Manifest, variant: str | None, device: str) -> list[tuple[VisionEntry, str]]:
+    """(type, backend) pairs auto chooses among: the asked type, or every type within the gate (the bundle's
+    default always, as its author chose it); each with every backend that runs it here."""
+    entries = [manifest.vision_entry(variant)] if variant is not None else \
+        [e for i, e in enumerate(manifest.vision) if i == 0 or within_gate(e)]
+    pairs = [(e, k) for e in entries for k in VISION_BACKENDS if can_run(k, e, device)]
+    if not pairs:  # e.g. a bf16-only bundle on a CPU without bf16: the backend's refusal says why
+        pairs = [(entries[0], runnable_kind(entries[0], device))]
+    return pairs
+
+
+def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | None = None, device: str = "auto",
+                  threads: int | None = None, kind: str | None = None,
+                  progress: Callable[[str], None] | None = None,
+                  timer: Callable[[str, VisionEncoder, np.ndarray], float] | None = None,
+                  ) -> tuple[VisionChoice, VisionEncoder]:
+    """What runs the vision graphs, and its open encoder. ``kind``: a backend name (used as asked), "auto", or
+    None (``$CONVLLAVA_EDGE_VISION_BACKEND``, else auto). ``timer(label, encoder, pixels)`` gives a candidate's
+    seconds per image, label "variant/backend" (tests inject theirs)."""
+    kind = kind or default_backend()
+    if kind not in BACKEND_CHOICES:
+        raise unknown_choice("vision backend", kind, BACKEND_CHOICES)
+    if kind != AUTO:
+        entry = manifest.vision_entry(variant)
+        return VisionChoice(entry, kind, "asked"), open_encoder(bundle, manifest, entry, device, threads, kind=kind)
+    pairs = candidates(manifest, variant, device)
+    if len(pairs) == 1:
+        entry, chosen = pairs[0]
+        return VisionChoice(entry, chosen, "only candidate"), open_encoder(bundle, manifest, entry, device, threads,
+                                                                           kind=chosen)
+    from .native import read_record, write_record
+
+    name = _record_name(manifest, pairs, device, threads)
+    record = read_record(name)
+    by_name = {(e.variant, k): (e, k) for e, k in pairs}
+    if record is not None and (record.get("vision_type"), record.get("vision_backend")) in by_name:
+        entry, chosen = by_name[(record["vision_type"], record["vision_backend"])]
+        seconds = {str(k): float(v) for k, v in record.get("calibration_s", {}).items()}
+        return VisionChoice(entry, chosen, "cached", seconds), open_encoder(bundle, manifest, entry, device, threads,
+                                                                            kind=chosen)
+    choice, encoder = _calibrate(bundle, manifest, pairs, device, threads, progress, timer or _time_encode)
+    write_record(name, {**choice.to_dict(), "bundle": manifest.name, "threads": threads,
+                        "date": time.strftime("%Y-%m-%d")})
+    return choice, encoder
+
+
+def cached_choice(manifest: Manifest, device: str = "auto", threads: int | None = None) -> dict | None:
+    """The calibration ``auto`` recorded for this bundle here, if any (``info`` shows it; nothing runs)."""
+    from .native import read_record
+
+    pairs = candidates(manifest, None, device)
+    return None if len(pairs) == 1 else read_record(_record_name(manifest, pairs, device, threads))
+
+
+def _calibrate(bundle, manifest: Manifest, pairs, device: str, threads: int | None, progress, timer):
+    from .preprocess import PreprocessConfig
+
+    h, w = PreprocessConfig.from_manifest(manifest.preprocess).crop_size  # the shape a square image runs at
+    pixels = np.random.default_rng(0).normal(0, 1, size=(1, 3, h, w)).astype(np.float32)  # cost is content-blind
+    seconds: dict[str, float] = {}
+    best: tuple[float, VisionEntry, str, VisionEncoder] | None = None
+    for entry, kind in pairs:
+        label = f"{entry.variant}/{kind}"
+        if progress:
+            progress(f"timing the {entry.variant} vision type on {kind} (once per bundle on this machine)")
+        try:
+            encoder = open_encoder(bundle, manifest, entry, device, threads, kind=kind)
+            seconds[label] = timer(label, encoder, pixels)
+        except ConvLlavaEdgeError as e:  # a backend that cannot run it here after all: not a candidate
+            if progress:
+                progress(f"{label}: {e}")
+            continue
+        if best is None or seconds[label] < best[0]:
+            best = (seconds[label], entry, kind, encoder)  # the encoder it replaces is freed here
+        del encoder
+    if best is None:
+        raise ConfigError(f"{manifest.name}: no vision backend can run this bundle's graphs here "
+                          f"(tried {', '.join(f'{e.variant}/{k}' for e, k in pairs)})")
+    _, entry, kind, encoder = best
+    return VisionChoice(entry, kind, "calibrated", seconds), encoder
+
+
+def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray) -> float:
+    encoder.encode(pixels)  # compilation, arena growth
+    times = []
+    for _ in range(CALIBRATION_RUNS):
+        t = time.perf_counter()
+        encoder.encode(pixels)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _record_name(manifest: Manifest, pairs, device: str, threads: int | None) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    from .native import cpu_digest
+    from .threads import default_threads
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    shas = {f.path: f.sha256 for f in manifest.files}
+    key = json.dumps([CHOICE_VERSION, __version__, cpu_digest(), device, threads or default_threads(),
+                      sorted(f"{e.variant}/{k}:" + "+".join(shas.get(f, "") for f in e.files) for e, k in pairs),
+                      installed("onnxruntime") or installed("onnxruntime-gpu"), installed("openvino")])
+    return f"vision-choice-{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
+
+
+__all__ = ["AUTO", "BACKEND_CHOICES", "VisionChoice", "VisionEncoder", "choose_vision", "open_encoder"]

@@ -121,13 +121,14 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
                    conversion: GgufConversion, report: QuantReport | None, agreement: dict | None,
                    vision_tower: Path | None = None) -> Manifest:
     """The one manifest builder: the family's fields, the files as written, the LLM as quantized."""
-    entries, records = [], []
+    entries, records, recorded = [], [], set()
     for v in vision.vision:
         files = tuple(f.relative_to(bundle).as_posix() for f in v.files)
         parts = {role: p.relative_to(bundle).as_posix() for role, p in v.parts.items()}
         entries.append(VisionEntry(variant=v.variant, graph=parts.get(next(iter(parts), ""), files[0]), files=files,
                                    method=v.method, tensorrt_ready=v.tensorrt_ready, accuracy=v.accuracy, parts=parts))
-        records += [FileRecord.of(bundle, f) for f in v.files]
+        records += [FileRecord.of(bundle, f) for f in v.files if f not in recorded]  # bf16 shares fp32's files
+        recorded.update(v.files)
     records.append(FileRecord.of(bundle, llm_path))
     accuracy = dict(vision.accuracy)
     if family.measures_agreement:

@@ -43,7 +43,8 @@ class ConvLlavaExport(ExportFamily):
         shipped = [ShippedVision(g.variant, g.files, g.method, g.lint.passed, g.accuracy.to_dict() if g.accuracy else None)
                    for g in sorted(vision.graphs, key=lambda g: order.get(g.variant, len(order)))
                    if g.variant in options.vision_types]
-        unshipped = [f for g in vision.graphs if g.variant not in options.vision_types for f in g.files]
+        kept = {f for v in shipped for f in v.files}  # bf16 ships the fp32 graph's files
+        unshipped = [f for g in vision.graphs if g.variant not in options.vision_types for f in g.files if f not in kept]
         h, w = vision.preprocess.crop_size
         fp32 = next(g for g in vision.graphs if g.variant == "fp32")
         return VisionResult(

@@ -71,11 +71,13 @@ class LlavaMiniExport(ExportFamily):
             files = [f for graph in GRAPHS for f in graph_files(g.paths[graph])]
             shipped.append(ShippedVision(g.variant, files, g.method, all(r.passed for r in g.lint.values()),
                                          g.accuracy or None, parts={graph: g.paths[graph] for graph in GRAPHS}))
-        unshipped = [f for g in graphs if g.variant not in order for graph in GRAPHS for f in graph_files(g.paths[graph])]
+        kept = {f for v in shipped for f in v.files}  # bf16 ships the fp32 graphs' files
+        unshipped = [f for g in graphs if g.variant not in order for graph in GRAPHS
+                     for f in graph_files(g.paths[graph]) if f not in kept]
         pre = PreprocessConfig.from_dict(ckpt.preprocess, stride=ckpt.clip_config.patch_size)
         c2 = ckpt.config.compressor_size ** 2
         n_clip = (ckpt.clip_config.image_size // ckpt.clip_config.patch_size) ** 2
-        fp32_shipped = "fp32" in order
+        fp32_shipped = "fp32" in order or "bf16" in order  # bf16 runs the fp32 graphs
         return VisionResult(
             vision=shipped, unshipped=unshipped, preprocess={**pre.to_dict(), "aspect": "crop"},
             n_embd=ckpt.config.llm.hidden_size,

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, ExportError
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import TensorStore
 from .config import LlmConfig
 from .vocab import Vocab, read_vocab

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -20,8 +19,8 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
-from ..metrics import EmbeddingAgreement, compare_embeddings, relative_max_error
-from .llava_mini import ClipFeatures, Compress, LlavaMiniCheckpoint, PreFusion, load_modules
+from ..metrics import compare_embeddings, relative_max_error
+from .llava_mini import Compress, LlavaMiniCheckpoint, PreFusion, load_modules
 from ..quantize.onnx_variants import fold_constants
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, FP32_TOLERANCE, _quiet_exporter
 from .trt_lint import LintReport, lint
@@ -194,21 +193,27 @@ def lint_all(paths: dict[str, Path]) -> dict[str, LintReport]:
 
 def make_mini_variant(variant: str, fp32: MiniGraphs, ckpt: LlavaMiniCheckpoint, out_dir: Path,
                       threads: int | None = None) -> MiniGraphs:
-    """fp16 or int8 versions of the three graphs, each measured against fp32 on the same inputs."""
+    """fp16 or int8 versions of the three graphs, or bf16 (the fp32 graphs in bf16 arithmetic), each measured
+    against fp32 on the same inputs."""
     from ..families.llava_mini import MiniEncoder
-    from ..quantize.onnx_variants import RMSNORM_OPS, convert_fp16, quantize_int8_dynamic
+    from ..quantize.onnx_variants import BF16_METHOD, RMSNORM_OPS, bf16_backend, convert_fp16, quantize_int8_dynamic
 
-    paths = {}
-    for graph, src in fp32.paths.items():
-        dst = out_dir / f"{graph}-{variant}.onnx"
-        if variant == "fp16":
-            paths[graph] = convert_fp16(src, dst, RMSNORM_OPS if graph == "prefusion" else None)
-        else:
-            paths[graph] = quantize_int8_dynamic(src, dst)
-    method = ("fp16 weights and activations, LayerNorm/RMSNorm statistics in fp32" if variant == "fp16"
-              else "dynamic int8 (MatMul weights per-channel, activations at run time)")
+    if variant == "bf16":
+        paths, method = dict(fp32.paths), BF16_METHOD
+        cand = MiniEncoder.from_files(paths, backend=bf16_backend(threads))
+    else:
+        paths = {}
+        for graph, src in fp32.paths.items():
+            dst = out_dir / f"{graph}-{variant}.onnx"
+            if variant == "fp16":
+                paths[graph] = convert_fp16(src, dst, RMSNORM_OPS if graph == "prefusion" else None)
+            else:
+                paths[graph] = quantize_int8_dynamic(src, dst)
+        method = ("fp16 weights and activations, LayerNorm/RMSNorm statistics in fp32" if variant == "fp16"
+                  else "dynamic int8 (MatMul weights per-channel, activations at run time)")
+        cand = MiniEncoder.from_files(paths, "cpu", threads)
     samples = sample_inputs(ckpt, seed=1)
-    ref, cand = MiniEncoder.from_files(fp32.paths, "cpu", threads), MiniEncoder.from_files(paths, "cpu", threads)
+    ref = MiniEncoder.from_files(fp32.paths, "cpu", threads)
     pairs: dict[str, tuple[list, list]] = {"clip": ([], []), "compress": ([], []), "prefusion": ([], [])}
     for i in range(2):
         feats = ref.clip(samples["pixels"][i])

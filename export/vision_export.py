@@ -29,7 +29,7 @@ Progress = Callable[[str], None]
 
 @dataclass
 class VisionGraph:
-    variant: str  # fp32 | fp16 | int8
+    variant: str  # fp32 | fp16 | int8 | bf16 (the fp32 graph's own file)
     path: Path
     method: str
     lint: LintReport
@@ -61,7 +61,8 @@ def validation_shapes(config: PreprocessConfig) -> list[tuple[int, int]]:
 def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str] = ("fp32",),
                   calibration_dir: Path | None = None, progress: Progress = lambda msg: None,
                   threads: int | None = None) -> VisionExport:
-    from ..quantize.onnx_variants import make_variant  # quantize/ is imported lazily: it pulls onnxruntime tools
+    # quantize/ is imported lazily: it pulls onnxruntime tools
+    from ..quantize.onnx_variants import BF16_METHOD, bf16_backend, make_variant
 
     config = ckpt.tower.preprocess
     progress("loading the vision tower and projector")
@@ -90,10 +91,15 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
     for variant in variants:
         if variant == "fp32":
             continue
-        progress(f"making the {variant} graph")
-        path, method = make_variant(variant, fp32_path, out_dir / f"vision-{variant}.onnx",
-                                    calibration if variant == "int8" else None)
-        encoder = ConvLlavaEncoder.from_file(path, "cpu", threads)
+        if variant == "bf16":
+            progress("measuring the fp32 graph in bf16 arithmetic")
+            path, method = fp32_path, BF16_METHOD
+            encoder = ConvLlavaEncoder.from_file(path, backend=bf16_backend(threads))
+        else:
+            progress(f"making the {variant} graph")
+            path, method = make_variant(variant, fp32_path, out_dir / f"vision-{variant}.onnx",
+                                        calibration if variant == "int8" else None)
+            encoder = ConvLlavaEncoder.from_file(path, "cpu", threads)
         accuracy = compare_embeddings([encoder.encode(p) for p in probes], reference)
         del encoder
         graphs.append(VisionGraph(variant, path, method, lint(path), accuracy=accuracy))

@@ -13,6 +13,8 @@ optimum's quantizer is itself a wrapper over the onnxruntime.quantization calls 
   quantized at run time. Measured on this CPU: 2.65x faster than fp32, whereas also quantizing the
   depthwise/downsampling Convs this way made the graph slower than fp32 (0.57x). CPU-oriented:
   MatMulInteger/DynamicQuantizeLinear are not TensorRT ops.
+- bf16: no new file. The fp32 graph, run by OpenVINO with bf16 inference precision (bf16_backend); the
+  export measures it against fp32 arithmetic like the other variants.
 - int8, static (calibration images given): QDQ format, per-channel symmetric int8 weights and
   symmetric int8 activations (zero points 0, as TensorRT requires) around MatMul and Conv, except the
   stem Conv on raw pixels (see _stem_convs); this is the variant TensorRT builds as an explicitly
@@ -31,7 +33,21 @@ import onnx
 from ..errors import ExportError, unknown_choice
 from ..families.convllava import INPUT_NAME
 
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "bf16")
+# bf16 is no file of its own: the fp32 graph, run with bf16 arithmetic by a backend that has it.
+BF16_METHOD = "the fp32 graph run in bf16 arithmetic (OpenVINO's inference precision), measured so at export"
+
+
+def bf16_backend(threads: int | None = None):
+    """The backend that runs (and so validates) the bf16 vision type: OpenVINO on a CPU with bf16 arithmetic.
+    Anything else is a one-line refusal naming what is missing: a cosine is only recorded when it was measured."""
+    from ..backends import open_vision_backend
+    from ..errors import ConfigError
+
+    try:
+        return open_vision_backend("cpu", threads, "openvino", precision="bf16")
+    except ConfigError as e:
+        raise ExportError(f"--vision-type bf16 is measured at export by running it, and this machine cannot: {e}") from None
 
 
 # RMSNorm (Llama layers) has no op below opset 23: its square, mean and root stay fp32 in fp16 graphs,
@@ -178,7 +194,7 @@ def make_variant(variant: str, fp32_path: Path, dst: Path, calibration: list[np.
             return (quantize_int8_static(fp32_path, dst, calibration),
                     f"static QDQ int8 (MatMul, Conv but the stem; per-channel symmetric), calibrated on {len(calibration)} images")
         return quantize_int8_dynamic(fp32_path, dst), "dynamic int8 (MatMul weights per-channel, activations at run time)"
-    raise unknown_choice("vision variant", variant, [v for v in VARIANTS if v != "fp32"])
+    raise unknown_choice("vision variant", variant, [v for v in VARIANTS if v not in ("fp32", "bf16")])
 
 
 class _quiet:

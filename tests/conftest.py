@@ -6,9 +6,14 @@ Nothing here imports torch or the export stack at module level: the unit tier ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Every test pins the vision backend (children inherit it): what `--vision-backend auto` picks depends on timing.
+# The tests of auto itself pass "auto" and a timer of their own.
+os.environ["CONVLLAVA_EDGE_VISION_BACKEND"] = "onnxruntime"
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,9 @@ class OvGraph:
     def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         def infer():
             contiguous = {name: np.ascontiguousarray(a) for name, a in feeds.items()}
-            by_name = {port.get_any_name(): value for port, value in self._request_for(contiguous).infer(contiguous).items()}
+            # a port has every name its tensor has (an fp16 graph's output is also its Cast's input): match on any
+            by_name = {name: value for port, value in self._request_for(contiguous).infer(contiguous).items()
+                       for name in port.get_names()}
             return [by_name[name] for name in outputs]
 
         return checked_outputs(self.path, "OpenVINO", outputs, infer)

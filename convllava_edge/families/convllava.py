@@ -26,11 +26,12 @@ class ConvLlavaEncoder:
         self.providers, self.note, self.threads = backend.providers, backend.note, backend.threads
 
     @classmethod
-    def from_file(cls, path, device: str = "auto", threads: int | None = None) -> "ConvLlavaEncoder":
-        """One graph file on ONNX Runtime (tests and benchmarks that hold a graph, not a bundle)."""
+    def from_file(cls, path, device: str = "auto", threads: int | None = None, backend=None) -> "ConvLlavaEncoder":
+        """One graph file on ONNX Runtime, or on ``backend`` (the export, tests and benchmarks hold a graph, not a
+        bundle)."""
         from ..backends import open_vision_backend
 
-        backend = open_vision_backend(device, threads)
+        backend = backend or open_vision_backend(device, threads)
         return cls(backend.load(path, *CONVLLAVA.graphs["vision"]), backend)
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -33,14 +33,16 @@ class MiniEncoder:
         self.providers, self.note, self.threads = backend.providers, backend.note, backend.threads
 
     @classmethod
-    def from_files(cls, paths: Mapping[str, object], device: str = "auto", threads: int | None = None) -> "MiniEncoder":
-        """The three graph files on ONNX Runtime (the export's validation, which holds files, not a bundle)."""
+    def from_files(cls, paths: Mapping[str, object], device: str = "auto", threads: int | None = None,
+                   backend=None) -> "MiniEncoder":
+        """The three graph files on ONNX Runtime, or on ``backend`` (the export's validation, which holds files,
+        not a bundle)."""
         from ..backends import open_vision_backend
 
         missing = [g for g in GRAPH_IO if g not in paths]
         if missing:
             raise BundleError(f"LLaVA-Mini bundle lacks the {', '.join(missing)} graph(s)")
-        backend = open_vision_backend(device, threads)
+        backend = backend or open_vision_backend(device, threads)
         return cls({g: backend.load(paths[g], *GRAPH_IO[g]) for g in GRAPH_IO}, backend)
 
     def _run(self, graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
