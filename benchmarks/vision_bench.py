@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--fp16-runs", type=int, default=1, help="fp16 has no fast CPU kernels; time it less")
     parser.add_argument("--work", type=Path, default=None, help="keep the graphs here (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vision.json")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="engines not to run (e.g. ort-fp32 openvino-fp32-as-fp32: memory at 1536 px)")
     parser.add_argument("--no-eager-bf16", dest="eager_bf16", action="store_false",
                         help="skip PyTorch eager bf16 (the official code's fastest dtype on AMX machines)")
     args = parser.parse_args()
@@ -169,10 +171,12 @@ def main() -> None:
             x16 = x32.to(torch.bfloat16)
             engines["pytorch-eager-bf16"] = lambda: model_bf16(x16).float()
         for variant, path in graphs.items():
-            enc = ConvLlavaEncoder.from_file(path, "cpu", args.threads)
-            engines[f"ort-{variant}"] = enc.encode
+            if f"ort-{variant}" not in args.skip:
+                engines[f"ort-{variant}"] = ConvLlavaEncoder.from_file(path, "cpu", args.threads).encode
         ov_runs = [("fp32", "fp32"), ("fp32", "bf16")] + [(v, "fp32") for v in graphs if v.startswith("int8")]
         for variant, precision in ov_runs if openvino_available() else ():
+            if f"openvino-{variant}-as-{precision}" in args.skip:
+                continue
             try:
                 backend = open_vision_backend("cpu", args.threads, "openvino", precision=precision)
             except ConfigError as e:  # no bf16 on this CPU

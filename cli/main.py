@@ -2,6 +2,9 @@
 
 Each command calls one library function. Library errors (ConvLlavaEdgeError) become one line on
 stderr and exit code 1 at a single boundary (``main``); usage errors exit 2 (Typer's convention).
+
+Long module: one Typer function per command, each only options and the call it makes; split across
+files, the commands' shared options and their one error boundary would be repeated or imported back.
 """
 
 from __future__ import annotations
@@ -418,6 +421,42 @@ def doctor_cmd(
         out.print(doctor_table(r))
     if not r["ok"]:
         raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Optional[List[Path]] = typer.Option(None, "--model", help="A bundle to serve, named by its folder; repeat for several (default: the demo model)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CONVLLAVA_EDGE_API_KEY", help="Require Authorization: Bearer KEY (all but /health)."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Generations at once per bundle (llama.cpp contexts on shared weights)."),
+    queue: int = typer.Option(64, "--queue", min=0, help="Requests waiting per bundle; past it 503 with Retry-After."),
+    max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", min=1),
+    max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1),
+    media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="file:// image URLs are read from inside this folder only."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=64, help="Positions per slot (default: the LLM's trained context, at most 4096)."),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per request, queue included (504 past it)."),
+    device: str = typer.Option("auto", "--device"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads per slot (default: the cores shared out)."),
+    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."),
+) -> None:
+    """Serve bundles over HTTP: OpenAI's /v1/chat/completions (images as data: URLs, streaming), /v1/models, /health."""
+    try:
+        from ..serve import ServeOptions, app as serve_app
+        from ..serve.app import run
+    except ImportError as e:
+        raise ConvLlavaEdgeError(f"serve needs the serve extra (pip install 'convllava-edge[serve]'): {e}") from None
+    from ..threads import check_threads
+
+    check_threads(threads)
+    options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
+                           max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
+                           n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend)
+    asgi = serve_app(model or None, options)
+    err.print(f"serving {', '.join(str(m) for m in model) if model else 'the demo model'} on http://{host}:{port} "
+              f"(OpenAI API at /v1; {parallel} slot(s) per model)", markup=False)
+    run(asgi, host, port, grace)
 
 
 def main(argv: list[str] | None = None) -> int:

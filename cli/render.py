@@ -67,8 +67,11 @@ def files_table(manifest, title: str) -> Table:
     sizes = {f.path: f.size for f in manifest.files}
     for entry in manifest.vision:
         figure = accuracy_text(entry.accuracy)
-        table.add_row(escape(entry.graph if not entry.parts else ", ".join(entry.parts.values())), size_text(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}",
-                      figure, "TensorRT-ready" if entry.tensorrt_ready else "not TensorRT-ready (see lint)")
+        notes = "TensorRT-ready" if entry.tensorrt_ready else "not TensorRT-ready (see lint)"
+        if entry.variant == "bf16":
+            notes = "the fp32 graph's file(s), run in bf16 by OpenVINO: no extra file"
+        table.add_row(escape(entry.graph if not entry.parts else ", ".join(entry.parts.values())),
+                      size_text(sum(sizes[f] for f in entry.files)), f"vision {entry.variant}", figure, notes)
     if manifest.llm:
         agree = manifest.accuracy.get("llm_vs_unquantized")
         figure = (f"vs unquantized: top-1 {agree['top1']:.1%}, KL mean {agree['kl_mean']:.4f} p99 {agree['kl_p99']:.4f}"

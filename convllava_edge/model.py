@@ -36,6 +36,7 @@ class AskOptions:
     max_tokens: int = 512  # the official CLI's max_new_tokens
     sampling: SamplingOptions = SamplingOptions()
     aspect: str | None = None  # None: the bundle's default ("pad", as trained)
+    stop: tuple[str, ...] = ()  # text that ends the answer, besides the template's own
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -174,10 +175,24 @@ class Model:
         bound = int(self.manifest.tokens_per_image["square"]) + len(text.encode("utf-8")) + 1 + max_tokens
         return -(-bound // 256) * 256
 
-    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None) -> list[Item]:
-        """The conversation rendered by the bundle's template, as token ids with the image's slot."""
+    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None, image_turn: int = 0,
+                     system: str | None = None) -> list[Item]:
+        """The conversation rendered by the bundle's template, as token ids with the image's slot (in the
+        question of turn ``image_turn``; ``system`` replaces the template's system prompt)."""
         self._need_llm()
-        return self.tokenizer.items(self.template.render(turns, image=slot is not None), slot)
+        return self.tokenizer.items(self.template.render(turns, image=slot is not None, image_turn=image_turn,
+                                                         system=system), slot)
+
+    def fork(self, threads: int | None = None, n_ctx: int | None = None) -> "Model":
+        """Another conversation slot on the same bundle: the vision graphs and embeddings shared, the LLM's
+        weights shared, a KV cache of its own (``serve --parallel``). Needs an LLM backend with ``fork``."""
+        llm = self._need_llm()
+        if not hasattr(llm, "fork"):
+            raise ConfigError(f"the {llm.name} backend holds one context: it cannot serve parallel slots")
+        other = object.__new__(Model)
+        other.__dict__.update(self.__dict__)
+        other._attach(llm.fork(threads=threads, n_ctx=n_ctx))
+        return other
 
     def embed(self, image: ImageInput, aspect: str | None = None) -> Embedded:
         return self.images.embed(image, aspect)
@@ -207,7 +222,7 @@ class Model:
         rows = self.family.llm_rows(self.vision, items, self.images.memory)
         evaluated = self.kv.prefill(items, self.images.memory, rows)
         t1 = time.perf_counter()
-        decoder = Decoder(self.llm, options, self.template.stop, self.hidden_prefix)
+        decoder = Decoder(self.llm, options, tuple(self.template.stop) + tuple(options.stop), self.hidden_prefix)
         yield from decoder.run()
         t2 = time.perf_counter()
         self.kv.record_answer(decoder.tokens)

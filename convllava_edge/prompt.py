@@ -24,11 +24,14 @@ MAX_RENDERED_CHARS = 1 << 22  # 4 Mi characters: far past any context window, sh
 MAX_TEXT_CHARS = 1 << 20  # one question or answer: 1 Mi characters (~250k tokens, past every context)
 
 
-def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True) -> list[tuple[str, str | None]]:
-    """Checked turns: questions stripped, the first preceded by "<image>\\n" (as LLaVA's code puts it)
-    unless the conversation has no image, only the last unanswered."""
+def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True,
+               image_turn: int = 0) -> list[tuple[str, str | None]]:
+    """Checked turns: questions stripped, the image's turn (the first, as LLaVA's code puts it, unless a
+    client put the image in a later one) preceded by "<image>\\n", only the last unanswered."""
     if not turns:
         raise ConfigError("a conversation needs at least one question")
+    if image and not 0 <= image_turn < len(turns):
+        raise ConfigError(f"the image is in turn {image_turn + 1} of a {len(turns)}-turn conversation")
     out = []
     for i, (question, answer) in enumerate(turns):
         question = checked_text(question, "the question").strip()
@@ -40,7 +43,7 @@ def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True) -> l
             raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
         if answer is None and i != len(turns) - 1:
             raise ConfigError("only the last turn may be unanswered")
-        out.append(((IMAGE_TOKEN + "\n" + question) if i == 0 and image else question, answer))
+        out.append(((IMAGE_TOKEN + "\n" + question) if i == image_turn and image else question, answer))
     return out
 
 
@@ -73,13 +76,15 @@ class Template:
     sep2: str  # after each assistant turn
     stop: tuple[str, ...]  # text that ends an answer besides the EOS token
 
-    def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True) -> str:
-        """turns: (question, answer or None for the turn being asked); the image goes in the first question.
+    def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True, image_turn: int = 0,
+               system: str | None = None) -> str:
+        """turns: (question, answer or None for the turn being asked); the image goes in the question of turn
+        ``image_turn`` (the first); ``system`` replaces the template's system prompt.
 
         ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:``
         """
-        out = self.system + self.sep
-        for question, answer in user_turns(turns, image):
+        out = (self.system if system is None else system) + self.sep
+        for question, answer in user_turns(turns, image, image_turn):
             out += f"{self.roles[0]}: {question}{self.sep}"
             out += f"{self.roles[1]}:" if answer is None else f"{self.roles[1]}: {answer}{self.sep2}"
         return out
@@ -111,9 +116,10 @@ class ChatTemplate:
     stop: tuple[str, ...] = ()
     kind: str = "jinja"
 
-    def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True) -> str:
-        messages = [{"role": "system", "content": self.system}]
-        for question, answer in user_turns(turns, image):
+    def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True, image_turn: int = 0,
+               system: str | None = None) -> str:
+        messages = [{"role": "system", "content": self.system if system is None else system}]
+        for question, answer in user_turns(turns, image, image_turn):
             messages.append({"role": "user", "content": question})
             if answer is not None:  # the empty assistant turn is dropped, as the official code does
                 messages.append({"role": "assistant", "content": answer})

@@ -30,8 +30,12 @@ BACKEND_CHOICES = (AUTO,) + VISION_BACKENDS
 ENV_BACKEND = "CONVLLAVA_EDGE_VISION_BACKEND"  # the default of --vision-backend (tests pin it)
 # A vision type auto may pick: check's vision gates (check/stages.py reads them from here).
 VISION_GATE = {"cosine_mean": 0.99, "cosine_min": 0.95}
+CALIBRATION_SIDE = 768  # px at most: a 1536 px bundle is timed at 768 (a quarter of the work, the same ranking)
 CALIBRATION_RUNS = 2  # timed encodes per candidate, after one untimed (compilation, arena growth)
+CLEARLY_SLOWER = 4.0  # a candidate whose untimed run already took this many times the best is not timed further
 CHOICE_VERSION = 1
+# the order candidates are timed in: the likely fast first, so that the clearly slower stop after one run
+LIKELY_FASTEST = ("bf16", "int8", "fp16", "fp32")
 
 
 def precision_of(entry: VisionEntry) -> str:
@@ -132,6 +136,7 @@ def candidates(manifest: Manifest, variant: str | None, device: str) -> list[tup
     default always, as its author chose it); each with every backend that runs it here."""
     entries = [manifest.vision_entry(variant)] if variant is not None else \
         [e for i, e in enumerate(manifest.vision) if i == 0 or within_gate(e)]
+    entries.sort(key=lambda e: LIKELY_FASTEST.index(e.variant) if e.variant in LIKELY_FASTEST else len(LIKELY_FASTEST))
     pairs = [(e, k) for e in entries for k in VISION_BACKENDS if can_run(k, e, device)]
     if not pairs:  # e.g. a bf16-only bundle on a CPU without bf16: the backend's refusal says why
         pairs = [(entries[0], runnable_kind(entries[0], device))]
@@ -141,11 +146,11 @@ def candidates(manifest: Manifest, variant: str | None, device: str) -> list[tup
 def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | None = None, device: str = "auto",
                   threads: int | None = None, kind: str | None = None,
                   progress: Callable[[str], None] | None = None,
-                  timer: Callable[[str, VisionEncoder, np.ndarray], float] | None = None,
+                  timer: Callable[[str, VisionEncoder, np.ndarray, float | None], float] | None = None,
                   ) -> tuple[VisionChoice, VisionEncoder]:
     """What runs the vision graphs, and its open encoder. ``kind``: a backend name (used as asked), "auto", or
-    None (``$CONVLLAVA_EDGE_VISION_BACKEND``, else auto). ``timer(label, encoder, pixels)`` gives a candidate's
-    seconds per image, label "variant/backend" (tests inject theirs)."""
+    None (``$CONVLLAVA_EDGE_VISION_BACKEND``, else auto). ``timer(label, encoder, pixels, best)`` gives a candidate's
+    seconds per image (label "variant/backend"; best: the fastest so far, or None; tests inject theirs)."""
     kind = kind or default_backend()
     if kind not in BACKEND_CHOICES:
         raise unknown_choice("vision backend", kind, BACKEND_CHOICES)
@@ -184,9 +189,11 @@ def cached_choice(manifest: Manifest, device: str = "auto", threads: int | None 
 def _calibrate(bundle, manifest: Manifest, pairs, device: str, threads: int | None, progress, timer):
     from .preprocess import PreprocessConfig
 
-    h, w = PreprocessConfig.from_manifest(manifest.preprocess).crop_size  # the shape a square image runs at
+    config = PreprocessConfig.from_manifest(manifest.preprocess)
+    h, w = (max(config.stride, min(side, CALIBRATION_SIDE) // config.stride * config.stride) for side in config.crop_size)
     pixels = np.random.default_rng(0).normal(0, 1, size=(1, 3, h, w)).astype(np.float32)  # cost is content-blind
     seconds: dict[str, float] = {}
+    started = time.perf_counter()
     best: tuple[float, VisionEntry, str, VisionEncoder] | None = None
     for entry, kind in pairs:
         label = f"{entry.variant}/{kind}"
@@ -194,7 +201,7 @@ def _calibrate(bundle, manifest: Manifest, pairs, device: str, threads: int | No
             progress(f"timing the {entry.variant} vision type on {kind} (once per bundle on this machine)")
         try:
             encoder = open_encoder(bundle, manifest, entry, device, threads, kind=kind)
-            seconds[label] = timer(label, encoder, pixels)
+            seconds[label] = timer(label, encoder, pixels, best[0] if best else None)
         except ConvLlavaEdgeError as e:  # a backend that cannot run it here after all: not a candidate
             if progress:
                 progress(f"{label}: {e}")
@@ -206,11 +213,18 @@ def _calibrate(bundle, manifest: Manifest, pairs, device: str, threads: int | No
         raise ConfigError(f"{manifest.name}: no vision backend can run this bundle's graphs here "
                           f"(tried {', '.join(f'{e.variant}/{k}' for e, k in pairs)})")
     _, entry, kind, encoder = best
+    if progress:
+        progress(f"vision: {entry.variant} on {kind} is the fastest here ({time.perf_counter() - started:.0f} s "
+                 "to find out; kept for this bundle on this machine)")
     return VisionChoice(entry, kind, "calibrated", seconds), encoder
 
 
-def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray) -> float:
+def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray, best: float | None) -> float:
+    t = time.perf_counter()
     encoder.encode(pixels)  # compilation, arena growth
+    first = time.perf_counter() - t
+    if best is not None and first > CLEARLY_SLOWER * best:
+        return first  # even with its one-off costs counted, far behind: not worth timing further
     times = []
     for _ in range(CALIBRATION_RUNS):
         t = time.perf_counter()

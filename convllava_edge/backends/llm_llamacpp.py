@@ -153,32 +153,61 @@ class LlamaCppBackend:
                                   f"({next((l for l in reversed(log) if 'error' in l.lower()), 'see llama.cpp log')})")
             self.vocab = llama_cpp.llama_model_get_vocab(self.model)
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = min(n_ctx, self.n_ctx_train) if n_ctx and n_ctx_cap else (n_ctx or self.n_ctx_train)
-            cparams.n_batch, cparams.n_ubatch = n_batch, n_ubatch
-            cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
-            self.kv_f32 = kv_type == "f32"  # f16 (the default) rounds keys and values
-            cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
-            cparams.flash_attn_type = FLASH_ATTN[flash_attn]
-            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise BundleError(f"{self.path}: llama.cpp could not create a context of {cparams.n_ctx} tokens")
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        self.n_batch = n_batch
-        self.threads = cparams.n_threads
-        self.settings = {"threads": self.threads, "n_ctx": self.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch,
-                         "kv_type": kv_type, "flash_attn": flash_attn, "extra_bufts": extra_bufts,
-                         "extra_bufts_reason": self.extra_bufts_reason, "weight_type": self.summary.weight_type,
-                         "n_gpu_layers": n_gpu_layers}
+        self._models = [1]  # contexts open on self.model (fork): the last to close frees it
+        self.kv_f32 = kv_type == "f32"  # f16 (the default) rounds keys and values
+        self.settings = {"threads": threads or default_threads(),
+                         "n_ctx": min(n_ctx, self.n_ctx_train) if n_ctx and n_ctx_cap else (n_ctx or self.n_ctx_train),
+                         "n_batch": n_batch, "n_ubatch": n_ubatch, "kv_type": kv_type, "flash_attn": flash_attn,
+                         "extra_bufts": extra_bufts, "extra_bufts_reason": self.extra_bufts_reason,
+                         "weight_type": self.summary.weight_type, "n_gpu_layers": n_gpu_layers}
         self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.gpu_offload = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        self._open_context(quiet)
+
+    def _open_context(self, quiet: bool = True) -> None:
+        """A llama.cpp context on self.model, as ``settings`` say: its KV cache, batches and threads."""
+        l, s = self._l, self.settings
+        cparams = l.llama_context_default_params()
+        cparams.n_ctx = s["n_ctx"]
+        cparams.n_batch, cparams.n_ubatch = s["n_batch"], s["n_ubatch"]
+        cparams.n_threads = cparams.n_threads_batch = s["threads"]
+        cparams.type_k = cparams.type_v = KV_TYPES[s["kv_type"]]
+        cparams.flash_attn_type = FLASH_ATTN[s["flash_attn"]]
+        log: list[str] = []
+        with llama_log(log.append if quiet else print):
+            self.ctx = l.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            self._release_model()
+            raise BundleError(f"{self.path}: llama.cpp could not create a context of {cparams.n_ctx} tokens")
+        self.n_ctx = l.llama_n_ctx(self.ctx)
+        self.settings["n_ctx"] = self.n_ctx
+        self.n_batch = s["n_batch"]
+        self.threads = s["threads"]
         self.n_past = 0
-        self._batch_tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._batch_embd = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        self._batch_tokens = l.llama_batch_init(self.n_batch, 0, 1)
+        self._batch_embd = l.llama_batch_init(self.n_batch, self.n_embd, 1)
+
+    def fork(self, threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppBackend":
+        """Another context (its own KV cache and position count) on the same loaded weights: ``serve``'s
+        parallel slots. The weights are freed when the last context closes."""
+        if not getattr(self, "ctx", None):
+            raise ConfigError("cannot fork a closed LLM backend")
+        check_threads(threads)
+        other = object.__new__(type(self))
+        other.__dict__.update({k: v for k, v in self.__dict__.items()
+                               if k not in ("ctx", "_batch_tokens", "_batch_embd", "n_past")})
+        other.settings = {**self.settings, "threads": threads or self.threads, "n_ctx": n_ctx or self.n_ctx}
+        self._models[0] += 1
+        other._open_context()
+        return other
+
+    def _release_model(self) -> None:
+        self._models[0] -= 1
+        if self._models[0] == 0:
+            self._l.llama_model_free(self.model)
 
     # -- tokens ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
@@ -321,8 +350,8 @@ class LlamaCppBackend:
             self._l.llama_batch_free(self._batch_tokens)
             self._l.llama_batch_free(self._batch_embd)
             self._l.llama_free(self.ctx)
-            self._l.llama_model_free(self.model)
             self.ctx = None
+            self._release_model()
 
     def __del__(self):
         try:

@@ -88,7 +88,7 @@ def test_bf16_export_is_refused_without_bf16(tiny, tmp_path, monkeypatch):
 
 
 def fake_timer(seconds: dict[str, float], calls: list[str]):
-    def timer(label, encoder, pixels):
+    def timer(label, encoder, pixels, best):
         calls.append(label)
         encoder.encode(pixels)  # the candidate really runs
         return seconds[label]
@@ -166,3 +166,19 @@ def test_llava_mini_bf16_measures_all_three_graphs(tmp_path):
     (bf16,) = load_manifest(out).vision
     assert set(bf16.accuracy) == {"clip", "compress", "prefusion"} and within_gate(bf16)
     assert all(p.endswith("-fp32.onnx") for p in bf16.parts.values())
+
+
+def test_a_candidate_far_behind_after_its_first_run_is_not_timed_further():
+    from convllava_edge import vision
+
+    class Slow:
+        def __init__(self):
+            self.calls = 0
+
+        def encode(self, pixels):
+            self.calls += 1
+
+    enc = Slow()
+    assert vision._time_encode("x", enc, None, None) >= 0 and enc.calls == 1 + vision.CALIBRATION_RUNS
+    enc = Slow()
+    assert vision._time_encode("x", enc, None, 0.0) >= 0 and enc.calls == 1  # anything is 4x behind 0 s

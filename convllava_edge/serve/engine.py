@@ -1,0 +1,181 @@
+"""The served bundles, their slots, and the queue in front of them.
+
+A bundle is loaded once (its vision graphs, its LLM's weights); ``--parallel N`` makes N slots, each a Model
+with a llama.cpp context of its own on those weights (Model.fork). A request waits for a free slot in a bounded
+queue; one that continues a conversation goes to the slot that holds its KV state when that slot is free. The
+slot's work runs in a thread: the image's encoding and the prompt's prefill one slot at a time (the vision
+graphs are shared, and both are compute-bound on the cores the slots share), the decoding of the slots at once.
+Threads: each slot's llama.cpp context gets cores // parallel threads (at least one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..backends.base import ContextOverflowError
+from ..errors import ConvLlavaEdgeError
+from ..model import Answer, AskOptions, Model
+from ..prompt import positions
+from ..threads import default_threads
+from .wire import ApiError, ChatRequest
+
+RETRY_AFTER_S = 1
+DEFAULT_CONTEXT = 4096  # positions per slot unless --ctx says otherwise (Llama-3.1's 131072 would take GBs of KV)
+
+
+@dataclass
+class Slot:
+    model: Model
+    index: int
+    busy: bool = False
+    history: tuple = ()  # (image digest, system, turns with their answers) of the conversation its KV cache holds
+    used_at: float = 0.0
+
+
+@dataclass
+class Served:
+    """One bundle: its slots, its queue, and the lock the slots take for encoding and prefill."""
+
+    name: str
+    path: Path
+    slots: list[Slot]
+    queue_limit: int
+    waiting: int = 0
+    prefill_lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: asyncio.Condition | None = None  # made on the server's event loop
+
+    @property
+    def model(self) -> Model:
+        return self.slots[0].model
+
+    def describe(self) -> dict:
+        m = self.model.manifest
+        return {"id": self.name, "object": "model", "created": int(self.path.stat().st_mtime), "owned_by": "convllava-edge",
+                "family": m.family, "llm_type": m.llm.type, "vision_types": [e.variant for e in m.vision],
+                "vision": {"type": self.model.vision_entry.variant, "backend": self.model.vision_backend},
+                "image_tokens": m.tokens_per_image, "context": self.model.llm.n_ctx, "parallel": len(self.slots)}
+
+
+def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: str, threads: int | None,
+                n_ctx: int | None, vision_backend: str | None) -> Served:
+    from ..manifest import load_manifest
+
+    per_slot = threads or max(1, default_threads() // parallel)
+    trained = load_manifest(path, verify=False).llm.n_ctx_train
+    n_ctx = n_ctx or min(trained, DEFAULT_CONTEXT) if trained else n_ctx or DEFAULT_CONTEXT
+    first = Model(path, device=device, threads=per_slot, n_ctx=n_ctx, vision_backend=vision_backend)
+    slots = [Slot(first, 0)] + [Slot(first.fork(threads=per_slot), i) for i in range(1, parallel)]
+    return Served(name, path, slots, queue_limit)
+
+
+def conversation_key(request: ChatRequest) -> tuple:
+    digest = hashlib.sha256(request.image).hexdigest() if request.image is not None else None
+    return digest, request.system, request.image_turn
+
+
+class Engine:
+    """Runs requests on slots; every slot's work in a thread of its own pool."""
+
+    def __init__(self, served: dict[str, Served]):
+        self.served = served
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=sum(len(s.slots) for s in served.values()),
+                                                          thread_name_prefix="slot")
+        for s in served.values():
+            s.changed = asyncio.Condition()
+
+    async def acquire(self, served: Served, request: ChatRequest) -> Slot:
+        """A free slot (the one holding this conversation, if free), after waiting in the bounded queue;
+        503 at once when the queue is full."""
+        if all(s.busy for s in served.slots) and served.waiting >= served.queue_limit:
+            raise ApiError(503, f"busy: {len(served.slots)} generations running and {served.waiting} requests waiting; "
+                           "retry shortly", code="server_busy", kind="server_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        served.waiting += 1
+        try:
+            async with served.changed:
+                await served.changed.wait_for(lambda: any(not s.busy for s in served.slots))
+                slot = self._pick(served, request)
+                slot.busy = True
+                return slot
+        finally:
+            served.waiting -= 1
+
+    @staticmethod
+    def _pick(served: Served, request: ChatRequest) -> Slot:
+        key, turns = conversation_key(request), list(request.turns[:-1])
+        free = [s for s in served.slots if not s.busy]
+        for slot in free:  # the slot whose KV cache holds this conversation's earlier turns
+            if slot.history and slot.history[0] == key and list(slot.history[1]) == turns[:len(slot.history[1])]:
+                return slot
+        return min(free, key=lambda s: (bool(s.history), s.used_at))  # else an unused or the least recent
+
+    def release(self, served: Served, slot: Slot) -> None:
+        """From the event loop: the slot is free again."""
+        async def notify():
+            async with served.changed:
+                slot.busy = False
+                slot.used_at = time.monotonic()
+                served.changed.notify_all()
+        asyncio.ensure_future(notify())
+
+    def start(self, served: Served, slot: Slot, request: ChatRequest, max_tokens: tuple[int | None, int],
+              emit: Callable[[str], None], cancel: threading.Event) -> asyncio.Future:
+        """The request's generation in the slot's thread; the slot is released when the thread is done with it
+        (never earlier: a cancelled stream's thread stops at its next token)."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.pool, run_in_slot, served, slot, request, max_tokens, emit, cancel)
+        future.add_done_callback(lambda f: self.release(served, slot))
+        return future
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for served in self.served.values():
+            for slot in reversed(served.slots):
+                slot.model.close()
+
+
+def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tuple[int | None, int],
+                emit: Callable[[str], None], cancel: threading.Event) -> Answer | None:
+    """Encode, prefill (one slot at a time), then decode, emitting each piece; None when cancelled.
+    ``max_tokens``: (the request's or None, the server's cap); None answers up to the cap or the context's end."""
+    model = slot.model
+    asked, cap = max_tokens
+    slot.history = ()  # until this answer is complete, the KV cache holds no finished conversation
+    locked = served.prefill_lock.acquire()
+    try:
+        embedded = model.embed(request.image) if request.image is not None else None
+        items = model.prompt_items(request.turns, embedded.slot if embedded else None, request.image_turn,
+                                   request.system)
+        room = model.llm.n_ctx - positions(items)
+        if room < 1:
+            raise ContextOverflowError(f"the conversation takes {positions(items)} positions and the context holds "
+                                       f"{model.llm.n_ctx}: start a new conversation or send less text")
+        options = AskOptions(max_tokens=asked or min(cap, room), sampling=request.sampling, stop=request.stop)
+        stream = model.answer(items, embedded, options)
+        pieces = iter(stream)
+        for piece in pieces:
+            if locked:
+                served.prefill_lock.release()
+                locked = False
+            if cancel.is_set():
+                pieces.close()  # type: ignore[attr-defined]
+                model.reset()  # the KV cache's record no longer matches what was evaluated
+                return None
+            emit(piece)
+    except ContextOverflowError as e:
+        raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+    except ConvLlavaEdgeError as e:
+        raise ApiError(400, str(e).splitlines()[0] if str(e) else type(e).__name__, code="invalid_input") from None
+    finally:
+        if locked:
+            served.prefill_lock.release()
+    answer = stream.answer
+    slot.history = (conversation_key(request), tuple(request.turns[:-1]) + ((request.turns[-1][0], answer.text),))
+    return answer

@@ -1,0 +1,256 @@
+"""The OpenAI chat-completions wire format: a request body checked into a ChatRequest, and the response,
+chunk and error objects (shapes as openai-python's ``types/chat`` declare them).
+
+Checked by hand, not by a pydantic model: unknown fields must pass (clients send new ones), and every
+known field of the wrong type or out of range is a 400 naming it, in OpenAI's error object.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import MAX_TEMPERATURE, SamplingOptions
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+
+
+class ApiError(Exception):
+    """An error the client sees: HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    turns: list[tuple[str, str | None]]  # (question, earlier answer or None for the one asked)
+    image: bytes | None
+    image_turn: int  # which turn the image belongs to
+    system: str | None
+    max_tokens: int | None
+    sampling: SamplingOptions
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_chat(body: Any, max_image_bytes: int, media_dir: Path | None) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    model = _typed(body, "model", str, None)
+    n = _typed(body, "n", int, 1)
+    if n != 1:
+        raise bad(f"n={n}: this server returns one choice per request (n=1)", "n")
+    max_tokens = _typed(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", int, None)
+    if max_tokens is not None and max_tokens < 1:
+        raise bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    temperature = _number(body, "temperature", 1.0)
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
+    top_p = _number(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise bad(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    seed = _typed(body, "seed", int, None)
+    if seed is not None and not 0 <= seed < 1 << 63:
+        raise bad(f"seed must be in [0, 2**63), got {seed}", "seed")
+    stop = body.get("stop")
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise bad(f"stop must be a non-empty string or a list of at most {MAX_STOP}", "stop")
+    stream = _typed(body, "stream", bool, False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    include_usage = _typed(options or {}, "include_usage", bool, False, "stream_options.include_usage")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "messages")
+    system, turns, image, image_turn = _conversation(messages, max_image_bytes, media_dir)
+    sampling = SamplingOptions(temperature=temperature, top_p=top_p,
+                               seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    return ChatRequest(model, turns, image, image_turn, system, max_tokens, sampling, stops, stream, include_usage)
+
+
+def _typed(obj: dict, name: str, kind: type, default: Any, param: str | None = None) -> Any:
+    value = obj.get(name, default)
+    if value is None:
+        return default
+    # bool is an int in Python; JSON's true is not a number here, and 1 is not a boolean
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad(f"{param or name} must be {_article(kind)}, got {type(value).__name__}", param or name)
+    return value
+
+
+def _number(obj: dict, name: str, default: float) -> float:
+    value = obj.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(f"{name} must be a finite number, got {value!r}", name)
+    return float(value)
+
+
+def _article(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean"}.get(kind, kind.__name__)
+
+
+def _conversation(messages: list, max_image_bytes: int, media_dir: Path | None):
+    """(system text or None, turns, image bytes or None, the turn the image is in): messages merged by role
+    (two user messages in a row are one turn), the last one the user's."""
+    system_parts: list[str] = []
+    merged: list[list] = []  # [role, text parts, images]
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad(f"{where} must be an object", where)
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise bad(f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
+        texts, images = _content(message.get("content"), where, max_image_bytes, media_dir)
+        if role in ("system", "developer"):
+            if merged or images:
+                raise bad(f"{where}: a system message comes first and holds text only", where)
+            system_parts += texts
+            continue
+        if images and role != "user":
+            raise bad(f"{where}: only user messages may hold images", where)
+        if merged and merged[-1][0] == role:
+            merged[-1][1] += texts
+            merged[-1][2] += images
+        else:
+            merged.append([role, texts, images])
+    if not merged or merged[0][0] != "user" or merged[-1][0] != "user":
+        raise bad("the conversation must start and end with a user message", "messages")
+    images = [(n, img) for n, (role, _, imgs) in enumerate(merged) for img in imgs]
+    if len(images) > 1:
+        raise bad(f"{len(images)} images: this model takes one image per conversation", "messages")
+    turns, turn_of_message = [], {}
+    for n in range(0, len(merged), 2):
+        question = "\n".join(merged[n][1]).strip()
+        answer = "\n".join(merged[n + 1][1]) if n + 1 < len(merged) else None
+        turn_of_message[n] = len(turns)
+        if not question:
+            raise bad(f"user message {n // 2 + 1} has no text: ask something about the image", "messages")
+        turns.append((question, answer))
+    image, image_turn = (images[0][1], turn_of_message[images[0][0]]) if images else (None, 0)
+    return ("\n".join(system_parts) or None), turns, image, image_turn
+
+
+def _content(content: Any, where: str, max_image_bytes: int, media_dir: Path | None) -> tuple[list[str], list[bytes]]:
+    if isinstance(content, str):
+        return [content], []
+    if content is None:
+        return [], []
+    if not isinstance(content, list):
+        raise bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            raise bad(f"{at} must be an object", at)
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad(f"{at}.text must be a string", f"{at}.text")
+            texts.append(text)
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise bad(f"{at}.image_url.url must be a string", f"{at}.image_url")
+            images.append(read_image_url(url, at, max_image_bytes, media_dir))
+        else:
+            raise bad(f"{at}.type {kind!r} is not supported (text, image_url)", f"{at}.type")
+    return texts, images
+
+
+def read_image_url(url: str, where: str, max_image_bytes: int, media_dir: Path | None) -> bytes:
+    """A data: URL's bytes, or a file:// URL's inside ``media_dir``. Nothing is fetched from the network."""
+    param = f"{where}.image_url"
+    match = DATA_URL.match(url)
+    if match:
+        encoded = url[match.end():]
+        if len(encoded) * 3 // 4 > max_image_bytes:
+            raise ApiError(413, f"{param}: the image is over {max_image_bytes:,} bytes (--max-image-bytes)", param,
+                           "image_too_large")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(f"{param}: the data URL's base64 is malformed", param, "invalid_image_url") from None
+    if url.startswith("file://"):
+        if media_dir is None:
+            raise bad(f"{param}: file:// URLs need the server started with --media-dir", param, "invalid_image_url")
+        path = Path(url[len("file://"):]).resolve()
+        if not path.is_relative_to(media_dir.resolve()) or not path.is_file():
+            raise bad(f"{param}: {url} is not a file inside the media folder", param, "invalid_image_url")
+        if path.stat().st_size > max_image_bytes:
+            raise ApiError(413, f"{param}: the image is over {max_image_bytes:,} bytes (--max-image-bytes)", param,
+                           "image_too_large")
+        return path.read_bytes()
+    if url.split(":", 1)[0].lower() in ("http", "https"):
+        raise bad(f"{param}: this server does not fetch images from the network; send the image as a "
+                  "data:image/...;base64, URL", param, "invalid_image_url")
+    raise bad(f"{param}: expected a data:image/...;base64, URL", param, "invalid_image_url")
+
+
+# -- responses -----------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def usage(answer) -> dict:
+    prompt, generated = answer.n_prompt_positions, len(answer.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": prompt - answer.n_evaluated, "image_tokens": answer.n_image_tokens}}
+
+
+def timings(answer) -> dict:
+    t = answer.timings
+    return {"preprocess_ms": t.get("preprocess_ms", 0.0), "encode_ms": t.get("encode_ms", 0.0),
+            "prefill_ms": t.get("prefill_ms", 0.0), "time_to_first_token_ms": t.get("time_to_first_token_ms", 0.0),
+            "decode_tokens_per_s": t.get("decode_tokens_per_s", 0.0), "image_cache_hit": answer.cache_hit}
+
+
+def completion(cid: str, created: int, model: str, answer) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
+                         "finish_reason": FINISH.get(answer.stop_reason, "stop")}],
+            "usage": usage(answer), "timings": timings(answer), "token_ids": answer.token_ids}
+
+
+def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, **extra) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                     "finish_reason": finish}], **extra}
+
+
+def now() -> int:
+    return int(time.time())
