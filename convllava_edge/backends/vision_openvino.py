@@ -7,6 +7,7 @@ here as on ONNX Runtime. Needs the ``openvino`` extra (no torch).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,12 @@ from ..threads import check_threads, default_threads
 from .base import DEVICES, check_graph_names, checked_outputs, first_line
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO's INFERENCE_PRECISION_HINT
+# Every inference runs on this one thread, never on the caller's. OpenVINO's bf16 kernels load their own AMX
+# tile configuration into the thread that calls them; llama.cpp's AMX kernels configure a thread's tiles once,
+# the first time, and trust them after. Run on the thread that also drives llama.cpp (a chat: the LLM answers,
+# the next image is encoded, the LLM answers again), OpenVINO left its configuration behind and llama.cpp's
+# next AMX multiply died (SIGILL or SIGSEGV; tests/e2e/test_openvino.py reproduces it).
+_OV_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="openvino")
 
 
 def openvino_available() -> bool:
@@ -61,7 +68,8 @@ class OvGraph:
                        for name in port.get_names()}
             return [by_name[name] for name in outputs]
 
-        return checked_outputs(self.path, "OpenVINO", outputs, infer)
+        # not on the caller's thread: see _OV_THREAD
+        return _OV_THREAD.submit(checked_outputs, self.path, "OpenVINO", outputs, infer).result()
 
 
 class OpenVinoBackend:

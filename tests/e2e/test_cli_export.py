@@ -70,7 +70,7 @@ def test_failed_export_leaves_existing_bundle_untouched(tiny, tiny_bundle, tmp_p
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--vision-type", "int4"], "unknown vision type 'int4' (known: fp32, fp16, int8)"),
+    (["--vision-type", "int4"], "unknown vision type 'int4' (known: fp32, fp16, int8, bf16)"),
     (["--vision-type", "fp16", "--calibration-images", "."], "--calibration-images only applies to --vision-type int8"),
 ])
 def test_bad_export_options(tiny, tmp_path, args, message, capsys):

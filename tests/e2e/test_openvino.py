@@ -77,3 +77,35 @@ def test_ask_on_openvino_answers_as_on_onnx_runtime_and_says_which_ran(tmp_path,
 def test_openvino_cannot_take_cuda():
     with pytest.raises(ConfigError, match="--device cuda needs --vision-backend onnxruntime"):
         open_vision_backend("cuda", 1, "openvino")
+
+
+CLASH = """
+import numpy as np, llama_cpp
+from convllava_edge.default_model import default_bundle
+from convllava_edge.manifest import load_manifest
+from convllava_edge.backends import open_vision_backend
+from convllava_edge.families.convllava import CONVLLAVA
+b = default_bundle(); m = load_manifest(b)
+llm = llama_cpp.Llama(str(b / m.llm.file), n_ctx=128, verbose=False)  # extra buffer types on: AMX where built
+list(zip(range(4), llm.generate(llm.tokenize(b"USER: hi"), temp=0.0)))
+backend = open_vision_backend("cpu", 2, "openvino", precision="bf16" if {precision!r} == "bf16" else "fp32")
+backend.load(b / m.vision[0].graph, *CONVLLAVA.graphs["vision"]).run(
+    ["image_embeds"], {{"pixel_values": np.zeros((1, 3, 256, 256), np.float32)}})
+llm.reset()
+print(len(list(zip(range(4), llm.generate(llm.tokenize(b"USER: hello there"), temp=0.0)))))
+"""
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_llama_cpp_runs_after_openvino_in_the_same_process(precision):
+    """A chat's order: the LLM answers, OpenVINO encodes, the LLM answers again. OpenVINO's AMX kernels left their
+    tile configuration on the calling thread and llama.cpp's AMX path died (SIGILL) until OpenVINO got a thread
+    of its own; a child process, so that a crash fails this test instead of ending the run."""
+    if precision == "bf16" and not HAS_BF16:
+        pytest.skip("no bf16 on this CPU: its fp32 case runs")
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", CLASH.format(precision=precision)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "4", (run.returncode, run.stderr[-2000:])
