@@ -172,7 +172,8 @@ def main() -> None:
             engines["pytorch-eager-bf16"] = lambda: model_bf16(x16).float()
         for variant, path in graphs.items():
             if f"ort-{variant}" not in args.skip:
-                engines[f"ort-{variant}"] = ConvLlavaEncoder.from_file(path, "cpu", args.threads).encode
+                enc = ConvLlavaEncoder.from_file(path, "cpu", args.threads)
+                engines[f"ort-{variant}"] = lambda enc=enc: enc.encode(pixels)
         ov_runs = [("fp32", "fp32"), ("fp32", "bf16")] + [(v, "fp32") for v in graphs if v.startswith("int8")]
         for variant, precision in ov_runs if openvino_available() else ():
             if f"openvino-{variant}-as-{precision}" in args.skip:
@@ -183,7 +184,7 @@ def main() -> None:
                 print(f"openvino {precision}: {e}")
                 continue
             enc = ConvLlavaEncoder(backend.load(graphs[variant], *CONVLLAVA.graphs["vision"]), backend)
-            engines[f"openvino-{variant}-as-{precision}"] = enc.encode
+            engines[f"openvino-{variant}-as-{precision}"] = lambda enc=enc: enc.encode(pixels)
         results = interleaved(engines, pixels, args.runs, args.fp16_runs)
         del engines
         ref_t = results["pytorch-eager-fp32"]["times"]
