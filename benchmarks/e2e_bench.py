@@ -38,13 +38,15 @@ LLM = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22
 QUESTION = "What is in the image?"
 
 
-def make_bundle(work: Path, threads: int | None) -> Path:
+def make_bundle(work: Path, threads: int | None, vision_types: tuple[str, ...] = ("int8",)) -> Path:
+    """``work``/bundle, exported (Q4_K_M) from ``work``/ckpt, the full-size tower and LLM with random weights
+    (both written once; a later call reuses them)."""
     bundle = work / "bundle"
     if (bundle / "manifest.json").exists():
         return bundle
-    tower = S.convllava_tower(768)
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
+        tower = S.convllava_tower(768)
         vision = S.random_vision_state(tower, "mlp2x_gelu", LLM.hidden_size, seed=0)
         llm = S.random_llama_state(LLM, seed=1)
         S.write_convllava_checkpoint(ckpt, LLM, tower, vision_state=vision, llm_state=llm, shards=4)
@@ -52,8 +54,8 @@ def make_bundle(work: Path, threads: int | None) -> Path:
         S.write_json(ckpt / "preprocessor_config.json", S.preprocessor_config(768))
         del vision, llm
     t = time.perf_counter()
-    export_bundle(ckpt, bundle, ExportOptions(vision_types=("int8",), llm_type="Q4_K_M", threads=threads))
-    print(f"exported in {time.perf_counter() - t:.0f} s", flush=True)
+    export_bundle(ckpt, bundle, ExportOptions(vision_types=vision_types, llm_type="Q4_K_M", threads=threads))
+    print(f"exported {', '.join(vision_types)} + Q4_K_M in {time.perf_counter() - t:.0f} s", flush=True)
     return bundle
 
 

@@ -40,36 +40,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # support: the synthetic checkpoints
 sys.path.insert(0, str(HERE))
 
-from e2e_bench import LLM, QUESTION  # noqa: E402  the ~1B Llama and the question e2e_bench asks
-from support import synthetic as S  # noqa: E402
+from e2e_bench import LLM, QUESTION, make_bundle  # noqa: E402  e2e_bench's ~1B Llama, checkpoint, question
 
 PINNED = (("fp32", "onnxruntime"), ("fp32", "openvino"), ("bf16", "openvino"), ("int8", "onnxruntime"),
           ("int8", "openvino"))
 
 
-def make_bundle(work: Path, threads: int) -> Path:
-    from convllava_edge.export.bundle import ExportOptions, export_bundle
-    from convllava_edge.vision import can_run
-    from convllava_edge.manifest import VisionEntry
+def vision_types() -> tuple[str, ...]:
+    """bf16 where this CPU and OpenVINO can run it (export measures it by running it), int8, fp32."""
+    from convllava_edge.backends.vision_openvino import openvino_available
+    from convllava_edge.vision import cpu_has_bf16
 
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").exists():
-        return bundle
-    ckpt = work / "ckpt"
-    if not (ckpt / "config.json").exists():
-        tower = S.convllava_tower(768)
-        vision = S.random_vision_state(tower, "mlp2x_gelu", LLM.hidden_size, seed=0)
-        llm = S.random_llama_state(LLM, seed=1)
-        S.write_convllava_checkpoint(ckpt, LLM, tower, vision_state=vision, llm_state=llm, shards=4)
-        S.write_llama_tokenizer(ckpt, 2000)
-        S.write_json(ckpt / "preprocessor_config.json", S.preprocessor_config(768))
-        del vision, llm
-    bf16 = can_run("openvino", VisionEntry("bf16", "", (), "", False), "cpu")
-    types = ("bf16", "int8", "fp32") if bf16 else ("int8", "fp32")
-    t = time.perf_counter()
-    export_bundle(ckpt, bundle, ExportOptions(vision_types=types, llm_type="Q4_K_M", threads=threads))
-    print(f"exported {', '.join(types)} + Q4_K_M in {time.perf_counter() - t:.0f} s", flush=True)
-    return bundle
+    return ("bf16", "int8", "fp32") if openvino_available() and cpu_has_bf16() else ("int8", "fp32")
 
 
 class Ours:
@@ -188,7 +170,7 @@ def main() -> None:
 
     cpu = cpu_info()["model"]
     print(f"{cpu}; {args.threads} threads", flush=True)
-    bundle = make_bundle(work, args.threads)
+    bundle = make_bundle(work, args.threads, vision_types())
     buf = io.BytesIO()
     random_scene(np.random.default_rng(3)).render().save(buf, format="PNG")
     image = buf.getvalue()

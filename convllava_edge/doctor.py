@@ -7,13 +7,14 @@ ONNX Runtime, a GPU from ``nvidia-smi`` when there is one.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import shutil
 import subprocess
 import sys
 from typing import Any
+
+from .native import installed_version
 
 # The flags that decide which kernels the libraries pick (x86); others are listed in full by --json.
 NOTABLE_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -22,11 +23,6 @@ PACKAGES = ("convllava-edge", "numpy", "pillow", "onnxruntime", "onnxruntime-gpu
             "jinja2", "typer", "torch", "transformers", "onnx")
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def cpu_section() -> dict[str, Any]:
@@ -42,7 +38,7 @@ def cpu_section() -> dict[str, Any]:
 def llama_section(run_probe: bool = True) -> dict[str, Any]:
     from . import native
 
-    out: dict[str, Any] = {"version": _version("llama_cpp_python")}
+    out: dict[str, Any] = {"version": installed_version("llama_cpp_python")}
     try:
         import llama_cpp
 
@@ -104,7 +100,7 @@ def vision_section() -> dict[str, Any]:
     from .vision import cpu_has_bf16, default_backend
 
     out: dict[str, Any] = {"default": default_backend(), "onnxruntime": {"precisions": ["fp32"]},
-                           "openvino": {"installed": openvino_available(), "version": _version("openvino")}}
+                           "openvino": {"installed": openvino_available(), "version": installed_version("openvino")}}
     if openvino_available():
         out["openvino"]["precisions"] = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
     choices = []
@@ -138,7 +134,7 @@ def report(run_probe: bool = True) -> dict[str, Any]:
         "cache": cache_section(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {name: _version(name) for name in PACKAGES},
+        "versions": {name: installed_version(name) for name in PACKAGES},
     }
     out["ok"] = bool(out["llama_cpp"].get("ok") and out["onnxruntime"].get("ok"))
     return out

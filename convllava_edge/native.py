@@ -125,6 +125,16 @@ def cpu_digest() -> str:
     return hashlib.sha256(json.dumps([info["model"], info["flags"], info["machine"]]).encode()).hexdigest()
 
 
+def installed_version(name: str) -> str | None:
+    """An installed distribution's version (records are keyed by them; ``doctor`` lists them)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 # -- the on-disk record ------------------------------------------------------------------------------
 def state_dir() -> Path:
     """Where verdicts are kept: beside the embedding cache (``$CONVLLAVA_EDGE_CACHE`` moves both)."""

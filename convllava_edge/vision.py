@@ -234,17 +234,9 @@ def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray, best: f
 
 
 def _record_name(manifest: Manifest, pairs, device: str, threads: int | None) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     from . import __version__
-    from .native import cpu_digest
+    from .native import cpu_digest, installed_version as installed
     from .threads import default_threads
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
 
     shas = {f.path: f.sha256 for f in manifest.files}
     key = json.dumps([CHOICE_VERSION, __version__, cpu_digest(), device, threads or default_threads(),

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException
 
 from ..errors import ConvLlavaEdgeError
 from .engine import Engine, Served, load_served
-from .wire import ApiError, ChatRequest, bad, chunk, completion, completion_id, now, parse_chat, timings, usage
+from .wire import (ApiError, ChatRequest, bad, chunk, completion, completion_id, finish_reason, now, parse_chat,
+                   timings, usage)
 
 MiB = 1 << 20
 
@@ -183,8 +184,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
                 answer = await asyncio.shield(future)
         except TimeoutError:
             cancel.set()
-            raise ApiError(504, f"the request took longer than {options.request_timeout:g} s (--request-timeout)",
-                           code="timeout", kind="timeout_error") from None
+            raise too_slow() from None
         return completion(completion_id(), now(), served.name, answer)
 
     async def stream(eng: Engine, served: Served, chat: ChatRequest, max_tokens: int | None) -> AsyncIterator[str]:
@@ -199,10 +199,10 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
                 async with asyncio.timeout_at(deadline):
                     slot = await eng.acquire(served, chat)
             except ApiError as e:
-                yield event({**e.body(), "status": e.status})
+                yield error_event(e)
                 return
             except TimeoutError:
-                yield event(timeout_error())
+                yield error_event(too_slow())
                 return
             future = eng.start(served, slot, chat, (max_tokens, options.max_tokens_cap),
                                lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece), cancel)
@@ -214,7 +214,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
                         piece = await pieces.get()
                 except TimeoutError:
                     cancel.set()
-                    yield event(timeout_error())
+                    yield error_event(too_slow())
                     return
                 if piece is None:
                     break
@@ -222,7 +222,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
             try:
                 answer = future.result()
             except ApiError as e:
-                yield event({**e.body(), "status": e.status})
+                yield error_event(e)
                 return
             yield event(chunk(cid, created, served.name, {}, finish_reason(answer),
                               **({"usage": None} if chat.include_usage else {})))
@@ -234,10 +234,9 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         finally:
             cancel.set()  # a client gone mid-stream: its generation stops at the next token, the slot is freed
 
-    def timeout_error() -> dict:
-        e = ApiError(504, f"the request took longer than {options.request_timeout:g} s (--request-timeout)",
-                     code="timeout", kind="timeout_error")
-        return {**e.body(), "status": 504}
+    def too_slow() -> ApiError:
+        return ApiError(504, f"the request took longer than {options.request_timeout:g} s (--request-timeout)",
+                        code="timeout", kind="timeout_error")
 
     return api
 
@@ -266,14 +265,13 @@ def run(asgi, host: str, port: int, grace: float) -> None:
     Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)).run()
 
 
-def finish_reason(answer) -> str:
-    from .wire import FINISH
-
-    return FINISH.get(answer.stop_reason, "stop")
-
-
 def event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def error_event(e: ApiError) -> str:
+    """An error once streaming has begun: an SSE event with an ``error`` key (the openai client raises it)."""
+    return event({**e.body(), "status": e.status})
 
 
 async def read_json(request, limit: int):

@@ -226,6 +226,10 @@ def completion_id() -> str:
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
+def finish_reason(answer) -> str:
+    return FINISH.get(answer.stop_reason, "stop")
+
+
 def usage(answer) -> dict:
     prompt, generated = answer.n_prompt_positions, len(answer.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
@@ -242,7 +246,7 @@ def timings(answer) -> dict:
 def completion(cid: str, created: int, model: str, answer) -> dict:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
-                         "finish_reason": FINISH.get(answer.stop_reason, "stop")}],
+                         "finish_reason": finish_reason(answer)}],
             "usage": usage(answer), "timings": timings(answer), "token_ids": answer.token_ids}
 
 
