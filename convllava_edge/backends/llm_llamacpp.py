@@ -283,38 +283,38 @@ class LlamaCppBackend:
     def eval_tokens(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray | None:
         """Evaluate ``tokens`` at the next positions. Logits are kept for the last one, or with
         ``all_logits`` returned for every position as float32 [len(tokens), n_vocab]."""
-        self._check_room(len(tokens))
         batch = self._batch_tokens
-        rows = []
-        for start in range(0, len(tokens), self.n_batch):
-            part = tokens[start:start + self.n_batch]
+
+        def fill(part: Sequence[int]) -> None:
             for i, token in enumerate(part):
                 batch.token[i] = token
-                batch_slot(batch, i, self.n_past + i, last=all_logits or start + i == len(tokens) - 1)
-            batch.n_tokens = len(part)
-            self._decode(batch, f"{len(part)} tokens")
-            self.n_past += len(part)
-            if all_logits:
-                rows += [self._logits_at(i) for i in range(len(part))]
-        return np.stack(rows) if all_logits else None
+        return self._evaluate(batch, tokens, fill, "tokens", all_logits)
 
     def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray | None:
         """Inject rows of ``embeds`` [n, n_embd] as input embeddings at the next positions (logits as
         for eval_tokens)."""
         if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
             raise ConfigError(f"image embeddings have shape {list(embeds.shape)}, the LLM expects [n, {self.n_embd}]")
-        self._check_room(len(embeds))
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         batch = self._batch_embd
-        rows = []
         dst = np.ctypeslib.as_array(batch.embd, shape=(self.n_batch * self.n_embd,))
-        for start in range(0, len(embeds), self.n_batch):
-            part = embeds[start:start + self.n_batch]
+
+        def fill(part: np.ndarray) -> None:
             dst[: part.size] = part.reshape(-1)
+        return self._evaluate(batch, embeds, fill, "image embeddings", all_logits)
+
+    def _evaluate(self, batch, inputs, fill: Callable, what: str, all_logits: bool) -> np.ndarray | None:
+        """``inputs`` (token ids or embedding rows) at the next positions, n_batch at a time through ``batch``:
+        ``fill`` writes a part's inputs into it, this sets the positions and which logits to keep."""
+        self._check_room(len(inputs))
+        rows = []
+        for start in range(0, len(inputs), self.n_batch):
+            part = inputs[start:start + self.n_batch]
+            fill(part)
             for i in range(len(part)):
-                batch_slot(batch, i, self.n_past + i, last=all_logits or start + i == len(embeds) - 1)
+                batch_slot(batch, i, self.n_past + i, last=all_logits or start + i == len(inputs) - 1)
             batch.n_tokens = len(part)
-            self._decode(batch, f"{len(part)} image embeddings")
+            self._decode(batch, f"{len(part)} {what}")
             self.n_past += len(part)
             if all_logits:
                 rows += [self._logits_at(i) for i in range(len(part))]
