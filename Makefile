@@ -19,7 +19,7 @@ PIP_INSTALL := $(BIN)/pip install -q --find-links $(WHEELHOUSE)
 # the wheel of the stamp, even where the venv holds the same version built otherwise
 INSTALL_WHEEL := $(BIN)/pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 
-.PHONY: install dev test unit unit-env ask clean wheelhouse
+.PHONY: install dev test unit unit-env ask clean wheelhouse browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ $(VENV)/.dev-installed: pyproject.toml $(WHEEL_STAMP) | $(BIN)/python
 # build left there, modules deleted since included.
 UNIT_TOOLS := "pytest>=8" "pytest-timeout>=2.3"
 PACKAGE_FILES := pyproject.toml $(filter-out tests/% benchmarks/% demo/% build/%,$(wildcard */*.py */*/*.py)) \
-	$(wildcard convllava_edge/models/shapes-demo/*)
+	$(wildcard convllava_edge/models/shapes-demo/*) $(wildcard convllava_edge/serve/page/*)
 UNIT_ENV := $(if $(wildcard $(VENV)/.dev-installed),$(VENV)/.dev-installed,$(VENV)/.unit-installed)
 
 $(VENV)/.unit-installed: $(PACKAGE_FILES) $(WHEEL_STAMP) | $(BIN)/python
@@ -67,8 +67,16 @@ dev: $(VENV)/.dev-installed
 
 unit-env: $(UNIT_ENV)
 
-# Every tier: tests/unit, tests/parity (against torch and transformers), tests/e2e (CLI, processes, exports), tests/fuzz.
-test: dev
+# The page's tests (tests/e2e/test_page.py) drive the distribution's headless Chromium and its chromedriver:
+# installed from apt when missing (as root, or through sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# Every tier: tests/unit, tests/parity (against torch and transformers), tests/e2e (CLI, processes, exports, the
+# server and its page in a browser), tests/fuzz.
+test: dev browser
 	$(BIN)/python -m pytest -q
 
 # tests/unit only, in seconds. The console script, not `python -m pytest`, keeps the repository root off

@@ -437,21 +437,24 @@ def serve_cmd(
     ctx: Optional[int] = typer.Option(None, "--ctx", min=64, help="Positions per slot (default: the LLM's trained context, at most 4096)."),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per request, queue included (504 past it)."),
     device: str = typer.Option("auto", "--device"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads per slot (default: the cores shared out)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Decoding threads per slot (default: the cores shared out)."),
+    threads_batch: Optional[int] = typer.Option(None, "--threads-batch", min=1, help="Threads for the image's encoding and the prefill, one slot at a time (default: every core)."),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
     grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."),
 ) -> None:
     """Serve bundles over HTTP: OpenAI's /v1/chat/completions (images as data: URLs, streaming), /v1/models, /health."""
     try:
-        from ..serve import ServeOptions, app as serve_app
-        from ..serve.app import run
+        from ..serve import ServeOptions
+        from ..serve.server import app as serve_app, run
     except ImportError as e:
         raise ConvLlavaEdgeError(f"serve needs the serve extra (pip install 'convllava-edge[serve]'): {e}") from None
     from ..threads import check_threads
 
     check_threads(threads)
+    check_threads(threads_batch)
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
                            max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
+                           threads_batch=threads_batch,
                            n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend)
     asgi = serve_app(model or None, options)
     err.print(f"serving {', '.join(str(m) for m in model) if model else 'the demo model'} on http://{host}:{port} "

@@ -88,7 +88,7 @@ class Model:
                  vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
                  kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
                  llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, llm_options: dict | None = None):
         """``cache``: True (the default folder), an EmbeddingCache, or False/None (no disk cache).
         ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
         ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
@@ -99,7 +99,9 @@ class Model:
         image and frees the graphs (``release_vision``) before the LLM takes its memory.
         ``vision_backend``: what runs the graphs, "onnxruntime", "openvino" or "auto" (None: $CONVLLAVA_EDGE_VISION_BACKEND,
         else auto): auto times the bundle's types on the backends here once and keeps the fastest within the
-        accuracy gate (vision.choose_vision; ``progress`` hears about the timing)."""
+        accuracy gate (vision.choose_vision; ``progress`` hears about the timing).
+        ``llm_options``: the LLM backend's own options over these (``serve``: the slots' decoding threads apart
+        from ``threads``, which the vision graphs and the prompt's batches get)."""
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.llm is None or self.manifest.template is None:
@@ -121,9 +123,9 @@ class Model:
         fitted = context_for is not None and n_ctx is None and self.family.fit_context \
             and "square" in self.manifest.tokens_per_image
         self._open_llm = lambda: open_llm(
-            resolve_inside(self.bundle, self.manifest.llm.file), device, threads=threads, kv_f32=kv_f32,
-            n_ctx=self.context_bound(*context_for) if fitted else n_ctx, n_ctx_cap=fitted,
-            sha256=shas[self.manifest.llm.file] if verify else None)
+            resolve_inside(self.bundle, self.manifest.llm.file), device, **{
+                "threads": threads, "kv_f32": kv_f32, "n_ctx": self.context_bound(*context_for) if fitted else n_ctx,
+                "n_ctx_cap": fitted, "sha256": shas[self.manifest.llm.file] if verify else None, **(llm_options or {})})
         self.llm: LlmBackend | None = None
         if llm is not None or not defer_llm:
             self._attach(llm or self._open_llm())
@@ -183,7 +185,7 @@ class Model:
         return self.tokenizer.items(self.template.render(turns, image=slot is not None, image_turn=image_turn,
                                                          system=system), slot)
 
-    def fork(self, threads: int | None = None, n_ctx: int | None = None) -> "Model":
+    def fork(self, threads: int | None = None, n_ctx: int | None = None, threads_batch: int | None = None) -> "Model":
         """Another conversation slot on the same bundle: the vision graphs and embeddings shared, the LLM's
         weights shared, a KV cache of its own (``serve --parallel``). Needs an LLM backend with ``fork``."""
         llm = self._need_llm()
@@ -191,7 +193,7 @@ class Model:
             raise ConfigError(f"the {llm.name} backend holds one context: it cannot serve parallel slots")
         other = object.__new__(Model)
         other.__dict__.update(self.__dict__)
-        other._attach(llm.fork(threads=threads, n_ctx=n_ctx))
+        other._attach(llm.fork(threads=threads, n_ctx=n_ctx, threads_batch=threads_batch))
         return other
 
     def embed(self, image: ImageInput, aspect: str | None = None) -> Embedded:

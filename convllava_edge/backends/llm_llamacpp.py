@@ -99,7 +99,7 @@ class LlamaCppBackend:
                  n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True,
                  trial: bool = True, sha256: str | None = None, extra_bufts: bool | None = None,
                  n_ubatch: int | None = None, kv_type: str | None = None, flash_attn: str = "auto",
-                 n_ctx_cap: bool = False):
+                 n_ctx_cap: bool = False, threads_batch: int | None = None):
         """``trial``: load the file in a child process first, the first time it is seen (see native.py);
         False only for files this process wrote itself. ``sha256``: the file's verified hash, if known.
         ``extra_bufts``: None lets the CPU-path probe decide; True/False forces llama.cpp's extra buffer
@@ -108,7 +108,9 @@ class LlamaCppBackend:
         ``kv_type``: the KV cache's type, one of KV_TYPES (default f16; ``kv_f32`` is kv_type="f32", the
         parity runs' choice). ``flash_attn``: one of FLASH_ATTN. The defaults are the ones
         benchmarks/llm_build_bench.py --sweep measured fastest (see RESULTS.md); ``settings`` says what ran.
-        ``n_ctx_cap``: ``n_ctx`` is an upper bound: the trained context when that is smaller."""
+        ``n_ctx_cap``: ``n_ctx`` is an upper bound: the trained context when that is smaller.
+        ``threads_batch``: threads for prompt batches (default ``threads``, which then only decodes): ``serve``
+        prefills one slot at a time on every core while each slot decodes on its share."""
         import llama_cpp
 
         from .. import native
@@ -116,6 +118,7 @@ class LlamaCppBackend:
 
         self._l = llama_cpp
         check_threads(threads)
+        check_threads(threads_batch)
         kv_type = kv_type or ("f32" if kv_f32 else "f16")
         if kv_type not in KV_TYPES:
             raise ConfigError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
@@ -155,7 +158,7 @@ class LlamaCppBackend:
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self._models = [1]  # contexts open on self.model (fork): the last to close frees it
         self.kv_f32 = kv_type == "f32"  # f16 (the default) rounds keys and values
-        self.settings = {"threads": threads or default_threads(),
+        self.settings = {"threads": threads or default_threads(), "threads_batch": threads_batch or threads or default_threads(),
                          "n_ctx": min(n_ctx, self.n_ctx_train) if n_ctx and n_ctx_cap else (n_ctx or self.n_ctx_train),
                          "n_batch": n_batch, "n_ubatch": n_ubatch, "kv_type": kv_type, "flash_attn": flash_attn,
                          "extra_bufts": extra_bufts, "extra_bufts_reason": self.extra_bufts_reason,
@@ -173,7 +176,7 @@ class LlamaCppBackend:
         cparams = l.llama_context_default_params()
         cparams.n_ctx = s["n_ctx"]
         cparams.n_batch, cparams.n_ubatch = s["n_batch"], s["n_ubatch"]
-        cparams.n_threads = cparams.n_threads_batch = s["threads"]
+        cparams.n_threads, cparams.n_threads_batch = s["threads"], s["threads_batch"]
         cparams.type_k = cparams.type_v = KV_TYPES[s["kv_type"]]
         cparams.flash_attn_type = FLASH_ATTN[s["flash_attn"]]
         log: list[str] = []
@@ -190,16 +193,19 @@ class LlamaCppBackend:
         self._batch_tokens = l.llama_batch_init(self.n_batch, 0, 1)
         self._batch_embd = l.llama_batch_init(self.n_batch, self.n_embd, 1)
 
-    def fork(self, threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppBackend":
+    def fork(self, threads: int | None = None, n_ctx: int | None = None,
+             threads_batch: int | None = None) -> "LlamaCppBackend":
         """Another context (its own KV cache and position count) on the same loaded weights: ``serve``'s
-        parallel slots. The weights are freed when the last context closes."""
+        parallel slots. The weights are freed when the last context closes. Unset values are this one's."""
         if not getattr(self, "ctx", None):
             raise ConfigError("cannot fork a closed LLM backend")
         check_threads(threads)
+        check_threads(threads_batch)
         other = object.__new__(type(self))
         other.__dict__.update({k: v for k, v in self.__dict__.items()
                                if k not in ("ctx", "_batch_tokens", "_batch_embd", "n_past")})
-        other.settings = {**self.settings, "threads": threads or self.threads, "n_ctx": n_ctx or self.n_ctx}
+        other.settings = {**self.settings, "threads": threads or self.threads, "n_ctx": n_ctx or self.n_ctx,
+                          "threads_batch": threads_batch or self.settings["threads_batch"]}
         self._models[0] += 1
         other._open_context()
         return other

@@ -5,7 +5,9 @@ with a llama.cpp context of its own on those weights (Model.fork). A request wai
 queue; one that continues a conversation goes to the slot that holds its KV state when that slot is free. The
 slot's work runs in a thread: the image's encoding and the prompt's prefill one slot at a time (the vision
 graphs are shared, and both are compute-bound on the cores the slots share), the decoding of the slots at once.
-Threads: each slot's llama.cpp context gets cores // parallel threads (at least one).
+Threads: each slot decodes on cores // parallel threads (at least one; ``--threads``); the image's encoding and
+the prompt's prefill, one slot at a time, get every core (``--threads-batch``): benchmarks/serve_bench.py measured
+this split against each slot keeping to its share (RESULTS.md, "Serve").
 """
 
 from __future__ import annotations
@@ -60,18 +62,37 @@ class Served:
         return {"id": self.name, "object": "model", "created": int(self.path.stat().st_mtime), "owned_by": "convllava-edge",
                 "family": m.family, "llm_type": m.llm.type, "vision_types": [e.variant for e in m.vision],
                 "vision": {"type": self.model.vision_entry.variant, "backend": self.model.vision_backend},
-                "image_tokens": m.tokens_per_image, "context": self.model.llm.n_ctx, "parallel": len(self.slots)}
+                "image_tokens": image_token_rule(m), "context": self.model.llm.n_ctx, "parallel": len(self.slots),
+                "threads": {"decode_per_slot": self.model.llm.threads,
+                            "batch": getattr(self.model.llm, "settings", {}).get("threads_batch")}}
+
+
+def image_token_rule(m) -> dict:
+    """The manifest's rule, and what a client needs to count an image's positions before sending it:
+    ``per_image`` when every image takes the same number (padded or cropped to a square; LLaVA-Mini's
+    compression), else the native-aspect resize's pixel budget and stride (preprocess.native_size)."""
+    rule = dict(m.tokens_per_image)
+    aspect = m.preprocess.get("aspect", "pad")
+    fixed = rule.get("compressed") or (rule.get("square") if aspect != "native" else None)
+    if fixed is not None:
+        return {**rule, "aspect": aspect, "per_image": int(fixed)}
+    height, width = m.preprocess["crop_size"]
+    return {**rule, "aspect": aspect, "budget": int(height) * int(width)}
 
 
 def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: str, threads: int | None,
-                n_ctx: int | None, vision_backend: str | None) -> Served:
+                n_ctx: int | None, vision_backend: str | None, threads_batch: int | None = None) -> Served:
+    """``threads``: each slot's decoding threads (default: the cores shared out); ``threads_batch``: the vision
+    graphs' and the prefill's (default: every core; they run one slot at a time)."""
     from ..manifest import load_manifest
 
     per_slot = threads or max(1, default_threads() // parallel)
+    batch = threads_batch or default_threads()
     trained = load_manifest(path, verify=False).llm.n_ctx_train
     n_ctx = n_ctx or min(trained, DEFAULT_CONTEXT) if trained else n_ctx or DEFAULT_CONTEXT
-    first = Model(path, device=device, threads=per_slot, n_ctx=n_ctx, vision_backend=vision_backend)
-    slots = [Slot(first, 0)] + [Slot(first.fork(threads=per_slot), i) for i in range(1, parallel)]
+    first = Model(path, device=device, threads=batch, n_ctx=n_ctx, vision_backend=vision_backend,
+                  llm_options={"threads": per_slot, "threads_batch": batch})
+    slots = [Slot(first, 0)] + [Slot(first.fork(threads=per_slot, threads_batch=batch), i) for i in range(1, parallel)]
     return Served(name, path, slots, queue_limit)
 
 
@@ -90,13 +111,18 @@ class Engine:
         for s in served.values():
             s.changed = asyncio.Condition()
 
-    async def acquire(self, served: Served, request: ChatRequest) -> Slot:
-        """A free slot (the one holding this conversation, if free), after waiting in the bounded queue;
-        503 at once when the queue is full."""
+    @staticmethod
+    def admit(served: Served) -> None:
+        """503 at once when every slot is busy and the queue is full."""
         if all(s.busy for s in served.slots) and served.waiting >= served.queue_limit:
             raise ApiError(503, f"busy: {len(served.slots)} generations running and {served.waiting} requests waiting; "
                            "retry shortly", code="server_busy", kind="server_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def acquire(self, served: Served, request: ChatRequest) -> Slot:
+        """A free slot (the one holding this conversation, if free), after waiting in the bounded queue;
+        503 at once when the queue is full."""
+        self.admit(served)
         served.waiting += 1
         try:
             async with served.changed:

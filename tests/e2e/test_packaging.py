@@ -44,5 +44,7 @@ def test_wheel_builds_without_warnings_and_ships_the_demo(tmp_path):
     for module in ("native", "doctor", "buildflags", "cli/main", "export/bundle", "check/__init__", "families/convllava", "backends/llm_llamacpp"):
         assert f"convllava_edge/{module}.py" in names
     assert "convllava_edge/native_build/gcc_amx_fix.h" in names  # buildflags.py's AMX build needs it
+    for page in ("index.html", "app.js", "style.css"):  # serve's web page
+        assert f"convllava_edge/serve/page/{page}" in names
     # scaffolding stays in the repository: the demo's training (demo/), the synthetic checkpoints (tests/support/)
     assert not [n for n in names if n.startswith(("demo/", "tests/", "support/")) or "synthetic" in n or "demo_model" in n]

@@ -9,27 +9,25 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import ollama
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support.serving import Server
+
+import convllava_edge
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "shapes-1.png"
 KEY = "test-key-123"
 QUESTION = "How many shapes are there?"
 DEMO = "shapes-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(path: Path = EXAMPLE) -> str:
@@ -39,42 +37,6 @@ def data_url(path: Path = EXAMPLE) -> str:
 def image_message(question: str = QUESTION, url: str | None = None) -> dict:
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or data_url()}},
                                         {"type": "text", "text": question}]}
-
-
-class Server:
-    def __init__(self, tmp: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "CONVLLAVA_EDGE_CACHE": str(tmp / "cache")}
-        self.log = open(tmp / f"serve-{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "convllava_edge.cli.main", "serve", "--port", str(self.port),
-                                      *args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (tmp / f"serve-{self.port}.log").read_text()
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError("the server did not become healthy in 120 s")
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +140,8 @@ def test_models_health_auth_and_unknown_model(server):
     models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     (m,) = models["data"]
     assert m["id"] == DEMO and m["family"] == "convllava" and m["image_tokens"]["square"] == 16 and m["context"] > 0
+    cores = len(os.sched_getaffinity(0))  # --parallel 2: each slot decodes on its half, prefill takes every core
+    assert m["parallel"] == 2 and m["threads"] == {"decode_per_slot": max(1, cores // 2), "batch": cores}
     resp = post(server, {"model": "nope", "messages": [image_message()]})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
     assert post(server, {"messages": [image_message()]}, key=None).status_code == 401
@@ -293,3 +257,78 @@ def test_sigterm_during_a_stream_exits_0_within_the_grace_period(tmp_path):
             pass
     assert s.proc.wait(20) == 0 and time.monotonic() - t < 3 + 5
     s.stop()
+
+
+# -- Ollama's API ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ollama_client(server):
+    return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def test_ollama_chat_streamed_and_not_gives_the_answer_of_ask(server, ollama_client, cli_answer):
+    message = {"role": "user", "content": QUESTION, "images": [EXAMPLE.read_bytes()]}
+    r = ollama_client.chat(model=DEMO, messages=[message], options={"temperature": 0}, stream=False)
+    assert r.message.role == "assistant" and r.message.content == cli_answer["answer"] and r.done
+    assert r.done_reason == "stop"
+    raw = post(server, {"model": DEMO, "messages": [{**message, "images": [base64.b64encode(EXAMPLE.read_bytes()).decode()]}],
+                        "options": {"temperature": 0}, "stream": False}, path="/api/chat").json()
+    assert raw["token_ids"] == cli_answer["token_ids"]  # the extension field (the ollama client drops it)
+    assert r.prompt_eval_count == cli_answer["n_prompt_positions"] and r.eval_count == len(cli_answer["token_ids"])
+    assert r.total_duration > r.prompt_eval_duration > 0 and r.eval_duration >= 0  # nanoseconds
+    assert r.total_duration < 60e9
+    parts = list(ollama_client.chat(model=f"{DEMO}:latest", messages=[message], options={"temperature": 0},
+                                    stream=True))
+    assert all(not p.done for p in parts[:-1]) and parts[-1].done and parts[-1].eval_count == r.eval_count
+    assert "".join(p.message.content for p in parts).strip() == cli_answer["answer"]
+
+
+def test_ollama_generate_tags_version_and_errors(server, ollama_client, cli_answer):
+    r = ollama_client.generate(model=DEMO, prompt=QUESTION, images=[EXAMPLE.read_bytes()],
+                               options={"temperature": 0, "num_predict": 8}, stream=False)
+    assert r.response == cli_answer["answer"] and r.done
+    (tag,) = ollama_client.list().models
+    assert tag.model == f"{DEMO}:latest" and tag.details.family == "convllava" and tag.size > 0
+    shown = ollama_client.show(DEMO)
+    assert "vision" in shown.capabilities and shown.details.quantization_level == "Q4_K_M"
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=DEMO, messages=[{"role": "user", "content": "hi"}], format="json", stream=False)
+    assert e.value.status_code == 400 and "format" in e.value.error  # refused, not silently ignored
+    assert httpx.get(server.url + "/api/version", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json() == \
+        {"version": convllava_edge.__version__}
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model="nope", messages=[{"role": "user", "content": "hi"}], stream=False)
+    assert e.value.status_code == 404 and "not served here" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=DEMO, messages=[{"role": "user", "content": "hi", "images": [b"not an image"]}],
+                           stream=False)
+    assert e.value.status_code == 400 and "image" in e.value.error
+    no_key = httpx.post(server.url + "/api/chat", json={"model": DEMO, "messages": []}, timeout=10)
+    assert no_key.status_code == 401 and "API key" in no_key.json()["error"]
+
+
+# -- /metrics --------------------------------------------------------------------------------------------
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_parse_and_move_with_requests(server):
+    before = scrape(server)
+    chat = ("convllava_edge_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))
+    model = (("model", DEMO),)
+    assert before[("convllava_edge_busy_slots", model)] == 0 and before[("convllava_edge_slots", model)] == 2
+    assert before[("convllava_edge_queue_depth", model)] == 0
+    for _ in range(2):
+        assert post(server, {"messages": [image_message()], "temperature": 0, "max_tokens": 4}).status_code == 200
+    assert post(server, {"messages": [image_message()], "n": 3}).status_code == 400
+    after = scrape(server)
+    assert after[chat] == before.get(chat, 0) + 2
+    bad = ("convllava_edge_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "400")))
+    assert after[bad] == before.get(bad, 0) + 1
+    for name in ("convllava_edge_generated_tokens_total", "convllava_edge_prompt_tokens_total",
+                 "convllava_edge_image_tokens_total", "convllava_edge_time_to_first_token_seconds_count"):
+        assert after[(name, model)] > before.get((name, model), 0), name
+    assert after[("convllava_edge_image_tokens_total", model)] - before.get(("convllava_edge_image_tokens_total", model), 0) == 32
+    assert ("convllava_edge_decode_tokens_per_second_bucket", (("le", "+Inf"), ("model", DEMO))) in after
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401

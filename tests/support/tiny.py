@@ -50,3 +50,21 @@ def write_tiny_gqa(root: Path, tiny: TinyConvLlava) -> Path:
                                           llm_state=llm, fmt="safetensors", shards=2)
     S.write_llama_tokenizer(folder, GQA_SPEC.vocab_size)
     return folder
+
+
+# A bigger LLM for the page's Stop test: long answers that take seconds (8 layers of width 768 decode at a few
+# hundred tokens/s on one thread), in a 4096-position context.
+ENDLESS_SPEC = S.LlamaSpec(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=6,
+                           num_key_value_heads=6, max_position_embeddings=4096, logit_scale=4.0)
+
+
+def write_endless(root: Path) -> Path:
+    """A ConvLLaVA checkpoint whose LLM never ends an answer: the lm_head row of </s> (id 2) is zero, so its
+    logit is 0 while the largest of the other 511 random logits is always above it (greedy never picks it)."""
+    vision = S.random_vision_state(S.TINY_TOWER, "mlp2x_gelu", ENDLESS_SPEC.hidden_size, seed=5)
+    llm = S.random_llama_state(ENDLESS_SPEC, seed=6)
+    llm["lm_head.weight"][2] = 0.0
+    folder = S.write_convllava_checkpoint(root / "endless", ENDLESS_SPEC, S.TINY_TOWER, vision_state=vision,
+                                          llm_state=llm, fmt="safetensors", shards=1)
+    S.write_llama_tokenizer(folder, ENDLESS_SPEC.vocab_size)
+    return folder

@@ -1,4 +1,5 @@
-"""The ASGI app: OpenAI's chat completions and models, a health check; FastAPI (the ``serve`` extra).
+"""The ASGI app: OpenAI's chat completions and models, Ollama's chat/generate/tags/version, Prometheus
+metrics, a health check and the web page at ``/``; FastAPI (the ``serve`` extra).
 
 ``app(models, ...)`` returns it, so that it can be mounted or run under any ASGI server; ``convllava-edge
 serve`` runs it under uvicorn. Bundles load in a thread when the app starts: /health answers 503 until
@@ -11,60 +12,26 @@ import asyncio
 import hmac
 import json
 import threading
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+import time
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.staticfiles import StaticFiles
 
-from ..errors import ConvLlavaEdgeError
+from . import ollama as ollama_api
 from .engine import Engine, Served, load_served
+from .generate import STARTED, complete, generate
+from .metrics import CountRequests, Metrics
+from .options import ServeOptions, served_names
 from .wire import (ApiError, ChatRequest, bad, chunk, completion, completion_id, finish_reason, now, parse_chat,
                    timings, usage)
 
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    parallel: int = 1  # generations at once per bundle
-    queue: int = 64  # requests waiting per bundle before 503
-    api_key: str | None = None
-    max_tokens_cap: int = 1024
-    max_image_bytes: int = 20 * MiB
-    media_dir: Path | None = None
-    device: str = "auto"
-    threads: int | None = None  # per slot (default: the cores shared out between the slots)
-    n_ctx: int | None = None  # per slot (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
-    request_timeout: float = 300.0
-    vision_backend: str | None = None
-
-    def validate(self) -> None:
-        for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1)):
-            if getattr(self, name) < low:
-                raise ConvLlavaEdgeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if not self.request_timeout > 0:
-            raise ConvLlavaEdgeError(f"--request-timeout must be positive, got {self.request_timeout}")
-        if self.media_dir is not None and not Path(self.media_dir).is_dir():
-            raise ConvLlavaEdgeError(f"--media-dir {self.media_dir}: not a folder")
-
-    @property
-    def max_body(self) -> int:
-        return self.max_image_bytes * 4 // 3 + 4 * MiB  # one base64 image and the conversation's text
-
-
-def served_names(bundles: Sequence[Path]) -> dict[str, Path]:
-    names: dict[str, Path] = {}
-    for path in bundles:
-        name = Path(path).resolve().name
-        if name in names:
-            raise ConvLlavaEdgeError(f"two bundles are named {name!r} ({names[name]} and {path}): rename one folder")
-        names[name] = Path(path)
-    return names
+PAGE = Path(__file__).resolve().parent / "page"  # the web page's static files, shipped in the package
 
 
 def app(models: Sequence[str | Path] | None = None, options: ServeOptions = ServeOptions()):
@@ -80,7 +47,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
     def load() -> None:
         try:
             served = {name: load_served(name, path, options.parallel, options.queue, options.device, options.threads,
-                                        options.n_ctx, options.vision_backend)
+                                        options.n_ctx, options.vision_backend, options.threads_batch)
                       for name, path in names.items()}
             state["served"] = served
         except Exception as e:  # noqa: BLE001: reported by /health and every request, the server stays up
@@ -102,6 +69,8 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
             state["engine"].close()
 
     api = FastAPI(title="convllava-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(lambda: state["engine"])
+    api.add_middleware(CountRequests, metrics=metrics)
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -159,13 +128,13 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         body = await read_json(request, options.max_body)
         chat = parse_chat(body, options.max_image_bytes, options.media_dir)
         served = pick_model(eng, chat.model)
-        max_tokens = chat.max_tokens
-        if max_tokens is not None and max_tokens > options.max_tokens_cap:
-            raise bad(f"max_tokens {max_tokens} is over this server's cap of {options.max_tokens_cap}", "max_tokens")
+        gen = generation(eng, served, chat)
         if chat.stream:
-            return StreamingResponse(stream(eng, served, chat, max_tokens), media_type="text/event-stream",
+            return StreamingResponse(sse(served.name, chat, gen), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(eng, served, chat, max_tokens)
+        async with aclosing(gen):
+            answer = await complete(gen)
+        return completion(completion_id(), now(), served.name, answer)
 
     def pick_model(eng: Engine, name: str | None) -> Served:
         if name is None or (name not in eng.served and len(eng.served) == 1 and name in ("", "default")):
@@ -175,68 +144,95 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
                            "model_not_found")
         return eng.served[name]
 
-    async def complete(eng: Engine, served: Served, chat: ChatRequest, max_tokens: int | None):
-        cancel = threading.Event()
-        try:
-            async with asyncio.timeout(options.request_timeout):
-                slot = await eng.acquire(served, chat)
-                future = eng.start(served, slot, chat, (max_tokens, options.max_tokens_cap), lambda piece: None, cancel)
-                answer = await asyncio.shield(future)
-        except TimeoutError:
-            cancel.set()
-            raise too_slow() from None
-        return completion(completion_id(), now(), served.name, answer)
+    def generation(eng: Engine, served: Served, chat: ChatRequest) -> AsyncIterator[object]:
+        if chat.max_tokens is not None and chat.max_tokens > options.max_tokens_cap:
+            raise bad(f"max_tokens {chat.max_tokens} is over this server's cap of {options.max_tokens_cap}",
+                      "max_tokens")
+        eng.admit(served)  # a full queue is a 503 status, before a stream's 200 is sent
+        return generate(eng, served, chat, chat.max_tokens, options.max_tokens_cap, options.request_timeout, metrics)
 
-    async def stream(eng: Engine, served: Served, chat: ChatRequest, max_tokens: int | None) -> AsyncIterator[str]:
+    async def sse(name: str, chat: ChatRequest, gen: AsyncIterator[object]) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
-        pieces: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        deadline = loop.time() + options.request_timeout
-        future = None
-        try:
+        async with aclosing(gen):
             try:
-                async with asyncio.timeout_at(deadline):
-                    slot = await eng.acquire(served, chat)
+                async for item in gen:
+                    if item is STARTED:
+                        yield event(chunk(cid, created, name, {"role": "assistant", "content": ""}))
+                    elif isinstance(item, str):
+                        yield event(chunk(cid, created, name, {"content": item}))
+                    else:
+                        answer = item
             except ApiError as e:
                 yield error_event(e)
                 return
-            except TimeoutError:
-                yield error_event(too_slow())
-                return
-            future = eng.start(served, slot, chat, (max_tokens, options.max_tokens_cap),
-                               lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece), cancel)
-            future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
-            yield event(chunk(cid, created, served.name, {"role": "assistant", "content": ""}))
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        piece = await pieces.get()
-                except TimeoutError:
-                    cancel.set()
-                    yield error_event(too_slow())
-                    return
-                if piece is None:
-                    break
-                yield event(chunk(cid, created, served.name, {"content": piece}))
-            try:
-                answer = future.result()
-            except ApiError as e:
-                yield error_event(e)
-                return
-            yield event(chunk(cid, created, served.name, {}, finish_reason(answer),
-                              **({"usage": None} if chat.include_usage else {})))
-            if chat.include_usage:
-                yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": served.name,
-                             "choices": [], "usage": usage(answer), "timings": timings(answer),
-                             "token_ids": answer.token_ids})
-            yield "data: [DONE]\n\n"
-        finally:
-            cancel.set()  # a client gone mid-stream: its generation stops at the next token, the slot is freed
+        yield event(chunk(cid, created, name, {}, finish_reason(answer), **({"usage": None} if chat.include_usage else {})))
+        if chat.include_usage:
+            yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                         "choices": [], "usage": usage(answer), "timings": timings(answer),
+                         "token_ids": answer.token_ids})
+        yield "data: [DONE]\n\n"
 
-    def too_slow() -> ApiError:
-        return ApiError(504, f"the request took longer than {options.request_timeout:g} s (--request-timeout)",
-                        code="timeout", kind="timeout_error")
+    # -- Ollama's API ------------------------------------------------------------------------------------
+    def ollama_error(e: ApiError) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    async def ollama(kind: str, request: Request):
+        """/api/chat or /api/generate; Ollama's errors are {"error": message} with the HTTP status."""
+        try:
+            check_key(request)
+            eng = engine()
+            chat = ollama_api.parse(kind, await read_json(request, options.max_body), options.max_image_bytes)
+            served = pick_model(eng, ollama_api.model_name(chat.model))
+            gen = generation(eng, served, chat)
+            started = time.perf_counter()
+            if chat.stream:
+                return StreamingResponse(ollama_api.ndjson(kind, served.name, gen, started),
+                                         media_type="application/x-ndjson")
+            return await ollama_api.respond(kind, served.name, gen, started)
+        except ApiError as e:
+            return ollama_error(e)
+
+    @api.post("/api/chat")
+    async def ollama_chat(request: Request):
+        return await ollama("chat", request)
+
+    @api.post("/api/generate")
+    async def ollama_generate(request: Request):
+        return await ollama("generate", request)
+
+    @api.get("/api/tags")
+    async def ollama_tags(request: Request):
+        check_key(request)
+        return ollama_api.tags(engine().served)
+
+    @api.post("/api/show")
+    async def ollama_show(request: Request):
+        try:
+            check_key(request)
+            eng = engine()
+            body = await read_json(request, options.max_body)
+            name = body.get("model", body.get("name")) if isinstance(body, dict) else None
+            return ollama_api.show(pick_model(eng, ollama_api.model_name(name)))
+        except ApiError as e:
+            return ollama_error(e)
+
+    @api.get("/api/version")
+    async def ollama_version(request: Request):
+        check_key(request)
+        return ollama_api.version()
+
+    # -- metrics and the page ----------------------------------------------------------------------------
+    @api.get("/metrics")
+    async def prometheus(request: Request):
+        check_key(request)
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
+
+    @api.get("/")
+    async def index():
+        return FileResponse(PAGE / "index.html", headers={"Cache-Control": "no-cache"})
+
+    api.mount("/page", StaticFiles(directory=PAGE), name="page")
 
     return api
 

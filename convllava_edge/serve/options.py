@@ -1,0 +1,50 @@
+"""What ``serve`` is told: its options, checked, and the served bundles' names (no web framework imported)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ConvLlavaEdgeError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    parallel: int = 1  # generations at once per bundle
+    queue: int = 64  # requests waiting per bundle before 503
+    api_key: str | None = None
+    max_tokens_cap: int = 1024
+    max_image_bytes: int = 20 * MiB
+    media_dir: Path | None = None
+    device: str = "auto"
+    threads: int | None = None  # decoding, per slot (default: the cores shared out between the slots)
+    threads_batch: int | None = None  # vision graphs and prefill, one slot at a time (default: every core)
+    n_ctx: int | None = None  # per slot (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
+    request_timeout: float = 300.0
+    vision_backend: str | None = None
+
+    def validate(self) -> None:
+        for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1)):
+            if getattr(self, name) < low:
+                raise ConvLlavaEdgeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if not self.request_timeout > 0:
+            raise ConvLlavaEdgeError(f"--request-timeout must be positive, got {self.request_timeout}")
+        if self.media_dir is not None and not Path(self.media_dir).is_dir():
+            raise ConvLlavaEdgeError(f"--media-dir {self.media_dir}: not a folder")
+
+    @property
+    def max_body(self) -> int:
+        return self.max_image_bytes * 4 // 3 + 4 * MiB  # one base64 image and the conversation's text
+
+
+def served_names(bundles: Sequence[Path]) -> dict[str, Path]:
+    names: dict[str, Path] = {}
+    for path in bundles:
+        name = Path(path).resolve().name
+        if name in names:
+            raise ConvLlavaEdgeError(f"two bundles are named {name!r} ({names[name]} and {path}): rename one folder")
+        names[name] = Path(path)
+    return names

@@ -1,0 +1,68 @@
+"""serve's request conversions without a server: Ollama's bodies as the chat requests OpenAI's become, and the
+image-token rule /v1/models publishes for the page (checked against the runtime's own preprocessing)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from convllava_edge.serve import ollama
+from convllava_edge.serve.engine import image_token_rule
+from convllava_edge.serve.wire import ApiError
+
+
+def png(size=(8, 6)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_an_ollama_chat_is_the_chat_request_of_its_openai_form():
+    image = png()
+    chat = ollama.parse("chat", {
+        "model": "demo:latest", "stream": False,
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "How many?", "images": [base64.b64encode(image).decode()]},
+                     {"role": "assistant", "content": "3"}, {"role": "user", "content": "Colors?"}],
+        "options": {"temperature": 0, "top_p": 0.5, "seed": 7, "stop": ["\n"], "num_predict": 12, "num_ctx": 99}},
+        max_image_bytes=1 << 20)
+    assert chat.model == "demo:latest" and ollama.model_name(chat.model) == "demo" and not chat.stream
+    assert chat.system == "Be brief." and chat.turns == [("How many?", "3"), ("Colors?", None)]
+    assert chat.image == image and chat.image_turn == 0
+    assert (chat.sampling.temperature, chat.sampling.top_p, chat.sampling.seed) == (0.0, 0.5, 7)
+    assert chat.stop == ("\n",) and chat.max_tokens == 12
+
+
+def test_ollama_defaults_and_generate():
+    chat = ollama.parse("generate", {"model": "m", "prompt": "Hi?", "system": "S", "options": {"num_predict": -1}},
+                        max_image_bytes=100)
+    assert chat.stream and chat.max_tokens is None and chat.sampling.temperature == ollama.OLLAMA_DEFAULT_TEMPERATURE
+    assert chat.system == "S" and chat.turns == [("Hi?", None)] and chat.image is None
+
+
+@pytest.mark.parametrize("kind, body, needle", [
+    ("chat", {"messages": [{"role": "user", "content": "x", "images": "abc"}]}, "images must be a list"),
+    ("chat", {"messages": [{"role": "user", "content": "x", "images": ["@@"]}]}, "base64 is malformed"),
+    ("chat", {"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
+    ("chat", {"messages": []}, "messages must be a non-empty list"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "options": {"temperature": "hot"}}, "temperature"),
+    ("generate", {"prompt": None}, "prompt must be a string"),
+    ("generate", {"prompt": "x", "images": [base64.b64encode(b"x" * 200).decode()]}, "over 100 bytes"),
+])
+def test_bad_ollama_bodies_are_errors_naming_the_field(kind, body, needle):
+    with pytest.raises(ApiError) as e:
+        ollama.parse(kind, body, max_image_bytes=100)
+    assert needle in e.value.message and e.value.status in (400, 413)
+
+
+def test_the_published_image_token_rule():
+    def manifest(aspect, **rule):
+        return SimpleNamespace(tokens_per_image=rule, preprocess={"aspect": aspect, "crop_size": [768, 768]})
+    assert image_token_rule(manifest("pad", stride=64, square=144))["per_image"] == 144
+    assert image_token_rule(manifest("crop", stride=14, square=576, compressed=1))["per_image"] == 1
+    native = image_token_rule(manifest("native", stride=64, square=144))
+    assert "per_image" not in native and native["budget"] == 768 * 768 and native["stride"] == 64
