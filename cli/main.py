@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ConvLlavaEdgeError
+from ..errors import ConfigError, ConvLlavaEdgeError
 from ..prompt import checked_text
 from .render import StageProgress, bench_tables, check_tables, doctor_table, files_table, info_lines, stats_line
 
@@ -40,7 +40,7 @@ def export_cmd(
     checkpoint: Path = typer.Argument(..., help="ConvLLaVA model folder (config.json + .bin/.safetensors shards)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to create."),
     vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="ConvNeXt tower folder; default: the copy in the shards."),
-    llm_type: str = typer.Option("Q4_K_M", "--llm-type", help="Q4_K_M, Q4_0, Q5_K_M, Q6_K, Q8_0 (llama.cpp quantizer), or F16, BF16, F32."),
+    llm_type: List[str] = typer.Option(["Q4_K_M"], "--llm-type", help="GGUF: Q4_K_M, Q4_0, Q5_K_M, Q6_K, Q8_0 (llama.cpp quantizer), F16, BF16, F32; or hf (a Hugging Face folder, for vLLM); repeat for hf beside one GGUF type."),
     vision_type: List[str] = typer.Option(["fp32"], "--vision-type", help="fp32, fp16, int8 or bf16 (the fp32 graph run in bf16: OpenVINO, a CPU with bf16); repeat to ship several (the first is the default)."),
     calibration_images: Optional[Path] = typer.Option(None, "--calibration-images", help="Folder of images: static (TensorRT-ready QDQ) int8 instead of dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
@@ -50,7 +50,11 @@ def export_cmd(
     """Turn a checkpoint into a bundle: validated ONNX vision graphs, a GGUF LLM and a manifest."""
     from ..export.bundle import ExportOptions, export_bundle  # needs the export extra (torch)
 
-    options = ExportOptions(vision_types=tuple(vision_type), llm_type=llm_type, calibration_images=calibration_images,
+    gguf_types = [t for t in llm_type if t.lower() != "hf"]
+    if len(gguf_types) > 1:
+        raise ConfigError(f"--llm-type: one GGUF type per bundle, got {', '.join(gguf_types)}")
+    options = ExportOptions(vision_types=tuple(vision_type), llm_type=gguf_types[0] if gguf_types else None,
+                            hf=len(gguf_types) < len(llm_type), calibration_images=calibration_images,
                             force=force, threads=threads)
     progress = StageProgress(err)
     try:

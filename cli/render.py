@@ -81,6 +81,10 @@ def files_table(manifest, title: str) -> Table:
         fallback = f"{manifest.llm.fallbacks} fallbacks" if manifest.llm.fallbacks else ""
         table.add_row(escape(manifest.llm.file), size_text(sizes[manifest.llm.file]), f"LLM {manifest.llm.type}", figure,
                       escape(f"{types} {fallback}".strip()))
+    if manifest.llm_hf:
+        hf = manifest.llm_hf
+        table.add_row(escape(hf.folder + "/"), size_text(sum(sizes[f] for f in hf.files)), f"LLM hf ({escape(hf.dtype)})",
+                      "the checkpoint's weights", f"LlamaForCausalLM, {len(hf.files)} files, for vLLM")
     return table
 
 

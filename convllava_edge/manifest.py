@@ -56,6 +56,17 @@ class LlmEntry:
 
 
 @dataclass(frozen=True)
+class LlmHfEntry:
+    """The LLM in Hugging Face form (``export --llm-type hf``): a LlamaForCausalLM folder for engines that load
+    HF weights (vLLM)."""
+
+    folder: str  # "llm-hf"
+    files: tuple[str, ...]  # every file of the folder, each listed (and hashed) in the manifest's files
+    dtype: str  # the checkpoint's: bfloat16, float16 or float32
+    n_ctx_train: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     family: str  # a name families.family_for knows: convllava, llava-mini
@@ -72,6 +83,7 @@ class Manifest:
     tokenizer: dict[str, Any] = field(default_factory=dict)  # add_space_prefix, space_after_special (HF "legacy")
     accuracy: dict[str, Any] = field(default_factory=dict)  # figures measured at export
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint name, notes
+    llm_hf: LlmHfEntry | None = None
 
     def vision_entry(self, variant: str | None = None) -> VisionEntry:
         if variant is None:
@@ -99,6 +111,8 @@ class Manifest:
             kw["vision"] = tuple(VisionEntry(**{**_known(VisionEntry, v), "files": tuple(v["files"]),
                                                 "parts": dict(v.get("parts") or {})}) for v in data["vision"])
             kw["llm"] = LlmEntry(**_known(LlmEntry, data["llm"])) if data.get("llm") else None
+            hf = data.get("llm_hf")
+            kw["llm_hf"] = LlmHfEntry(**{**_known(LlmHfEntry, hf), "files": tuple(hf["files"])}) if hf else None
             manifest = cls(**kw)
             manifest._validate(where)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
@@ -147,6 +161,14 @@ class Manifest:
             _expect(self.llm.type, str, f"{where}: llm.type")
             _expect(self.llm.tensor_types, dict, f"{where}: llm.tensor_types")
             _expect(self.llm.n_ctx_train, int, f"{where}: llm.n_ctx_train")
+        if self.llm_hf is not None:
+            for name in ("folder", "dtype"):
+                _expect(getattr(self.llm_hf, name), str, f"{where}: llm_hf.{name}")
+            _expect(self.llm_hf.n_ctx_train, int, f"{where}: llm_hf.n_ctx_train")
+            for f in self.llm_hf.files:
+                _expect(f, str, f"{where}: llm_hf files")
+                if not f.startswith(self.llm_hf.folder + "/"):
+                    raise BundleError(f"{where}: llm_hf file {f!r} is not inside {self.llm_hf.folder!r}")
         if self.template is not None:
             _expect(self.template, dict, f"{where}: template")
             template = template_from_dict(self.template)
@@ -158,7 +180,7 @@ class Manifest:
         family_for(self.family, where).validate(self, where)
         listed = {f.path for f in self.files}
         named = [p for v in self.vision for p in (v.graph, *v.files, *v.parts.values())] + \
-            ([self.llm.file] if self.llm else [])
+            ([self.llm.file] if self.llm else []) + list(self.llm_hf.files if self.llm_hf else [])
         for path in named:
             if path not in listed:
                 raise BundleError(f"{where}: {path!r} is used but not listed in files")

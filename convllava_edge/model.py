@@ -104,6 +104,10 @@ class Model:
         from ``threads``, which the vision graphs and the prompt's batches get)."""
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        if self.manifest.llm is None and self.manifest.llm_hf is not None:
+            raise BundleError(f"{self.bundle}: the bundle holds its LLM in Hugging Face form only "
+                              f"({self.manifest.llm_hf.folder}/, for vLLM), which llama.cpp cannot run: export it "
+                              "with a GGUF --llm-type too (e.g. --llm-type hf --llm-type Q4_K_M)")
         if self.manifest.llm is None or self.manifest.template is None:
             raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
         self.family = family_for(self.manifest.family)

@@ -1,8 +1,8 @@
 """checkpoint -> bundle: the one assembler every model family goes through.
 
 detect the family (config.json) -> open and check the checkpoint -> staging folder -> the family's vision
-graphs -> the LLM (GGUF, quantized by llama.cpp) -> the LLM's agreement with its unquantized self, where
-the family measures it -> one manifest -> the folder renamed into place (staging.py: whole or not at all).
+graphs -> the LLM (GGUF, quantized by llama.cpp; and/or in Hugging Face form, llm-hf/) -> the LLM's agreement
+with its unquantized self, where the family measures it -> one manifest -> the folder renamed into place (staging.py: whole or not at all).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError
-from ..manifest import FileRecord, LlmEntry, Manifest, SCHEMA_VERSION, VisionEntry, write_manifest
+from ..manifest import FileRecord, LlmEntry, LlmHfEntry, Manifest, SCHEMA_VERSION, VisionEntry, write_manifest
 from ..quantize.gguf_quant import DEFAULT_QUANT, QUANT_FTYPES, QuantReport
 from ..quantize.onnx_variants import VARIANTS
 from .checkpoint import TensorStore
@@ -24,6 +24,7 @@ from .gguf_convert import OUT_TYPES, GgufConversion
 from .staging import check_out, staging_folder
 
 LLM_TYPES = tuple(QUANT_FTYPES) + tuple(OUT_TYPES)  # Q4_K_M Q4_0 Q5_K_M Q6_K Q8_0 F32 F16 BF16
+HF = "hf"  # --llm-type hf: the LLM as a Hugging Face folder (vLLM), alone or beside one GGUF type
 
 
 class Progress(Protocol):
@@ -42,7 +43,8 @@ class SilentProgress:
 @dataclass(frozen=True)
 class ExportOptions:
     vision_types: tuple[str, ...] = ("fp32",)  # graphs to ship; the first is the default at run time
-    llm_type: str = DEFAULT_QUANT
+    llm_type: str | None = DEFAULT_QUANT  # the GGUF's type; None: no GGUF (then hf)
+    hf: bool = False  # also (or only) the LLM in Hugging Face form, llm-hf/
     calibration_images: Path | None = None  # static int8 when given, dynamic otherwise
     force: bool = False  # replace an existing bundle
     threads: int | None = None
@@ -55,8 +57,10 @@ class ExportOptions:
                 raise ConfigError(f"unknown vision type {v!r} (known: {', '.join(VARIANTS)})")
         if len(set(self.vision_types)) != len(self.vision_types):
             raise ConfigError(f"vision types repeat: {', '.join(self.vision_types)}")
-        if self.llm_type not in LLM_TYPES:
-            raise ConfigError(f"unknown LLM type {self.llm_type!r} (known: {', '.join(LLM_TYPES)})")
+        if self.llm_type is None and not self.hf:
+            raise ConfigError("no LLM to export: give --llm-type (a GGUF type, hf, or both)")
+        if self.llm_type is not None and self.llm_type not in LLM_TYPES:
+            raise ConfigError(f"unknown LLM type {self.llm_type!r} (known: {', '.join(LLM_TYPES + (HF,))})")
         if self.calibration_images is not None and "int8" not in self.vision_types:
             raise ConfigError("--calibration-images only applies to --vision-type int8")
 
@@ -72,8 +76,11 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
     opened = family.open(checkpoint, vision_tower, options)
     with staging_folder(out, options.force, protect) as tmp:
         vision = family.export_vision(opened, tmp, options, progress)
-        llm_path, conversion, report = export_llm(family, checkpoint, tmp, options, progress)
-        agreement = None
+        llm_path = conversion = report = agreement = hf = None
+        if options.llm_type is not None:
+            llm_path, conversion, report = export_llm(family, checkpoint, tmp, options, progress)
+        if options.hf:
+            hf = export_hf(family, checkpoint, tmp, progress)
         if report is not None and family.measures_agreement:
             progress.stage(f"measuring {options.llm_type} against the unquantized LLM on image prompts")
             agreement = family.llm_agreement(vision, llm_path, conversion, options)
@@ -82,7 +89,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
         for f in vision.unshipped:  # the fp32 graph is always made (it is the reference); dropped if not asked for
             f.unlink()
         manifest = build_manifest(tmp, checkpoint.name, family, vision, llm_path, conversion, report, agreement,
-                                  vision_tower)
+                                  vision_tower, hf)
         write_manifest(tmp, manifest)
     return manifest
 
@@ -110,6 +117,25 @@ def export_llm(family: ExportFamily, checkpoint: Path, folder: Path, options: Ex
     return final, conversion, report
 
 
+@dataclass(frozen=True)
+class HfWritten:
+    files: list[Path]
+    dtype: str
+    context_length: int
+    vocab: object  # export.vocab.Vocab: the tokenizer entry when no GGUF is written
+
+
+def export_hf(family: ExportFamily, checkpoint: Path, folder: Path, progress: Progress) -> HfWritten:
+    """The LLM as a Hugging Face LlamaForCausalLM folder, llm-hf/ (export/hf_llm.py)."""
+    from .hf_llm import write_hf_llm
+    from .vocab import read_vocab
+
+    progress.stage("writing the LLM in Hugging Face form (llm-hf/)")
+    llm, max_length, skip = family.llm_config(checkpoint)
+    files, dtype = write_hf_llm(checkpoint, folder, llm, skip, lambda i, n, name: progress.advance(i, n))
+    return HfWritten(files, dtype, min(llm.max_position_embeddings, max_length), read_vocab(checkpoint, llm.vocab_size))
+
+
 def _intermediate_type(checkpoint: Path) -> str:
     """Quantize from the checkpoint's own precision: BF16 and F16 hold bf16/fp16 weights exactly."""
     store = TensorStore(checkpoint)
@@ -118,8 +144,8 @@ def _intermediate_type(checkpoint: Path) -> str:
 
 
 def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: VisionResult, llm_path: Path,
-                   conversion: GgufConversion, report: QuantReport | None, agreement: dict | None,
-                   vision_tower: Path | None = None) -> Manifest:
+                   conversion: GgufConversion | None, report: QuantReport | None, agreement: dict | None,
+                   vision_tower: Path | None = None, hf: HfWritten | None = None) -> Manifest:
     """The one manifest builder: the family's fields, the files as written, the LLM as quantized."""
     entries, records, recorded = [], [], set()
     for v in vision.vision:
@@ -129,7 +155,10 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
                                    method=v.method, tensorrt_ready=v.tensorrt_ready, accuracy=v.accuracy, parts=parts))
         records += [FileRecord.of(bundle, f) for f in v.files if f not in recorded]  # bf16 shares fp32's files
         recorded.update(v.files)
-    records.append(FileRecord.of(bundle, llm_path))
+    if llm_path is not None:
+        records.append(FileRecord.of(bundle, llm_path))
+    if hf is not None:
+        records += [FileRecord.of(bundle, f) for f in hf.files]
     accuracy = dict(vision.accuracy)
     if family.measures_agreement:
         accuracy["llm_vs_unquantized"] = agreement
@@ -141,8 +170,12 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
         schema_version=SCHEMA_VERSION, family=family.name, name=name, created_with=f"convllava-edge {__version__}",
         files=tuple(records), preprocess=vision.preprocess, n_embd=vision.n_embd,
         tokens_per_image=vision.tokens_per_image, vision=tuple(entries), tower=vision.tower,
-        llm=LlmEntry(file=llm_path.name, type=report.requested if report else conversion.out_type,
-                     tensor_types=report.tensor_types if report else conversion.tensor_types,
-                     n_ctx_train=conversion.context_length, fallbacks=len(report.fallbacks) if report else 0),
-        template=vision.template.to_dict(), tokenizer=family.tokenizer_info(conversion.vocab),
+        llm=None if llm_path is None else LlmEntry(
+            file=llm_path.name, type=report.requested if report else conversion.out_type,
+            tensor_types=report.tensor_types if report else conversion.tensor_types,
+            n_ctx_train=conversion.context_length, fallbacks=len(report.fallbacks) if report else 0),
+        llm_hf=None if hf is None else LlmHfEntry(
+            folder=hf.files[0].parent.name, files=tuple(f.relative_to(bundle).as_posix() for f in hf.files),
+            dtype=hf.dtype, n_ctx_train=hf.context_length),
+        template=vision.template.to_dict(), tokenizer=family.tokenizer_info(conversion.vocab if conversion else hf.vocab),
         accuracy=accuracy, source=source)
