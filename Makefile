@@ -75,8 +75,8 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # Every tier: tests/unit, tests/parity (against torch and transformers), tests/e2e (CLI, processes, exports, the
-# server and its page in a browser), tests/fuzz.
-test: dev browser
+# server and its page in a browser, the vLLM backend against a vLLM server from .venv-vllm), tests/fuzz.
+test: dev browser vllm-env
 	$(BIN)/python -m pytest -q
 
 # tests/unit only, in seconds. The console script, not `python -m pytest`, keeps the repository root off

@@ -29,6 +29,10 @@ VISION_BACKEND_HELP = ("What runs the vision graphs: auto (the default, or $CONV
                        "bundle's vision types on the backends here once and keeps the fastest within the accuracy "
                        "gate), onnxruntime (CPU, CUDA, TensorRT) or openvino (CPU; the 'openvino' extra; the only "
                        "one that runs the bf16 vision type).")
+LLM_BACKEND_HELP = ("llama.cpp (the bundle's GGUF, here) or vllm (a vLLM server at --llm-url, from the bundle's llm-hf/; "
+                    "README: \"The vLLM backend\").")
+LLM_URL_HELP = "The vLLM server, e.g. http://127.0.0.1:8000 (with --llm-backend vllm)."
+LLM_MODEL_HELP = "The model's name on the vLLM server (default: the one it serves)."
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
 out = Console(highlight=False, soft_wrap=True)
@@ -181,12 +185,17 @@ def check_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md and chart.png into this folder."),
     nf4: bool = typer.Option(True, "--nf4/--no-nf4", help="With a checkpoint reference, also measure bitsandbytes NF4."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help="llama.cpp only: check reads the LLM's logits."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (vision, llm, answers, passed)."),
 ) -> None:
     """Measure what each quantization costs, stage by stage; exit 1 when a gate fails."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..check import load_inputs, parse_gates, run_check, write_report
+
+    if llm_backend != "llama.cpp":
+        raise ConfigError(f"check compares the LLM's next-token distributions, which the {llm_backend} backend does not "
+                          "give (no full logits): run check with --llm-backend llama.cpp, on the bundle's GGUF")
 
     gates = parse_gates(gate)
     inputs = load_inputs(images, questions, text)
@@ -225,6 +234,9 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
@@ -243,7 +255,8 @@ def bench_cmd(
             bar.update(tasks[stage], completed=done + 1)
 
         result = run_bench(bundle, data, question, runs, max_tokens, device, threads, vision_type, progress,
-                           vision_backend=vision_backend)
+                           vision_backend=vision_backend,
+                           llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model))
     result["image"] = str(image_path)
     if as_json:
         print(json.dumps(result))
@@ -263,7 +276,9 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
 
 
 def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
-                context_for: Optional[tuple[str, int]] = None, vision_backend: Optional[str] = None):
+                context_for: Optional[tuple[str, int]] = None, vision_backend: Optional[str] = None,
+                llm: Optional[dict] = None):
+    """``llm``: llm_backend, llm_url, llm_model (Model's), from the command's options."""
     from ..default_model import default_bundle
     from ..model import Model
     from ..threads import check_threads
@@ -278,7 +293,7 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
     # one question (context_for): the LLM loads once the image is encoded and the graphs are freed (ask_once)
     loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
                    context_for=context_for, defer_llm=context_for is not None, vision_backend=vision_backend,
-                   progress=lambda line: err.print(line, markup=False))
+                   progress=lambda line: err.print(line, markup=False), **(llm or {}))
     return loaded
 
 
@@ -324,6 +339,9 @@ def ask_cmd(
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, ConvLLaVA's default), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
@@ -343,7 +361,8 @@ def ask_cmd(
     checked_text(question, "the question")
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
     loaded = _load_model(model, device, threads, vision_type, no_cache,
-                         context_for=None if video is not None else (question, max_tokens), vision_backend=vision_backend)
+                         context_for=None if video is not None else (question, max_tokens), vision_backend=vision_backend,
+                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model))
     if video is not None:
         stream = loaded.ask_video_stream(video, question, options)
     else:
@@ -379,12 +398,16 @@ def chat_cmd(
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Talk about an image over several turns (an empty line or end of input quits)."""
     options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
     image_data = _checked_image(image)
-    loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend)
+    loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend,
+                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model))
     err.print(loaded.note, markup=False)
     with _named(str(image)):
         conversation = loaded.chat(image_data, options)
@@ -444,6 +467,9 @@ def serve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Decoding threads per slot (default: the cores shared out)."),
     threads_batch: Optional[int] = typer.Option(None, "--threads-batch", min=1, help="Threads for the image's encoding and the prefill, one slot at a time (default: every core)."),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
     grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."),
 ) -> None:
     """Serve bundles over HTTP: OpenAI's /v1/chat/completions (images as data: URLs, streaming), /v1/models, /health."""
@@ -458,7 +484,7 @@ def serve_cmd(
     check_threads(threads_batch)
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
                            max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
-                           threads_batch=threads_batch,
+                           threads_batch=threads_batch, llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model,
                            n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend)
     asgi = serve_app(model or None, options)
     err.print(f"serving {', '.join(str(m) for m in model) if model else 'the demo model'} on http://{host}:{port} "

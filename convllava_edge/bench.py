@@ -32,10 +32,11 @@ def summarize(values: list[float]) -> dict[str, float]:
 def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", runs: int = 5, max_tokens: int = 32,
               device: str = "cpu", threads: int | None = None, vision_type: str | None = None,
               progress: Callable[[str, int, int], None] = lambda *a: None,
-              vision_backend: str | None = None) -> dict[str, Any]:
+              vision_backend: str | None = None, llm: dict | None = None) -> dict[str, Any]:
+    """``llm``: Model's llm_backend, llm_url, llm_model (default: llama.cpp on the bundle's GGUF)."""
     with tempfile.TemporaryDirectory(prefix="convllava-bench-cache-") as cache_dir:
         model = Model(bundle, device=device, threads=threads, vision_type=vision_type,
-                      cache=EmbeddingCache(cache_dir), vision_backend=vision_backend)
+                      cache=EmbeddingCache(cache_dir), vision_backend=vision_backend, **(llm or {}))
         options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature=0.0))
         store, model.cache = model.cache, None  # the cold series reads and writes no cache
         model.ask(image, question, options)  # warm-up: first-call allocations, page cache
@@ -61,7 +62,9 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
             "vision": {"graph": model.vision_entry.variant, "backend": model.vision_backend,
                        "choice": model.vision_choice.to_dict(), "providers": model.vision_providers,
                        "threads": model.vision.threads},
-            "llm": {"type": model.manifest.llm.type, "threads": model.llm.threads, "gpu_offload": model.llm.gpu_offload},
+            "llm": {"backend": model.llm.name, "type": model.manifest.llm.type if model.llm.name != "vLLM" else
+                    f"hf ({model.manifest.llm_hf.dtype}) on {model.llm.settings['url']}",
+                    "threads": model.llm.threads, "gpu_offload": model.llm.gpu_offload},
             "cold": {k: summarize([r[k] for r in series["cold"]]) for k in FIGURES},
             "cache_hit": {k: summarize([r[k] for r in series["cache_hit"]]) for k in FIGURES},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
-from .backends import open_llm
+from .backends import LLM_BACKENDS, open_llm, open_vllm
 from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
 from .cache import EmbeddingCache
 from .decoding import Decoder
 from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, unknown_choice
 from .families import family_for
 from .kv_cache import KvCache
 from .manifest import Manifest, load_manifest, resolve_inside
@@ -56,6 +56,9 @@ class Answer:
     stop_reason: str  # "eos", "stop" (a stop string such as </s> in the text) or "length"
     cache_hit: bool  # the image embeddings came from the cache (no encoder run)
     timings: dict[str, float] = field(default_factory=dict)
+    # prompt positions the LLM did not compute again: ours (n_prompt_positions - n_evaluated) on llama.cpp; on a
+    # server backend its own prefix-cache figure, None where it gives none
+    cached_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return {"answer": self.text, "token_ids": self.token_ids, "n_image_tokens": self.n_image_tokens,
@@ -88,7 +91,8 @@ class Model:
                  vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
                  kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
                  llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str | None = None,
-                 progress: Callable[[str], None] | None = None, llm_options: dict | None = None):
+                 progress: Callable[[str], None] | None = None, llm_options: dict | None = None,
+                 llm_backend: str | None = None, llm_url: str | None = None, llm_model: str | None = None):
         """``cache``: True (the default folder), an EmbeddingCache, or False/None (no disk cache).
         ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
         ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
@@ -101,13 +105,19 @@ class Model:
         else auto): auto times the bundle's types on the backends here once and keeps the fastest within the
         accuracy gate (vision.choose_vision; ``progress`` hears about the timing).
         ``llm_options``: the LLM backend's own options over these (``serve``: the slots' decoding threads apart
-        from ``threads``, which the vision graphs and the prompt's batches get)."""
+        from ``threads``, which the vision graphs and the prompt's batches get).
+        ``llm_backend``: "llama.cpp" (the default: the bundle's GGUF) or "vllm" (a vLLM server at ``llm_url``
+        generating from the bundle's llm-hf/ weights; ``llm_model``: its served name, if it serves several)."""
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        llm_backend = llm_backend or "llama.cpp"
+        if llm_backend not in LLM_BACKENDS:
+            raise unknown_choice("LLM backend", llm_backend, LLM_BACKENDS)
         if self.manifest.llm is None and self.manifest.llm_hf is not None:
             raise BundleError(f"{self.bundle}: the bundle holds its LLM in Hugging Face form only "
-                              f"({self.manifest.llm_hf.folder}/, for vLLM), which llama.cpp cannot run: export it "
-                              "with a GGUF --llm-type too (e.g. --llm-type hf --llm-type Q4_K_M)")
+                              f"({self.manifest.llm_hf.folder}/), which llama.cpp cannot run and the vLLM backend "
+                              "tokenizes with a GGUF's vocabulary: export it with a GGUF --llm-type too "
+                              "(e.g. --llm-type hf --llm-type Q4_K_M)")
         if self.manifest.llm is None or self.manifest.template is None:
             raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
         self.family = family_for(self.manifest.family)
@@ -130,6 +140,8 @@ class Model:
             resolve_inside(self.bundle, self.manifest.llm.file), device, **{
                 "threads": threads, "kv_f32": kv_f32, "n_ctx": self.context_bound(*context_for) if fitted else n_ctx,
                 "n_ctx_cap": fitted, "sha256": shas[self.manifest.llm.file] if verify else None, **(llm_options or {})})
+        if llm_backend == "vllm":
+            self._open_llm = lambda: open_vllm(self.bundle, self.manifest, llm_url, llm_model)
         self.llm: LlmBackend | None = None
         if llm is not None or not defer_llm:
             self._attach(llm or self._open_llm())
@@ -155,7 +167,8 @@ class Model:
     def note(self) -> str:
         """Where the graphs and the LLM run, in one line (loads a deferred LLM)."""
         llm = self._need_llm()
-        return f"{self.images_note}; LLM on {'GPU' if llm.gpu_offload else 'CPU'} ({llm.name})"
+        where = llm.settings.get("url") if llm.name == "vLLM" else ("GPU" if llm.gpu_offload else "CPU")
+        return f"{self.images_note}; LLM on {where} ({llm.name})"
 
     @property
     def preprocess_config(self):
@@ -237,6 +250,7 @@ class Model:
         return Answer(
             text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=embedded.slot.n_tokens,
             n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=embedded.hit,
+            cached_tokens=getattr(self.llm, "server_cached_tokens", needed - evaluated),
             timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
                      "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
                      "time_to_first_token_ms": embedded.preprocess_ms + embedded.encode_ms + (first_token_at - t0) * 1e3,

@@ -33,6 +33,14 @@ def tiny_gqa(tmp_path_factory, tiny) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mini(tmp_path_factory):
+    """A tiny LLaVA-Mini checkpoint (support/synthetic_mini.py): (sft folder, CLIP tower folder)."""
+    from support.synthetic_mini import write_tiny_llava_mini
+
+    return write_tiny_llava_mini(tmp_path_factory.mktemp("mini"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny, tmp_path_factory) -> Path:
     """fp32 + fp16 + dynamic int8 vision graphs exported from the sharded .bin checkpoint."""
     from convllava_edge.export.bundle import ExportOptions, export_bundle

@@ -12,7 +12,7 @@ from ..errors import ConfigError, unknown_choice
 from .base import DEVICES, LlmBackend, LlmCapabilities, SamplingOptions, Step, VisionBackend
 
 VISION_BACKENDS = ("onnxruntime", "openvino")
-LLM_BACKENDS = ("llama.cpp",)
+LLM_BACKENDS = ("llama.cpp", "vllm")
 
 
 def open_vision_backend(device: str = "auto", threads: int | None = None, kind: str = "onnxruntime",
@@ -39,10 +39,22 @@ def open_llm(path: str | os.PathLike, device: str = "auto", kind: str = "llama.c
         raise unknown_choice("device", device, DEVICES)
     if kind not in LLM_BACKENDS:
         raise unknown_choice("LLM backend", kind, LLM_BACKENDS)
+    if kind == "vllm":
+        raise ConfigError("the vllm LLM backend runs a bundle's llm-hf/ on a vLLM server, not a GGUF file: "
+                          "open_vllm(bundle, manifest, url), or --llm-backend vllm --llm-url URL")
     from .llm_llamacpp import LlamaCppBackend, gpu_layers
 
     return LlamaCppBackend(path, n_gpu_layers=gpu_layers(device), **options)
 
 
+def open_vllm(bundle, manifest, url: str | None, model: str | None = None) -> LlmBackend:
+    """A running vLLM server as the bundle's LLM (its llm-hf/ weights, prompt embeddings: llm_vllm.py)."""
+    if not url:
+        raise ConfigError("--llm-backend vllm needs --llm-url URL: the vLLM server (README: \"The vLLM backend\")")
+    from .llm_vllm import VllmBackend
+
+    return VllmBackend(bundle, manifest, url, model)
+
+
 __all__ = ["DEVICES", "LlmBackend", "LlmCapabilities", "SamplingOptions", "Step", "VisionBackend",
-           "open_llm", "open_vision_backend"]
+           "open_llm", "open_vision_backend", "open_vllm"]

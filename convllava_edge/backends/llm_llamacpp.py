@@ -89,7 +89,75 @@ def _ensure_backend(quiet: bool) -> None:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
-class LlamaCppBackend:
+class LlamaVocab:
+    """Tokenization by llama.cpp's vocabulary (``self._l``, ``self.vocab``, ``self.n_vocab``): the LLM backend's own,
+    and, loaded alone from a bundle's GGUF (``vocab_only``), the vLLM backend's, so that both tokenize alike."""
+
+    def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._l.llama_token * capacity)()
+        n = self._l.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            capacity = -n
+            buf = (self._l.llama_token * capacity)()
+            n = self._l.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._l.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._l.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._l.llama_vocab_is_eog(self.vocab, token))
+
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id for the control tokens (<s>, </s>, <unk>) the prompt may spell out."""
+        out = {}
+        for token in range(self.n_vocab):
+            attr = self._l.llama_vocab_get_attr(self.vocab, token)
+            if attr & (1 << 3):  # LLAMA_TOKEN_ATTR_CONTROL
+                out[self._l.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")] = token
+        return out
+
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "LlamaVocab":
+        """The vocabulary of the GGUF at ``path``, without its weights (llama.cpp's vocab_only load)."""
+        import llama_cpp
+
+        from ..gguf_check import validate_gguf
+
+        validate_gguf(Path(path))
+        _ensure_backend(True)
+        self = cls()
+        self._l = llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        with llama_log(lambda line: None):
+            self._vocab_model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._vocab_model:
+            raise BundleError(f"{path}: llama.cpp cannot read this GGUF's vocabulary")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._vocab_model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        return self
+
+    def close_vocab(self) -> None:
+        if getattr(self, "_vocab_model", None):
+            self._l.llama_model_free(self._vocab_model)
+            self._vocab_model = None
+
+
+class LlamaCppBackend(LlamaVocab):
     """One model, one context, one sequence (seq 0): every capability of the LLM-backend interface."""
 
     name = "llama.cpp"
@@ -214,41 +282,6 @@ class LlamaCppBackend:
         self._models[0] -= 1
         if self._models[0] == 0:
             self._l.llama_model_free(self.model)
-
-    # -- tokens ----------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (self._l.llama_token * capacity)()
-        n = self._l.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, parse_special)
-        if n < 0:  # buffer too small: -n is the size needed
-            capacity = -n
-            buf = (self._l.llama_token * capacity)()
-            n = self._l.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._l.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._l.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def is_end(self, token: int) -> bool:
-        return bool(self._l.llama_vocab_is_eog(self.vocab, token))
-
-    def special_tokens(self) -> dict[str, int]:
-        """Text -> id for the control tokens (<s>, </s>, <unk>) the prompt may spell out."""
-        out = {}
-        for token in range(self.n_vocab):
-            attr = self._l.llama_vocab_get_attr(self.vocab, token)
-            if attr & (1 << 3):  # LLAMA_TOKEN_ATTR_CONTROL
-                out[self._l.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")] = token
-        return out
 
     # -- evaluation ------------------------------------------------------------------------------
     def truncate(self, n_past: int) -> None:

@@ -81,7 +81,8 @@ def image_token_rule(m) -> dict:
 
 
 def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: str, threads: int | None,
-                n_ctx: int | None, vision_backend: str | None, threads_batch: int | None = None) -> Served:
+                n_ctx: int | None, vision_backend: str | None, threads_batch: int | None = None,
+                llm: dict | None = None) -> Served:
     """``threads``: each slot's decoding threads (default: the cores shared out); ``threads_batch``: the vision
     graphs' and the prefill's (default: every core; they run one slot at a time)."""
     from ..manifest import load_manifest
@@ -90,8 +91,11 @@ def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: 
     batch = threads_batch or default_threads()
     trained = load_manifest(path, verify=False).llm.n_ctx_train
     n_ctx = n_ctx or min(trained, DEFAULT_CONTEXT) if trained else n_ctx or DEFAULT_CONTEXT
-    first = Model(path, device=device, threads=batch, n_ctx=n_ctx, vision_backend=vision_backend,
-                  llm_options={"threads": per_slot, "threads_batch": batch})
+    if llm and llm.get("llm_backend") == "vllm":  # the server's threads, its context: nothing to share out here
+        first = Model(path, device=device, threads=batch, vision_backend=vision_backend, **llm)
+    else:
+        first = Model(path, device=device, threads=batch, n_ctx=n_ctx, vision_backend=vision_backend,
+                      llm_options={"threads": per_slot, "threads_batch": batch})
     slots = [Slot(first, 0)] + [Slot(first.fork(threads=per_slot, threads_batch=batch), i) for i in range(1, parallel)]
     return Served(name, path, slots, queue_limit)
 

@@ -45,7 +45,7 @@ class Metrics:
 
     def answered(self, model: str, answer) -> None:
         self.prompt_tokens.labels(model).inc(answer.n_prompt_positions)
-        self.cached_tokens.labels(model).inc(answer.n_prompt_positions - answer.n_evaluated)
+        self.cached_tokens.labels(model).inc(answer.cached_tokens or 0)
         self.image_tokens.labels(model).inc(answer.n_image_tokens)
         self.generated_tokens.labels(model).inc(len(answer.token_ids))
         self.ttft.labels(model).observe(answer.timings.get("time_to_first_token_ms", 0.0) / 1e3)

@@ -25,6 +25,9 @@ class ServeOptions:
     n_ctx: int | None = None  # per slot (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
     request_timeout: float = 300.0
     vision_backend: str | None = None
+    llm_backend: str = "llama.cpp"  # or "vllm": a vLLM server at llm_url generates (its slots batched there)
+    llm_url: str | None = None
+    llm_model: str | None = None
 
     def validate(self) -> None:
         for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1)):

@@ -233,7 +233,7 @@ def finish_reason(answer) -> str:
 def usage(answer) -> dict:
     prompt, generated = answer.n_prompt_positions, len(answer.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": prompt - answer.n_evaluated, "image_tokens": answer.n_image_tokens}}
+            "prompt_tokens_details": {"cached_tokens": answer.cached_tokens, "image_tokens": answer.n_image_tokens}}
 
 
 def timings(answer) -> dict:

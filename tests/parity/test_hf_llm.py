@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from support.reference import reference_llm, shard_tensors
-from support.synthetic_mini import write_tiny_llava_mini
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import convllava_edge
@@ -66,8 +65,8 @@ def test_greedy_tokens_in_transformers_are_the_f32_ggufs(bundle):
     assert out[0, len(ids):].tolist() == ours
 
 
-def test_llava_mini_hf_alone_and_what_the_runtime_says_of_it(tmp_path):
-    sft, clip = write_tiny_llava_mini(tmp_path / "mini")
+def test_llava_mini_hf_alone_and_what_the_runtime_says_of_it(mini, tmp_path):
+    sft, clip = mini
     out = tmp_path / "mini-hf"
     assert main(["export", str(sft), "--out", str(out), "--vision-tower", str(clip), "--llm-type", "hf"]) == 0
     manifest = load_manifest(out, verify=True)

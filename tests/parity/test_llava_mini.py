@@ -28,7 +28,6 @@ from convllava_edge.model import AskOptions
 from convllava_edge.preprocess import preprocess
 
 from support.reference_mini import ReferenceMini
-from support.synthetic_mini import write_tiny_llava_mini
 
 TOLERANCE = 1e-4
 GREEDY = AskOptions(max_tokens=10, sampling=SamplingOptions(temperature=0.0))
@@ -46,11 +45,6 @@ def assert_token_exact(ours: list[int], reference: ReferenceMini, frames, turns)
             assert margin < TIE, f"diverged at token {i} ({a} vs {b}) where the reference's margin is {margin:.4f}"
             return
     assert ours == expected
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    return write_tiny_llava_mini(tmp_path_factory.mktemp("mini"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, seconds: float, interval: float = 0.3) -> None:
+    """Until ``url``/health answers 200; an AssertionError with the log's tail if the process exits or the time
+    runs out (the caller stops it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{proc.args[:4]} exited: {log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"not healthy in {seconds:g} s: {log.read_text()[-3000:]}")
+
+
 class Server:
     """`serve` with these arguments, healthy (or the test fails with its log) before the constructor returns."""
 
@@ -27,20 +42,15 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "CONVLLAVA_EDGE_CACHE": str(tmp / "cache")}
-        self.log = open(tmp / f"serve-{self.port}.log", "w")
+        log = tmp / f"serve-{self.port}.log"
+        self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "convllava_edge.cli.main", "serve", "--port", str(self.port),
                                       *args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (tmp / f"serve-{self.port}.log").read_text()
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError("the server did not become healthy in 120 s")
+        try:
+            wait_healthy(self.proc, self.url, log, 120)
+        except AssertionError:
+            self.stop()
+            raise
 
     def rss(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:

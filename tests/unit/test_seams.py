@@ -82,7 +82,9 @@ def test_the_vision_backend_loads_and_runs_a_graph_checking_its_names():
 def test_unknown_backends_and_devices_are_refused_by_name():
     with pytest.raises(ConfigError, match="unknown vision backend 'tensorflow' \\(known: onnxruntime, openvino\\)"):
         open_vision_backend(kind="tensorflow")
-    with pytest.raises(ConfigError, match="unknown LLM backend 'vllm'"):
+    with pytest.raises(ConfigError, match="unknown LLM backend 'tensorrt-llm' \\(known: llama.cpp, vllm\\)"):
+        open_llm("x.gguf", kind="tensorrt-llm")
+    with pytest.raises(ConfigError, match="a vLLM server, not a GGUF file"):
         open_llm("x.gguf", kind="vllm")
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         open_vision_backend("tpu")
