@@ -62,8 +62,8 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
             "vision": {"graph": model.vision_entry.variant, "backend": model.vision_backend,
                        "choice": model.vision_choice.to_dict(), "providers": model.vision_providers,
                        "threads": model.vision.threads},
-            "llm": {"backend": model.llm.name, "type": model.manifest.llm.type if model.llm.name != "vLLM" else
-                    f"hf ({model.manifest.llm_hf.dtype}) on {model.llm.settings['url']}",
+            "llm": {"backend": model.llm.name, "type": f"hf ({model.manifest.llm_hf.dtype}) on {model.llm.where}"
+                    if getattr(model.llm, "where", None) else model.manifest.llm.type,
                     "threads": model.llm.threads, "gpu_offload": model.llm.gpu_offload},
             "cold": {k: summarize([r[k] for r in series["cold"]]) for k in FIGURES},
             "cache_hit": {k: summarize([r[k] for r in series["cache_hit"]]) for k in FIGURES},

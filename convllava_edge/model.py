@@ -136,12 +136,14 @@ class Model:
         self.vision_providers = list(self.vision.providers)
         fitted = context_for is not None and n_ctx is None and self.family.fit_context \
             and "square" in self.manifest.tokens_per_image
-        self._open_llm = lambda: open_llm(
-            resolve_inside(self.bundle, self.manifest.llm.file), device, **{
-                "threads": threads, "kv_f32": kv_f32, "n_ctx": self.context_bound(*context_for) if fitted else n_ctx,
-                "n_ctx_cap": fitted, "sha256": shas[self.manifest.llm.file] if verify else None, **(llm_options or {})})
         if llm_backend == "vllm":
             self._open_llm = lambda: open_vllm(self.bundle, self.manifest, llm_url, llm_model)
+        else:
+            self._open_llm = lambda: open_llm(
+                resolve_inside(self.bundle, self.manifest.llm.file), device, **{
+                    "threads": threads, "kv_f32": kv_f32, "n_ctx": self.context_bound(*context_for) if fitted else n_ctx,
+                    "n_ctx_cap": fitted, "sha256": shas[self.manifest.llm.file] if verify else None,
+                    **(llm_options or {})})
         self.llm: LlmBackend | None = None
         if llm is not None or not defer_llm:
             self._attach(llm or self._open_llm())
@@ -167,7 +169,7 @@ class Model:
     def note(self) -> str:
         """Where the graphs and the LLM run, in one line (loads a deferred LLM)."""
         llm = self._need_llm()
-        where = llm.settings.get("url") if llm.name == "vLLM" else ("GPU" if llm.gpu_offload else "CPU")
+        where = getattr(llm, "where", None) or ("GPU" if llm.gpu_offload else "CPU")
         return f"{self.images_note}; LLM on {where} ({llm.name})"
 
     @property

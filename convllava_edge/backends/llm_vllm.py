@@ -112,6 +112,11 @@ class VllmBackend:
         self.server_cached_tokens: int | None = None
         self._probe()
 
+    @property
+    def where(self) -> str:
+        """Where the LLM runs, for the user (Model.note, bench): the server's address."""
+        return self.url
+
     # -- the server ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None, stream: bool = False):
         data = json.dumps(body).encode() if body is not None else None
