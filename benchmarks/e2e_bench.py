@@ -38,12 +38,8 @@ LLM = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22
 QUESTION = "What is in the image?"
 
 
-def make_bundle(work: Path, threads: int | None, vision_types: tuple[str, ...] = ("int8",)) -> Path:
-    """``work``/bundle, exported (Q4_K_M) from ``work``/ckpt, the full-size tower and LLM with random weights
-    (both written once; a later call reuses them)."""
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").exists():
-        return bundle
+def make_checkpoint(work: Path) -> Path:
+    """``work``/ckpt: the full-size tower and LLM with random weights, in the released layout (written once)."""
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
         tower = S.convllava_tower(768)
@@ -53,6 +49,16 @@ def make_bundle(work: Path, threads: int | None, vision_types: tuple[str, ...] =
         S.write_llama_tokenizer(ckpt, 2000)
         S.write_json(ckpt / "preprocessor_config.json", S.preprocessor_config(768))
         del vision, llm
+    return ckpt
+
+
+def make_bundle(work: Path, threads: int | None, vision_types: tuple[str, ...] = ("int8",)) -> Path:
+    """``work``/bundle, exported (Q4_K_M) from ``work``/ckpt, the full-size tower and LLM with random weights
+    (both written once; a later call reuses them)."""
+    bundle = work / "bundle"
+    if (bundle / "manifest.json").exists():
+        return bundle
+    ckpt = make_checkpoint(work)
     t = time.perf_counter()
     export_bundle(ckpt, bundle, ExportOptions(vision_types=vision_types, llm_type="Q4_K_M", threads=threads))
     print(f"exported {', '.join(vision_types)} + Q4_K_M in {time.perf_counter() - t:.0f} s", flush=True)

@@ -72,15 +72,17 @@ def request_body(image: bytes, max_tokens: int, stream: bool = True) -> dict:
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": QUESTION}]}],
-            "temperature": 0, "max_tokens": max_tokens, "stream": stream}
+            "temperature": 0, "max_tokens": max_tokens, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}
 
 
-def start_server(model: str | None, parallel: int, threads: int | None,
-                 threads_batch: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, parallel: int, threads: int | None, threads_batch: int | None,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """``serve`` on a free loopback port, healthy; ``extra``: more of its options (--llm-backend vllm ...)."""
     port = free_port()
     cmd = [sys.executable, "-m", "convllava_edge.cli.main", "serve", "--port", str(port), "--parallel", str(parallel),
            "--queue", "64"] + (["--model", model] if model else []) + (["--threads", str(threads)] if threads else []) \
-        + (["--threads-batch", str(threads_batch)] if threads_batch else [])
+        + (["--threads-batch", str(threads_batch)] if threads_batch else []) + list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -107,16 +109,26 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def one_request(client: httpx.Client, url: str, body: dict) -> tuple[float, float]:
-    """(time to first content chunk, total) of one streamed request, in seconds."""
+    """(time to first token, total) of one streamed request, in seconds. The first token is the first content
+    chunk's arrival; when the answer shows no text before the end (the benchmark bundles' random LLM generates
+    tokens whose text is empty), it is the total less the server's own decoding time (the usage chunk's tokens
+    over its decode tokens/s), not the total."""
     t0 = time.perf_counter()
     first = None
+    final = {}
     with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if first is None and line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
                 first = time.perf_counter() - t0
+            elif line.startswith("data: {") and '"usage": {' in line:
+                final = json.loads(line[len("data: "):])
     total = time.perf_counter() - t0
-    return (first if first is not None else total), total
+    if first is None:
+        tokens, speed = final.get("usage", {}).get("completion_tokens", 0), final.get("timings", {}).get(
+            "decode_tokens_per_s", 0)
+        first = total - (max(tokens - 1, 0) / speed if speed else 0.0)
+    return first, total
 
 
 def load(url: str, images: Images, max_tokens: int, clients: int, seconds: float) -> dict:

@@ -66,6 +66,9 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
     exported from, when it is still there; else the copy in the checkpoint's shards)."""
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
+    if manifest.llm is None and manifest.llm_hf is not None:
+        raise ConfigError(f"{bundle}: check reads the LLM's logits from llama.cpp, and this bundle holds its LLM in "
+                          "Hugging Face form only: export it with a GGUF --llm-type too (e.g. --llm-type Q4_K_M)")
     if manifest.llm is None or manifest.template is None:
         raise ConfigError(f"{bundle}: bundle has no LLM")
     reference = open_reference(reference_path, threads, vision_tower)

@@ -85,6 +85,9 @@ def files_table(manifest, title: str) -> Table:
         hf = manifest.llm_hf
         table.add_row(escape(hf.folder + "/"), size_text(sum(sizes[f] for f in hf.files)), f"LLM hf ({escape(hf.dtype)})",
                       "the checkpoint's weights", f"LlamaForCausalLM, {len(hf.files)} files, for vLLM")
+        if hf.vocab:
+            table.add_row(escape(hf.vocab), size_text(sizes[hf.vocab]), "LLM vocabulary", "",
+                          "GGUF without tensors: how the vLLM backend tokenizes")
     return table
 
 

@@ -469,7 +469,7 @@ def _check_tensors(m: _Metadata, infos: list[_TensorInfo], n_vocab: int, n_embd:
                        f"< {n_layers} ({m.key(Keys.LLM.BLOCK_COUNT)})")
 
 
-def _check_llama(m: _Metadata, infos: list[_TensorInfo]) -> GgufSummary:
+def _check_llama(m: _Metadata, infos: list[_TensorInfo], tensors: bool = True) -> GgufSummary:
     L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
     fail = m.h.fail
     n_ctx = m.int(L.CONTEXT_LENGTH, 1, MAX_CTX)
@@ -497,7 +497,8 @@ def _check_llama(m: _Metadata, infos: list[_TensorInfo]) -> GgufSummary:
     for key in (L.EXPERT_COUNT, L.EXPERT_USED_COUNT, L.EXPERT_GROUP_COUNT):
         m.int(key, 0, 0, required=False)
     tokenizer_model, n_vocab = _check_vocab(m)
-    _check_tensors(m, infos, n_vocab, n_embd, n_layers, n_head, n_head_kv, head_dim, n_ff)
+    if tensors:
+        _check_tensors(m, infos, n_vocab, n_embd, n_layers, n_head, n_head_kv, head_dim, n_ff)
     weight_bytes: dict[str, int] = {}
     for info in infos:
         if len(info.shape) == 2 and BLOCK_NAME.match(info.name):
@@ -507,10 +508,13 @@ def _check_llama(m: _Metadata, infos: list[_TensorInfo]) -> GgufSummary:
                        max(weight_bytes, key=weight_bytes.get) if weight_bytes else "")
 
 
-def validate_gguf(path: str | os.PathLike, *, max_bytes_header: int = DEFAULT_MAX_BYTES_HEADER) -> GgufSummary:
+def validate_gguf(path: str | os.PathLike, *, max_bytes_header: int = DEFAULT_MAX_BYTES_HEADER,
+                  tensors: bool = True) -> GgufSummary:
     """Check a GGUF's header (framing, llama hparams, vocabulary, tensor shapes and layout) without
     reading tensor data; return its summary or raise ``BundleError`` naming the file, the value and
-    the rule. Time and memory are linear in the header's size and bounded by ``max_bytes_header``."""
+    the rule. Time and memory are linear in the header's size and bounded by ``max_bytes_header``.
+    ``tensors=False``: a vocabulary-only file (llama.cpp's ``vocab_only`` load reads the hparams and the
+    vocabulary, no tensor), which must then hold no tensor at all."""
     where = _where(path)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused as not a regular file.
@@ -528,12 +532,12 @@ def validate_gguf(path: str | os.PathLike, *, max_bytes_header: int = DEFAULT_MA
     with os.fdopen(fd, "rb") as f:
         h = _Header(f, Path(os.fsdecode(path)), st.st_size, max_bytes_header)
         try:
-            return _validate(h)
+            return _validate(h, tensors)
         except OSError as e:
             raise BundleError(f"{where}: cannot read the GGUF file ({e.strerror or e})") from e
 
 
-def _validate(h: _Header) -> GgufSummary:
+def _validate(h: _Header, tensors: bool = True) -> GgufSummary:
     h.need(4, "magic")
     magic = h.buf[:4]
     if magic != MAGIC:
@@ -556,4 +560,6 @@ def _validate(h: _Header) -> GgufSummary:
         raise h.fail(Keys.General.ALIGNMENT, alignment, "a power of two")
     _check_layout(h, infos, alignment)
     m.arch = m.text(Keys.General.ARCHITECTURE, ARCHITECTURES)
-    return _check_llama(m, infos)
+    if not tensors and infos:
+        raise h.fail("tensor count", len(infos), "0 (a vocabulary-only file)")
+    return _check_llama(m, infos, tensors)

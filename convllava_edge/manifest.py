@@ -64,6 +64,7 @@ class LlmHfEntry:
     files: tuple[str, ...]  # every file of the folder, each listed (and hashed) in the manifest's files
     dtype: str  # the checkpoint's: bfloat16, float16 or float32
     n_ctx_train: int
+    vocab: str | None = None  # llm-vocab.gguf: the vocabulary alone (no tensors), how the vLLM backend tokenizes
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,16 @@ class Manifest:
     accuracy: dict[str, Any] = field(default_factory=dict)  # figures measured at export
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint name, notes
     llm_hf: LlmHfEntry | None = None
+
+    @property
+    def llm_n_ctx_train(self) -> int:
+        """The LLM's trained context, from whichever form the bundle holds it in."""
+        return (self.llm or self.llm_hf).n_ctx_train
+
+    @property
+    def llm_type(self) -> str:
+        """The GGUF's type (Q4_K_M, F32, ...), or "hf" for a bundle with its LLM in Hugging Face form only."""
+        return self.llm.type if self.llm else "hf"
 
     def vision_entry(self, variant: str | None = None) -> VisionEntry:
         if variant is None:
@@ -169,6 +180,8 @@ class Manifest:
                 _expect(f, str, f"{where}: llm_hf files")
                 if not f.startswith(self.llm_hf.folder + "/"):
                     raise BundleError(f"{where}: llm_hf file {f!r} is not inside {self.llm_hf.folder!r}")
+            if self.llm_hf.vocab is not None:
+                _expect(self.llm_hf.vocab, str, f"{where}: llm_hf.vocab")
         if self.template is not None:
             _expect(self.template, dict, f"{where}: template")
             template = template_from_dict(self.template)
@@ -180,7 +193,8 @@ class Manifest:
         family_for(self.family, where).validate(self, where)
         listed = {f.path for f in self.files}
         named = [p for v in self.vision for p in (v.graph, *v.files, *v.parts.values())] + \
-            ([self.llm.file] if self.llm else []) + list(self.llm_hf.files if self.llm_hf else [])
+            ([self.llm.file] if self.llm else []) + list(self.llm_hf.files if self.llm_hf else []) + \
+            ([self.llm_hf.vocab] if self.llm_hf and self.llm_hf.vocab else [])
         for path in named:
             if path not in listed:
                 raise BundleError(f"{where}: {path!r} is used but not listed in files")

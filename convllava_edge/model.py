@@ -113,12 +113,11 @@ class Model:
         llm_backend = llm_backend or "llama.cpp"
         if llm_backend not in LLM_BACKENDS:
             raise unknown_choice("LLM backend", llm_backend, LLM_BACKENDS)
-        if self.manifest.llm is None and self.manifest.llm_hf is not None:
+        if self.manifest.llm is None and self.manifest.llm_hf is not None and llm_backend != "vllm":
             raise BundleError(f"{self.bundle}: the bundle holds its LLM in Hugging Face form only "
-                              f"({self.manifest.llm_hf.folder}/), which llama.cpp cannot run and the vLLM backend "
-                              "tokenizes with a GGUF's vocabulary: export it with a GGUF --llm-type too "
-                              "(e.g. --llm-type hf --llm-type Q4_K_M)")
-        if self.manifest.llm is None or self.manifest.template is None:
+                              f"({self.manifest.llm_hf.folder}/), which llama.cpp cannot run: use --llm-backend vllm "
+                              "--llm-url URL, or export it with a GGUF --llm-type too (e.g. --llm-type Q4_K_M)")
+        if (self.manifest.llm is None and self.manifest.llm_hf is None) or self.manifest.template is None:
             raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
         self.family = family_for(self.manifest.family)
         self.template = template_from_dict(self.manifest.template)
@@ -127,6 +126,10 @@ class Model:
         self.vision_entry, self.vision_backend = self.vision_choice.entry, self.vision_choice.kind
         self.images_note = self.vision.note
         self._shas = shas = {f.path: f.sha256 for f in self.manifest.files}
+        # what a cached KV state was computed by: the GGUF, or (vLLM) the HF weights
+        hf_files = self.manifest.llm_hf.files if self.manifest.llm_hf else ()
+        self._llm_sha = shas[self.manifest.llm.file] if llm_backend != "vllm" else \
+            "+".join(shas[f] for f in hf_files if f.endswith(".safetensors"))
         store = EmbeddingCache() if cache is True else (cache or None)
         graph_sha = "+".join(shas[f] for f in self.vision_entry.files)  # every graph that shapes the cached rows
         precision = precision_of(self.vision_entry)
@@ -154,7 +157,7 @@ class Model:
             raise BundleError(f"{self.bundle}: the LLM's embedding width {llm.n_embd} differs from the "
                               f"vision graph's {self.manifest.n_embd}")
         self.llm = llm
-        self.kv = KvCache(llm, self.family, self._shas[self.manifest.llm.file], self.images.store)
+        self.kv = KvCache(llm, self.family, self._llm_sha, self.images.store)
         self.tokenizer = PromptTokenizer(llm, self.manifest.tokenizer)
         header = getattr(self.template, "answer_header", "")
         self.hidden_prefix = llm.tokenize(header, parse_special=True) if header else []

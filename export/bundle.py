@@ -24,6 +24,7 @@ from .gguf_convert import OUT_TYPES, GgufConversion
 from .staging import check_out, staging_folder
 
 LLM_TYPES = tuple(QUANT_FTYPES) + tuple(OUT_TYPES)  # Q4_K_M Q4_0 Q5_K_M Q6_K Q8_0 F32 F16 BF16
+VOCAB_GGUF = "llm-vocab.gguf"
 HF = "hf"  # --llm-type hf: the LLM as a Hugging Face folder (vLLM), alone or beside one GGUF type
 
 
@@ -123,17 +124,23 @@ class HfWritten:
     dtype: str
     context_length: int
     vocab: object  # export.vocab.Vocab: the tokenizer entry when no GGUF is written
+    vocab_file: Path  # llm-vocab.gguf: the vocabulary alone, for the vLLM backend's tokenization
 
 
 def export_hf(family: ExportFamily, checkpoint: Path, folder: Path, progress: Progress) -> HfWritten:
-    """The LLM as a Hugging Face LlamaForCausalLM folder, llm-hf/ (export/hf_llm.py)."""
+    """The LLM as a Hugging Face LlamaForCausalLM folder, llm-hf/ (export/hf_llm.py), and its vocabulary as a
+    GGUF without tensors, llm-vocab.gguf: the vLLM backend tokenizes with llama.cpp as the GGUF backend does,
+    with or without a GGUF LLM beside it."""
+    from .gguf_convert import write_vocab_gguf
     from .hf_llm import write_hf_llm
-    from .vocab import read_vocab
 
     progress.stage("writing the LLM in Hugging Face form (llm-hf/)")
-    llm, max_length, skip = family.llm_config(checkpoint)
+    config = family.llm_config(checkpoint)
+    llm, max_length, skip = config
     files, dtype = write_hf_llm(checkpoint, folder, llm, skip, lambda i, n, name: progress.advance(i, n))
-    return HfWritten(files, dtype, min(llm.max_position_embeddings, max_length), read_vocab(checkpoint, llm.vocab_size))
+    vocab_file = folder / VOCAB_GGUF
+    vocab = write_vocab_gguf(checkpoint, vocab_file, config)
+    return HfWritten(files, dtype, min(llm.max_position_embeddings, max_length), vocab, vocab_file)
 
 
 def _intermediate_type(checkpoint: Path) -> str:
@@ -158,7 +165,7 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
     if llm_path is not None:
         records.append(FileRecord.of(bundle, llm_path))
     if hf is not None:
-        records += [FileRecord.of(bundle, f) for f in hf.files]
+        records += [FileRecord.of(bundle, f) for f in hf.files + [hf.vocab_file]]
     accuracy = dict(vision.accuracy)
     if family.measures_agreement:
         accuracy["llm_vs_unquantized"] = agreement
@@ -176,6 +183,6 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
             n_ctx_train=conversion.context_length, fallbacks=len(report.fallbacks) if report else 0),
         llm_hf=None if hf is None else LlmHfEntry(
             folder=hf.files[0].parent.name, files=tuple(f.relative_to(bundle).as_posix() for f in hf.files),
-            dtype=hf.dtype, n_ctx_train=hf.context_length),
+            dtype=hf.dtype, n_ctx_train=hf.context_length, vocab=hf.vocab_file.name),
         template=vision.template.to_dict(), tokenizer=family.tokenizer_info(conversion.vocab if conversion else hf.vocab),
         accuracy=accuracy, source=source)

@@ -171,7 +171,7 @@ def _check_complete(plan: list[PlannedTensor], llm: LlmConfig, store: TensorStor
                               f"{llm.num_hidden_layers}-layer Llama as config.json describes it")
 
 
-def _add_metadata(writer: gguf.GGUFWriter, llm: LlmConfig, vocab: Vocab, out_type: str, name: str,
+def _add_metadata(writer: gguf.GGUFWriter, llm: LlmConfig, vocab: Vocab, out_type: str | None, name: str,
                   context_length: int) -> None:
     writer.add_name(name)
     writer.add_context_length(context_length)
@@ -188,7 +188,8 @@ def _add_metadata(writer: gguf.GGUFWriter, llm: LlmConfig, vocab: Vocab, out_typ
     writer.add_rope_freq_base(llm.rope_theta)
     _add_rope_scaling(writer, llm)
     writer.add_vocab_size(len(vocab.tokens))
-    writer.add_file_type(OUT_TYPES[out_type][0])
+    if out_type is not None:  # None: a vocabulary-only file, no tensors to type
+        writer.add_file_type(OUT_TYPES[out_type][0])
     vocab.add_to(writer, pad_override=llm.pad_token_id)
 
 
@@ -249,6 +250,21 @@ def convert_llm(checkpoint: Path, out: Path, out_type: str = "F16", progress: Pr
     return GgufConversion(path=Path(out), out_type=out_type, n_tensors=len(plan),
                           n_params=sum(int(np.prod(t.shape)) for t in plan), tensor_types=dict(types), vocab=vocab,
                           context_length=context)
+
+
+def write_vocab_gguf(checkpoint: Path, out: Path, config: tuple[LlmConfig, int, tuple[str, ...]],
+                     name: str | None = None) -> Vocab:
+    """A GGUF with the LLM's metadata and vocabulary and no tensors (what llama.cpp's converter writes with
+    --vocab-only): llama.cpp loads it ``vocab_only`` to tokenize for an LLM held in another form (llm-hf/)."""
+    llm, max_length, _ = config
+    vocab = read_vocab(checkpoint, llm.vocab_size)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    _add_metadata(writer, llm, vocab, None, name or Path(checkpoint).name, min(llm.max_position_embeddings, max_length))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return vocab
 
 
 def _as_gguf(tensor: torch.Tensor, kind: gguf.GGMLQuantizationType) -> np.ndarray:

@@ -129,13 +129,14 @@ class LlamaVocab:
 
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "LlamaVocab":
-        """The vocabulary of the GGUF at ``path``, without its weights (llama.cpp's vocab_only load)."""
+    def open(cls, path: str | os.PathLike, tensors: bool = True) -> "LlamaVocab":
+        """The vocabulary of the GGUF at ``path``, without its weights (llama.cpp's vocab_only load); ``tensors``:
+        the file is a whole LLM (False: a vocabulary-only GGUF, llm-vocab.gguf, which has none)."""
         import llama_cpp
 
         from ..gguf_check import validate_gguf
 
-        validate_gguf(Path(path))
+        validate_gguf(Path(path), tensors=tensors)
         _ensure_backend(True)
         self = cls()
         self._l = llama_cpp

@@ -83,9 +83,9 @@ class VllmBackend:
     def __init__(self, bundle: Path, manifest: Manifest, url: str, model: str | None = None, timeout: float = 300.0):
         if manifest.llm_hf is None:
             raise BundleError(f"{bundle}: no llm-hf/ for vLLM: export the checkpoint with --llm-type hf too")
-        if manifest.llm is None:
-            raise BundleError(f"{bundle}: the vLLM backend tokenizes with the bundle's GGUF vocabulary: export "
-                              "with a GGUF --llm-type beside hf (e.g. --llm-type hf --llm-type Q4_K_M)")
+        vocab = manifest.llm_hf.vocab or (manifest.llm.file if manifest.llm else None)
+        if vocab is None:  # a bundle from before llm-vocab.gguf, without a GGUF
+            raise BundleError(f"{bundle}: no vocabulary for the vLLM backend (llm-vocab.gguf): export the bundle again")
         self.url, self.timeout = url.rstrip("/").removesuffix("/v1"), timeout
         folder = resolve_inside(bundle, manifest.llm_hf.folder)
         config = json.loads((folder / "config.json").read_text())
@@ -103,7 +103,7 @@ class VllmBackend:
         self.model = model
         entry = served[ids.index(model)]
         self.n_ctx = int(entry.get("max_model_len") or manifest.llm_hf.n_ctx_train)
-        self._vocab = LlamaVocab.open(resolve_inside(bundle, manifest.llm.file))
+        self._vocab = LlamaVocab.open(resolve_inside(bundle, vocab), tensors=manifest.llm_hf.vocab is None)
         self._owners = [1]
         self.bos, self.eos, self.n_vocab = self._vocab.bos, self._vocab.eos, self._vocab.n_vocab
         self.settings = {"url": self.url, "model": self.model, "n_ctx": self.n_ctx}

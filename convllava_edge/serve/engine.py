@@ -60,7 +60,7 @@ class Served:
     def describe(self) -> dict:
         m = self.model.manifest
         return {"id": self.name, "object": "model", "created": int(self.path.stat().st_mtime), "owned_by": "convllava-edge",
-                "family": m.family, "llm_type": m.llm.type, "vision_types": [e.variant for e in m.vision],
+                "family": m.family, "llm_type": m.llm_type, "vision_types": [e.variant for e in m.vision],
                 "vision": {"type": self.model.vision_entry.variant, "backend": self.model.vision_backend},
                 "image_tokens": image_token_rule(m), "context": self.model.llm.n_ctx, "parallel": len(self.slots),
                 "threads": {"decode_per_slot": self.model.llm.threads,
@@ -89,7 +89,7 @@ def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: 
 
     per_slot = threads or max(1, default_threads() // parallel)
     batch = threads_batch or default_threads()
-    trained = load_manifest(path, verify=False).llm.n_ctx_train
+    trained = load_manifest(path, verify=False).llm_n_ctx_train
     n_ctx = n_ctx or min(trained, DEFAULT_CONTEXT) if trained else n_ctx or DEFAULT_CONTEXT
     if llm and llm.get("llm_backend") == "vllm":  # the server's threads, its context: nothing to share out here
         first = Model(path, device=device, threads=batch, vision_backend=vision_backend, **llm)

@@ -140,12 +140,13 @@ def tags(served: dict) -> dict:
     for name, s in served.items():
         m = s.model.manifest
         size = sum(f.size for f in m.files)
-        digest = next((f.sha256 for f in m.files if f.path == m.llm.file), "")
+        digest = next((f.sha256 for f in m.files if m.llm and f.path == m.llm.file), "")
         models.append({"name": f"{name}:latest", "model": f"{name}:latest",
                        "modified_at": datetime.fromtimestamp(s.path.stat().st_mtime, timezone.utc).isoformat(),
                        "size": size, "digest": digest,
-                       "details": {"parent_model": "", "format": "gguf", "family": m.family, "families": [m.family],
-                                   "parameter_size": "", "quantization_level": m.llm.type}})
+                       "details": {"parent_model": "", "format": "gguf" if m.llm else "safetensors", "family": m.family,
+                                   "families": [m.family],
+                                   "parameter_size": "", "quantization_level": m.llm_type}})
     return {"models": models}
 
 
@@ -153,8 +154,9 @@ def show(served) -> dict:
     """/api/show: what front-ends read to know a model (its family, quantization, that it takes images)."""
     m = served.model.manifest
     return {"modelfile": "", "parameters": "", "template": "", "license": "",
-            "details": {"parent_model": "", "format": "gguf", "family": m.family, "families": [m.family],
-                        "parameter_size": "", "quantization_level": m.llm.type},
+            "details": {"parent_model": "", "format": "gguf" if m.llm else "safetensors", "family": m.family,
+                        "families": [m.family],
+                        "parameter_size": "", "quantization_level": m.llm_type},
             "model_info": {"general.architecture": "llama", "llama.context_length": served.model.llm.n_ctx,
                            "llama.embedding_length": m.n_embd},
             "capabilities": ["completion", "vision"],

@@ -22,6 +22,7 @@ from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.cli.main import main
 from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.export.probe_images import probe_images
+from convllava_edge.gguf_check import validate_gguf
 from convllava_edge.model import AskOptions
 
 GREEDY = AskOptions(max_tokens=12, sampling=SamplingOptions(temperature=0.0))
@@ -120,6 +121,27 @@ def test_the_cli_and_serve_run_on_it(bundle, vllm, images, capsys, tmp_path, mod
         assert httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["context"] == 1024  # vLLM's
     finally:
         assert server.stop() == 0
+
+
+def test_a_bundle_with_the_llm_in_hf_form_only_runs_on_vllm(bundle, vllm, images, capsys, tmp_path, tiny):
+    """--llm-type hf alone: llm-hf/ and llm-vocab.gguf (the vocabulary, no tensors) and no GGUF LLM; vLLM answers
+    from it token for token as from the bundle with the F32 GGUF; llama.cpp and check refuse it in one line."""
+    alone = tmp_path / "hf-alone"
+    export_bundle(tiny.bin_ckpt, alone, ExportOptions(vision_types=("fp32",), llm_type=None, hf=True))
+    assert sorted(p.name for p in alone.glob("*.gguf")) == ["llm-vocab.gguf"]
+    assert validate_gguf(alone / "llm-vocab.gguf", tensors=False).n_tensors == 0
+    args = ["ask", str(images["tall"]), QUESTIONS[0], "--temperature", "0", "--max-tokens", "12", "--no-cache", "--json",
+            "--llm-backend", "vllm", "--llm-url", vllm.url, "--llm-model", "tiny"]
+    assert main(args + ["--model", str(bundle)]) == 0
+    expected = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main(args + ["--model", str(alone)]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected and expected
+    assert main(["info", str(alone), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["llm_hf"]["vocab"] == "llm-vocab.gguf"
+    for command in (["ask", str(images["tall"]), "Hi?", "--model", str(alone)], ["check", str(alone)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Hugging Face form only" in err, err
 
 
 def test_failures_are_one_line_errors(bundle, vllm, images, capsys, tmp_path, tiny):

@@ -71,7 +71,7 @@ def test_llava_mini_hf_alone_and_what_the_runtime_says_of_it(mini, tmp_path):
     assert main(["export", str(sft), "--out", str(out), "--vision-tower", str(clip), "--llm-type", "hf"]) == 0
     manifest = load_manifest(out, verify=True)
     assert manifest.llm is None and manifest.llm_hf is not None and manifest.tokenizer["kind"] == "bpe"
-    assert not list(out.glob("*.gguf"))
+    assert [p.name for p in out.glob("*.gguf")] == ["llm-vocab.gguf"]  # the vocabulary alone, for vLLM
     expected = shard_tensors(sft, lambda k: k.startswith(("model.layers.", "model.embed_tokens.", "model.norm.",
                                                            "lm_head.")))
     hf = load_hf(out / "llm-hf")

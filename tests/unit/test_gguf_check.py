@@ -153,10 +153,10 @@ def tiny(tmp_path_factory) -> Path:
     return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
-def refused(path: Path, *fragments: str) -> BundleError:
+def refused(path: Path, *fragments: str, tensors: bool = True) -> BundleError:
     """validate_gguf refuses ``path`` with one line that names it and contains every fragment."""
     with pytest.raises(BundleError) as info:
-        validate_gguf(path)
+        validate_gguf(path, tensors=tensors)
     message = str(info.value)
     assert "\n" not in message, message
     assert message.startswith(f"{path}: GGUF "), message
@@ -547,6 +547,18 @@ def test_tensors_against_the_architecture(tmp_path, case):
 def test_trailing_unit_dims_match_like_ggml(tmp_path):
     """ggml compares shapes padded with 1s, so a [256, 1] norm is as good as a [256] one."""
     assert validate_gguf(write_gguf(tmp_path / "x.gguf", tensors=tensors_with(output_norm=(1, N_EMBD)))).n_layers == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_vocabulary_only_file_has_hparams_and_tokens_and_no_tensor(tmp_path):
+    """tensors=False (llm-vocab.gguf beside an llm-hf/ folder): no tensor is required, none is allowed, and
+    the metadata's rules still hold (llama.cpp's vocab_only load reads the hparams too)."""
+    vocab = write_gguf(tmp_path / "v.gguf", tensors={})
+    assert validate_gguf(vocab, tensors=False).n_tensors == 0
+    refused(vocab, "tensor token_embd.weight is missing")  # as a whole LLM it is not one
+    refused(write_gguf(tmp_path / "w.gguf"), "tensor count is 21, expected 0", tensors=False)
+    no_blocks = {Keys.LLM.BLOCK_COUNT.format(arch="llama"): (0, V.UINT32)}
+    refused(write_gguf(tmp_path / "e.gguf", tensors={}, kv=no_blocks), "block_count is 0", tensors=False)
 
 
 # -- the issue's three files: llama.cpp aborts, validate_gguf refuses ------------------------------
