@@ -425,6 +425,92 @@ def chat_cmd(
         err.print(f"[dim]{stats_line(a, chat=True)}[/]")
 
 
+@app.command("batch")
+def batch_cmd(
+    inputs: List[str] = typer.Argument(None, metavar="INPUTS", help="Images: files, folders (their images, recursively) "
+                                       "and glob patterns (quote them)."),
+    question: List[str] = typer.Option([], "--question", help="Asked of every image (repeatable)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help='JSONL: {"question": ...} asks every image; '
+                                             '{"image": ..., "question": ...} asks that one.'),
+    out_path: Path = typer.Option(..., "--out", help="The answers, one JSON line per (image, question); a rerun "
+                                  "skips what it holds."),
+    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    workers: int = typer.Option(1, "--workers", min=1, help="With --ray: actors, one loaded model each."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (the 'ray' extra): a local cluster, or --address."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --ray: a running cluster (ray://HOST:10001 or HOST:6379)."),
+    max_tokens: int = typer.Option(512, "--max-tokens"),
+    temperature: float = typer.Option(0.2, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (with --ray: per actor; default: "
+                                          "the node's cores shared out)."),
+    device: str = typer.Option("auto", "--device"),
+    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
+    vision_type: Optional[str] = typer.Option(None, "--vision-type"),
+    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+) -> None:
+    """Answer questions about many images into a JSONL file: resumable, unreadable images as error lines."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..batch import AnswerLog, expand_images, make_items, read_questions, run_local
+    from ..threads import check_threads
+
+    check_threads(threads)
+    if (workers > 1 or address) and not ray:
+        raise ConfigError("--workers and --address run Ray actors: add --ray (locally the loop uses every core)")
+    options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
+    for q in question:
+        checked_text(q, "the question")
+    items = make_items(expand_images(inputs or []), question, read_questions(questions) if questions else [])
+    llm = dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model)
+    with AnswerLog(out_path) as log:
+        left = sum(1 for i in items if i.key not in log.done)
+        if log.repaired:
+            err.print(f"{out_path}: cut off a torn last line ({log.repaired} bytes) from an interrupted run", markup=False)
+        err.print(f"{len(items)} questions, {len(items) - left} already answered in {out_path}, {left} to go", markup=False)
+        errors = 0
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                      console=err) as bar:
+            task = bar.add_task("answering", total=left, rate="")
+
+            def advance(row: dict) -> None:
+                nonlocal errors
+                errors += "error" in row
+                bar.advance(task)
+                done, elapsed = bar.tasks[task].completed, bar.tasks[task].elapsed
+                bar.update(task, rate=f"{done / elapsed:.2f}/s" if elapsed else "",  # since the start: Ray's first
+                           # answers come after its actors load, then in bursts
+                           description=f"answering ({errors} error{'s' * (errors != 1)})" if errors else "answering")
+            if ray:
+                _need_ray()
+                from ..ray_batch import run_on_ray
+
+                bundle = model
+                if bundle is None:
+                    from ..default_model import default_bundle
+
+                    bundle = default_bundle()
+                run_on_ray(bundle, items, log, options, dict(device=device, threads=threads, vision_type=vision_type,
+                                                            vision_backend=vision_backend, cache=not no_cache, **llm),
+                           workers, address, advance)
+            else:
+                loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend, llm=llm)
+                run_local(loaded, items, log, options, advance)
+    err.print(f"{out_path}: {left - errors} answered, {errors} error line(s)", markup=False)
+
+
+def _need_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise ConvLlavaEdgeError(f"--ray needs the ray extra (pip install 'convllava-edge[ray]'): {e}") from None
+
+
 DEBUG_ENV = "CONVLLAVA_EDGE_DEBUG"  # set to 1 for the traceback of an unexpected error
 
 
@@ -471,6 +557,10 @@ def serve_cmd(
     llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
     grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."),
+    ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (the 'ray' extra): --replicas copies."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas, each with its own models."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --ray: a running cluster (HOST:6379); "
+                                          "default: a local one for this command."),
 ) -> None:
     """Serve bundles over HTTP: OpenAI's /v1/chat/completions (images as data: URLs, streaming), /v1/models, /health."""
     try:
@@ -486,9 +576,19 @@ def serve_cmd(
                            max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
                            threads_batch=threads_batch, llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model,
                            n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend)
+    what = ', '.join(str(m) for m in model) if model else 'the demo model'
+    if (replicas > 1 or address) and not ray:
+        raise ConfigError("--replicas and --address deploy on Ray Serve: add --ray")
+    if ray:
+        _need_ray()
+        from ..serve.ray_serve import serve_on_ray
+
+        serve_on_ray(model or None, options, host, port, replicas, address, grace, ready=lambda url: err.print(
+            f"serving {what} on {url} (Ray Serve, {replicas} replica(s); OpenAI API at /v1; {parallel} slot(s) per "
+            "model in each)", markup=False))
+        return
     asgi = serve_app(model or None, options)
-    err.print(f"serving {', '.join(str(m) for m in model) if model else 'the demo model'} on http://{host}:{port} "
-              f"(OpenAI API at /v1; {parallel} slot(s) per model)", markup=False)
+    err.print(f"serving {what} on http://{host}:{port} (OpenAI API at /v1; {parallel} slot(s) per model)", markup=False)
     run(asgi, host, port, grace)
 
 

@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 
+from ..errors import ConvLlavaEdgeError
 from . import ollama as ollama_api
 from .engine import Engine, Served, load_served
 from .generate import STARTED, complete, generate
@@ -34,8 +35,10 @@ from .wire import (ApiError, ChatRequest, bad, chunk, completion, completion_id,
 PAGE = Path(__file__).resolve().parent / "page"  # the web page's static files, shipped in the package
 
 
-def app(models: Sequence[str | Path] | None = None, options: ServeOptions = ServeOptions()):
-    """The server for ``models`` (bundle folders; None: the demo model), named by their folder names."""
+def app(models: Sequence[str | Path] | None = None, options: ServeOptions = ServeOptions(), wait: bool = False):
+    """The server for ``models`` (bundle folders; None: the demo model), named by their folder names. The models
+    load in the background (/health: 503 until then); ``wait``: the app's startup waits for them and fails with
+    their error (a Ray Serve replica is then ready only once its models are, or fails to start)."""
     options.validate()
     if not models:
         from ..default_model import default_bundle
@@ -65,6 +68,10 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
             if state.get("served"):
                 state["engine"] = Engine(state["served"])
         task = asyncio.create_task(attach())
+        if wait:
+            await task
+            if state["error"]:
+                raise ConvLlavaEdgeError(f"the model failed to load: {state['error']}")
         yield
         task.cancel()
         if state["engine"] is not None:
