@@ -19,7 +19,7 @@ PIP_INSTALL := $(BIN)/pip install -q --find-links $(WHEELHOUSE)
 # the wheel of the stamp, even where the venv holds the same version built otherwise
 INSTALL_WHEEL := $(BIN)/pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 
-.PHONY: install dev test unit unit-env ask clean wheelhouse browser vllm-env
+.PHONY: install dev test unit unit-env ask clean wheelhouse browser vllm-env triton-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,7 +76,7 @@ browser:
 
 # Every tier: tests/unit, tests/parity (against torch and transformers), tests/e2e (CLI, processes, exports, the
 # server and its page in a browser, the vLLM backend against a vLLM server from .venv-vllm), tests/fuzz.
-test: dev browser vllm-env
+test: dev browser vllm-env triton-env
 	$(BIN)/python -m pytest -q
 
 # tests/unit only, in seconds. The console script, not `python -m pytest`, keeps the repository root off
@@ -104,6 +104,24 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
+
+# Triton (issue 20): PyTriton ships a real tritonserver (Python backend only) and pins numpy<2, so it gets an
+# environment of its own with ONNX Runtime beside it; the tests serve a bundle's vision graph from it. Its
+# Python must be the one whose libpython the backend's stub loads, the distribution's (Debian's python3.11 and
+# libpython3.11): from another 3.11 build the stub runs that build's standard library on Debian's interpreter and
+# fails (multiprocessing: '_thread.RLock' object has no attribute '_recursion_count').
+TRITON_VENV ?= .venv-triton
+TRITON_PYTHON ?= /usr/bin/python3.11
+PYTRITON := nvidia-pytriton==0.7.0
+
+$(TRITON_VENV)/.installed:
+	rm -rf $(TRITON_VENV)
+	$(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q $(PYTRITON) "onnxruntime>=1.20"
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
 
 clean:
 	rm -rf out .pytest_cache

@@ -33,6 +33,8 @@ LLM_BACKEND_HELP = ("llama.cpp (the bundle's GGUF, here) or vllm (a vLLM server 
                     "README: \"The vLLM backend\").")
 LLM_URL_HELP = "The vLLM server, e.g. http://127.0.0.1:8000 (with --llm-backend vllm)."
 LLM_MODEL_HELP = "The model's name on the vLLM server (default: the one it serves)."
+VISION_URL_HELP = ("A Triton server running the bundle's vision graphs, http://HOST:PORT (models named by `deploy "
+                   "triton`; the 'triton' extra).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
 out = Console(highlight=False, soft_wrap=True)
@@ -128,6 +130,7 @@ def encode_cmd(
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this .npy file."),
     as_json: bool = typer.Option(False, "--json"),
@@ -147,7 +150,7 @@ def encode_cmd(
     pixels = preprocess(open_image(image), config, aspect or manifest.preprocess["aspect"])
     t1 = time.perf_counter()
     choice, encoder = choose_vision(model, manifest, vision_type, device, threads, vision_backend,
-                                    lambda line: err.print(line, markup=False))  # what the cache keeps
+                                    lambda line: err.print(line, markup=False), url=vision_url)
     entry = choice.entry
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
@@ -234,6 +237,7 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
@@ -256,7 +260,7 @@ def bench_cmd(
 
         result = run_bench(bundle, data, question, runs, max_tokens, device, threads, vision_type, progress,
                            vision_backend=vision_backend,
-                           llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model))
+                           llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model, vision_url=vision_url))
     result["image"] = str(image_path)
     if as_json:
         print(json.dumps(result))
@@ -277,7 +281,7 @@ def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, a
 
 def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
                 context_for: Optional[tuple[str, int]] = None, vision_backend: Optional[str] = None,
-                llm: Optional[dict] = None):
+                llm: Optional[dict] = None, vision_url: Optional[str] = None):
     """``llm``: llm_backend, llm_url, llm_model (Model's), from the command's options."""
     from ..default_model import default_bundle
     from ..model import Model
@@ -293,7 +297,7 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
     # one question (context_for): the LLM loads once the image is encoded and the graphs are freed (ask_once)
     loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
                    context_for=context_for, defer_llm=context_for is not None, vision_backend=vision_backend,
-                   progress=lambda line: err.print(line, markup=False), **(llm or {}))
+                   progress=lambda line: err.print(line, markup=False), vision_url=vision_url, **(llm or {}))
     return loaded
 
 
@@ -339,6 +343,7 @@ def ask_cmd(
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, ConvLLaVA's default), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
@@ -362,7 +367,7 @@ def ask_cmd(
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
     loaded = _load_model(model, device, threads, vision_type, no_cache,
                          context_for=None if video is not None else (question, max_tokens), vision_backend=vision_backend,
-                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model))
+                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model), vision_url=vision_url)
     if video is not None:
         stream = loaded.ask_video_stream(video, question, options)
     else:
@@ -398,6 +403,7 @@ def chat_cmd(
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
@@ -407,7 +413,7 @@ def chat_cmd(
     options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
     image_data = _checked_image(image)
     loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend,
-                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model))
+                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model), vision_url=vision_url)
     err.print(loaded.note, markup=False)
     with _named(str(image)):
         conversation = loaded.chat(image_data, options)
@@ -448,6 +454,7 @@ def batch_cmd(
     aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
     vision_type: Optional[str] = typer.Option(None, "--vision-type"),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
@@ -496,12 +503,44 @@ def batch_cmd(
 
                     bundle = default_bundle()
                 run_on_ray(bundle, items, log, options, dict(device=device, threads=threads, vision_type=vision_type,
-                                                            vision_backend=vision_backend, cache=not no_cache, **llm),
+                                                            vision_backend=vision_backend, cache=not no_cache,
+                                                            vision_url=vision_url, **llm),
                            workers, address, advance)
             else:
-                loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend, llm=llm)
+                loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend, llm=llm,
+                                     vision_url=vision_url)
                 run_local(loaded, items, log, options, advance)
     err.print(f"{out_path}: {left - errors} answered, {errors} error line(s)", markup=False)
+
+
+deploy_app = typer.Typer(no_args_is_help=True, help="Put a bundle where other engines serve it (Triton).")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("triton")
+def deploy_triton_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    out_repo: Path = typer.Option(..., "--out", help="The Triton model repository (created if needed; its other models are kept)."),
+    vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision type (default: the bundle's first)."),
+    instances: int = typer.Option(1, "--instances", min=1, help="instance_group count per model."),
+    tensorrt: Optional[str] = typer.Option(None, "--tensorrt", help="fp16 or int8: Triton's TensorRT accelerator (GPU instances)."),
+    gpu: bool = typer.Option(False, "--gpu", help="GPU instances (CUDA) without TensorRT."),
+    force: bool = typer.Option(False, "--force", help="Replace model folders of the same names."),
+) -> None:
+    """The bundle's vision graphs as Triton models (ONNX Runtime backend), each config checked offline."""
+    from ..deploy_triton import TritonOptions, deploy_triton
+
+    for folder in deploy_triton(bundle, out_repo, TritonOptions(vision_type, instances, tensorrt, gpu, force)):
+        out.print(f"{folder}: config.pbtxt + 1/model.onnx (checked)", markup=False)
+
+
+@deploy_app.command("check")
+def deploy_check_cmd(repo: Path = typer.Argument(..., help="A Triton model repository.")) -> None:
+    """Check every config.pbtxt of a repository as Triton would parse it, and against its graph."""
+    from ..deploy_triton import check_repository
+
+    for name in check_repository(repo):
+        out.print(f"{name}: ok", markup=False)
 
 
 def _need_ray() -> None:
@@ -553,6 +592,7 @@ def serve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Decoding threads per slot (default: the cores shared out)."),
     threads_batch: Optional[int] = typer.Option(None, "--threads-batch", min=1, help="Threads for the image's encoding and the prefill, one slot at a time (default: every core)."),
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
+    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
@@ -575,7 +615,8 @@ def serve_cmd(
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
                            max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
                            threads_batch=threads_batch, llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model,
-                           n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend)
+                           n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend,
+                           vision_url=vision_url)
     what = ', '.join(str(m) for m in model) if model else 'the demo model'
     if (replicas > 1 or address) and not ray:
         raise ConfigError("--replicas and --address deploy on Ray Serve: add --ray")

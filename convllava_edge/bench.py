@@ -33,7 +33,8 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
               device: str = "cpu", threads: int | None = None, vision_type: str | None = None,
               progress: Callable[[str, int, int], None] = lambda *a: None,
               vision_backend: str | None = None, llm: dict | None = None) -> dict[str, Any]:
-    """``llm``: Model's llm_backend, llm_url, llm_model (default: llama.cpp on the bundle's GGUF)."""
+    """``llm``: Model's llm_backend, llm_url, llm_model (default: llama.cpp on the bundle's GGUF), and vision_url
+    (a Triton server for the graphs)."""
     with tempfile.TemporaryDirectory(prefix="convllava-bench-cache-") as cache_dir:
         model = Model(bundle, device=device, threads=threads, vision_type=vision_type,
                       cache=EmbeddingCache(cache_dir), vision_backend=vision_backend, **(llm or {}))

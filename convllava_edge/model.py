@@ -92,7 +92,8 @@ class Model:
                  kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
                  llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str | None = None,
                  progress: Callable[[str], None] | None = None, llm_options: dict | None = None,
-                 llm_backend: str | None = None, llm_url: str | None = None, llm_model: str | None = None):
+                 llm_backend: str | None = None, llm_url: str | None = None, llm_model: str | None = None,
+                 vision_url: str | None = None):
         """``cache``: True (the default folder), an EmbeddingCache, or False/None (no disk cache).
         ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
         ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
@@ -107,7 +108,8 @@ class Model:
         ``llm_options``: the LLM backend's own options over these (``serve``: the slots' decoding threads apart
         from ``threads``, which the vision graphs and the prompt's batches get).
         ``llm_backend``: "llama.cpp" (the default: the bundle's GGUF) or "vllm" (a vLLM server at ``llm_url``
-        generating from the bundle's llm-hf/ weights; ``llm_model``: its served name, if it serves several)."""
+        generating from the bundle's llm-hf/ weights; ``llm_model``: its served name, if it serves several).
+        ``vision_url``: a Triton server running the bundle's graphs (``deploy triton``), instead of a backend here."""
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         llm_backend = llm_backend or "llama.cpp"
@@ -122,7 +124,7 @@ class Model:
         self.family = family_for(self.manifest.family)
         self.template = template_from_dict(self.manifest.template)
         self.vision_choice, self.vision = choose_vision(self.bundle, self.manifest, vision_type, device, threads,
-                                                        vision_backend, progress)
+                                                        vision_backend, progress, url=vision_url)
         self.vision_entry, self.vision_backend = self.vision_choice.entry, self.vision_choice.kind
         self.images_note = self.vision.note
         self._shas = shas = {f.path: f.sha256 for f in self.manifest.files}

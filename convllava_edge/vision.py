@@ -122,7 +122,7 @@ def within_gate(entry: VisionEntry) -> bool:
 @dataclass
 class VisionChoice:
     entry: VisionEntry
-    kind: str  # the backend: onnxruntime | openvino
+    kind: str  # the backend: onnxruntime | openvino | triton (--vision-url)
     how: str  # asked | only candidate | calibrated | cached
     seconds: dict[str, float] = field(default_factory=dict)  # "variant/backend" -> encode seconds (calibration)
 
@@ -147,10 +147,19 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
                   threads: int | None = None, kind: str | None = None,
                   progress: Callable[[str], None] | None = None,
                   timer: Callable[[str, VisionEncoder, np.ndarray, float | None], float] | None = None,
-                  ) -> tuple[VisionChoice, VisionEncoder]:
+                  url: str | None = None) -> tuple[VisionChoice, VisionEncoder]:
     """What runs the vision graphs, and its open encoder. ``kind``: a backend name (used as asked), "auto", or
     None (``$CONVLLAVA_EDGE_VISION_BACKEND``, else auto). ``timer(label, encoder, pixels, best)`` gives a candidate's
-    seconds per image (label "variant/backend"; best: the fastest so far, or None; tests inject theirs)."""
+    seconds per image (label "variant/backend"; best: the fastest so far, or None; tests inject theirs).
+    ``url``: a Triton server that runs the graphs (``--vision-url``), in place of a backend here."""
+    if url is not None:
+        from .backends.vision_triton import open_triton
+
+        if kind not in (None, AUTO):
+            raise ConfigError(f"--vision-url runs the graphs on Triton: leave out --vision-backend {kind}")
+        entry = manifest.vision_entry(variant)
+        return VisionChoice(entry, "triton", "asked"), open_encoder(bundle, manifest, entry,
+                                                                    backend=open_triton(bundle, manifest, entry, url))
     kind = kind or default_backend()
     if kind not in BACKEND_CHOICES:
         raise unknown_choice("vision backend", kind, BACKEND_CHOICES)

@@ -95,7 +95,7 @@ def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: 
         first = Model(path, device=device, threads=batch, vision_backend=vision_backend, **llm)
     else:
         first = Model(path, device=device, threads=batch, n_ctx=n_ctx, vision_backend=vision_backend,
-                      llm_options={"threads": per_slot, "threads_batch": batch})
+                      llm_options={"threads": per_slot, "threads_batch": batch}, vision_url=(llm or {}).get("vision_url"))
     slots = [Slot(first, 0)] + [Slot(first.fork(threads=per_slot, threads_batch=batch), i) for i in range(1, parallel)]
     return Served(name, path, slots, queue_limit)
 

@@ -25,6 +25,7 @@ class ServeOptions:
     n_ctx: int | None = None  # per slot (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
     request_timeout: float = 300.0
     vision_backend: str | None = None
+    vision_url: str | None = None  # a Triton server running the graphs (--vision-url)
     llm_backend: str = "llama.cpp"  # or "vllm": a vLLM server at llm_url generates (its slots batched there)
     llm_url: str | None = None
     llm_model: str | None = None
