@@ -115,6 +115,55 @@ def random_scene(rng: np.random.Generator, n_shapes: int | None = None) -> Scene
     raise RuntimeError("could not place the shapes")  # not reached with the sizes above
 
 
+def _varied_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Light to dark, grey or slightly tinted (the varied scenes')."""
+    v = rng.uniform(20, 250)
+    tint = rng.uniform(-10, 10, size=3) * (rng.random() < 0.5)
+    return tuple(int(np.clip(v + t, 0, 255)) for t in tint)
+
+
+def _shape_mask(s: Shape, width: int, height: int) -> np.ndarray:
+    scene = Scene(width, height, (0, 0, 0), (Shape(s.kind, s.color, s.cx, s.cy, s.size, (255, 255, 255), width),))
+    return np.asarray(scene.render())[..., 0] > 127
+
+
+def varied_scene(rng: np.random.Generator, n_shapes: int | None = None) -> Scene:
+    """The training scenes of issue 21, wider than the fixed task: canvases 160-400 px a side with aspect ratios
+    1:2 to 2:1 and backgrounds from light to dark; shapes 10-45% of the shorter side, which may touch or overlap
+    as long as no shape loses more than a third of its pixels under the ones drawn after it; the rest as
+    random_scene (no shape-colour pair twice, no centre within 10% of the width of the middle)."""
+    for _ in range(1000):
+        short = int(rng.integers(160, 401))
+        ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        width, height = (int(short * ratio), short) if ratio >= 1 else (short, int(short / ratio))
+        if max(width, height) > 400:
+            continue
+        n = int(n_shapes or rng.integers(1, 4))
+        shorter = min(width, height)
+        pairs, shapes = set(), []
+        for _ in range(n):
+            kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
+            while (kind, color) in pairs:
+                kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
+            size = rng.uniform(0.10, 0.45) * shorter
+            half = size / 2
+            cx, cy = rng.uniform(half, width - half), rng.uniform(half, height - half)
+            if abs(cx - width / 2) < 0.1 * width:
+                break
+            pairs.add((kind, color))
+            shapes.append(Shape(kind, color, cx, cy, size, _shade(rng, color), width))
+        if len(shapes) != n:
+            continue
+        masks = [_shape_mask(s, width, height) for s in shapes]
+        hidden_ok = all((m & ~np.any(masks[i + 1:], axis=0)).sum() >= (2 / 3) * m.sum() if i + 1 < len(masks) else True
+                        for i, m in enumerate(masks))
+        background = _varied_background(rng)
+        distinct = all(sum(abs(a - b) for a, b in zip(s.rgb, background)) >= 90 for s in shapes)
+        if hidden_ok and distinct and all(m.sum() >= 30 for m in masks):
+            return Scene(width, height, background, tuple(shapes))
+    raise RuntimeError("could not place the shapes")
+
+
 def questions_for(scene: Scene, rng: np.random.Generator) -> list[Question]:
     """Every allowed question about the scene (one per form and target; a sample of the rest)."""
     shapes = scene.shapes

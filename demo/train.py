@@ -77,6 +77,8 @@ class TrainConfig:
     threads: int | None = None
     bf16: bool = True  # autocast matmuls to bf16 (AVX-512 BF16 here: 1.35x per step, same loss); weights stay fp32
     eval_n: int = 200  # held-out scenes or questions (seed HELD_OUT_SEED + 1) every 500 steps and at the end
+    scenes: str = "task"  # task: the fixed task's scenes (the shipped model's runs); varied: issue 21's (+ a task share)
+    max_turns: int = 1  # conversations of 1..max_turns questions about one image, the earlier answers given
 
 
 # What each phase of the shipped model's run used (``train --phase P`` starts from these).
@@ -143,14 +145,53 @@ class DemoModel(nn.Module):
             attn_implementation="eager"))  # the language phase reads one head's attention weights
 
 
+class SpVocab:
+    """The part of an LLM backend that the runtime's PromptTokenizer uses, over SentencePiece: conversations are
+    tokenized in training exactly as `chat` tokenizes them (special tokens written in the text, no space after
+    them as the checkpoint's tokenizer config says)."""
+
+    def __init__(self, sp):
+        self.sp, self.bos = sp, sp.bos_id()
+
+    def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        return ([self.bos] if add_bos else []) + self.sp.encode(text)
+
+    def special_tokens(self) -> dict[str, int]:
+        return {"<unk>": self.sp.unk_id(), "<s>": self.sp.bos_id(), "</s>": self.sp.eos_id()}
+
+
 class Batcher:
     """Scenes and questions -> pixel batch + spliced embeddings inputs, exactly as the runtime splices."""
 
     def __init__(self, sp, preprocess_config: PreprocessConfig):
+        from convllava_edge.tokenizer import PromptTokenizer
+
         self.sp, self.pre = sp, preprocess_config
         self.bos, self.eos = sp.bos_id(), sp.eos_id()
         before, _ = VICUNA_V1.render([("Q", None)]).split("<image>")
         self.prefix = [self.bos] + sp.encode(before)  # BOS + system + " USER: "
+        self.tokenizer = PromptTokenizer(SpVocab(sp), {"kind": "sentencepiece", "add_space_prefix": True,
+                                                       "space_after_special": False})
+
+    def conversation(self, scene: task.Scene, qs: list[task.Question]) -> tuple[list[int], list[tuple[int, int]],
+                                                                                 list[tuple[int, int]]]:
+        """The ids after the image for a conversation of ``qs`` (each earlier answer given), with the spans of
+        every answer (its tokens and EOS, the loss's labels) and, for questions about one shape, (position
+        that predicts the answer, the shape's token) for the attention aid."""
+        turns: list[tuple[str, str | None]] = []
+        ids: list[int] = []
+        spans, looks = [], []
+        for q in qs:
+            prompt = self.tokenizer.chunk(VICUNA_V1.render([*turns, (q.text, None)]).split("<image>")[1])[1:]
+            if prompt[:len(ids)] != ids:  # the runtime re-tokenizes the whole text each turn: it must extend
+                raise ValueError(f"turn {len(turns) + 1} does not extend the previous turns' ids: {q.text!r}")
+            answer = self.answer(q.answer)
+            spans.append((len(prompt), len(prompt) + len(answer)))
+            if q.about is not None:
+                looks.append((len(prompt) - 1, cell_of(scene, q.about)))
+            ids = prompt + answer
+            turns.append((q.text, q.answer))
+        return ids, spans, looks
 
     def suffix(self, question: str) -> list[int]:
         _, after = VICUNA_V1.render([(question, None)]).split("<image>")
@@ -159,15 +200,12 @@ class Batcher:
     def answer(self, word: str) -> list[int]:
         return self.sp.encode(word) + [self.eos]  # "▁yes" as it follows "ASSISTANT:", then </s>
 
-    @staticmethod
-    def look(scene: task.Scene, question: task.Question) -> int:
-        """The token the attention aid points at: the cell of the shape the question names, or -1."""
-        return -1 if question.about is None else cell_of(scene, question.about)
-
-    def build(self, items: list[tuple[task.Scene, list[task.Question]]]):
+    def build(self, items: list[tuple[task.Scene, list[task.Question]]], turns: int = 1):
+        """Rows of one question each (``turns`` 1), or conversations of up to ``turns`` questions: (image index,
+        ids after the image, answer spans, looks)."""
         pixels = np.concatenate([preprocess(scene.render(), self.pre, "pad") for scene, _ in items])
-        rows = [(i, self.suffix(q.text), self.answer(q.answer), self.look(scene, q))
-                for i, (scene, qs) in enumerate(items) for q in qs]
+        rows = [(i, *self.conversation(scene, qs[j:j + turns]))
+                for i, (scene, qs) in enumerate(items) for j in range(0, len(qs), turns)]
         targets = [torch.tensor(np.array(x)) for x in zip(*(scene_targets(scene) for scene, _ in items))]
         return torch.from_numpy(pixels), rows, targets
 
@@ -197,24 +235,25 @@ def llm_loss(model: DemoModel, image: torch.Tensor, rows, prefix: list[int], loo
     very slowly from the answer's loss alone (demo/NOTES.md)."""
     embed = model.llm.get_input_embeddings()
     n_img, d = image.shape[1], image.shape[-1]
-    length = max(n_img + len(s) + len(a) for _, s, a, _ in rows)
+    length = max(n_img + len(ids) for _, ids, _, _ in rows)
     inputs = torch.zeros(len(rows), length, d)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     mask = torch.zeros(len(rows), len(prefix) + length, dtype=torch.long)
     mask[:, : len(prefix)] = 1
-    for r, (i, suffix, answer, _) in enumerate(rows):
-        seq = torch.cat([image[i], embed(torch.tensor(suffix + answer))])
+    for r, (i, ids, spans, _) in enumerate(rows):
+        seq = torch.cat([image[i], embed(torch.tensor(ids))])
         inputs[r, : len(seq)] = seq
         mask[r, len(prefix): len(prefix) + len(seq)] = 1
-        start = n_img + len(suffix)
-        labels[r, start: start + len(answer)] = torch.tensor(answer)
+        for start, end in spans:  # every answer of the conversation, as LLaVA's multi-turn data is trained
+            labels[r, n_img + start: n_img + end] = torch.tensor(ids[start:end])
     cache = model.llm.model(inputs_embeds=embed(torch.tensor(prefix))[None], use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(rows))
     out = model.llm(inputs_embeds=inputs, attention_mask=mask, past_key_values=cache, labels=labels,
                     output_attentions=look)
     if not look:
         return out.loss
-    looked = [(r, n_img + len(suffix) - 1, len(prefix) + cell) for r, (_, suffix, _, cell) in enumerate(rows) if cell >= 0]
+    looked = [(r, n_img + position, len(prefix) + cell) for r, (_, _, _, looks) in enumerate(rows)
+              for position, cell in looks]
     if not looked:
         return out.loss
     weights = out.attentions[LOOK_LAYER][:, LOOK_HEAD].float()  # [rows, queries, prefix + queries]
@@ -376,10 +415,12 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
 
     def batch(step: int):
         seed = TRAIN_SEED_BASE + config.seed * 10_000_000 + step + PHASES.index(config.phase) * 1_000_000
+        seed += {"task": 0, "varied": 100_000_000}[config.scenes]  # the varied runs draw scenes of their own
         rng = np.random.default_rng(seed)
         items = []
         for _ in range(config.images_per_step):
-            scene = task.random_scene(rng)
+            # varied: issue 21's scenes, with a quarter from the fixed task so that it is not forgotten
+            scene = task.varied_scene(rng) if config.scenes == "varied" and rng.random() < 0.75 else task.random_scene(rng)
             if config.phase == "vision":
                 items.append((scene, []))
             elif config.phase == "language":
@@ -388,7 +429,7 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
                 qs = task.questions_for(scene, rng)
                 picks = rng.choice(len(qs), size=min(config.questions_per_image, len(qs)), replace=False)
                 items.append((scene, [qs[int(i)] for i in picks]))
-        return batcher.build(items)
+        return batcher.build(items, turns=int(rng.integers(1, config.max_turns + 1)))
 
     start = time.perf_counter()
     with Progress(TextColumn(f"training ({config.phase})"), BarColumn(),
@@ -428,6 +469,20 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
                     log(f"step {step}: loss {np.mean(history[-100:]):.4f}, held-out accuracy "
                         f"{result['accuracy']:.3f} {result['per_form']} {elapsed}")
     return state_path
+
+
+def init_from(work: Path, checkpoint: Path) -> Path:
+    """Start ``work`` from a saved checkpoint (issue 21 fine-tunes the shipped model): its tokenizer files and
+    weights; the probes start afresh, as do every phase's step and optimizer."""
+    state = work / "state.pt"
+    if state.exists():
+        raise SystemExit(f"{state} exists: --init starts a work folder, it does not replace one")
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        (work / name).write_bytes((checkpoint / name).read_bytes())
+    model, _ = load_checkpoint_model(checkpoint)
+    torch.save({"model": model.state_dict(), "init": str(checkpoint)}, state)
+    return state
 
 
 def save_checkpoint(work: Path, out: Path) -> Path:
@@ -474,6 +529,9 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--phase", choices=PHASES, default="joint")
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast: fp32 matmuls")
+    t.add_argument("--scenes", choices=("task", "varied"), default="task")
+    t.add_argument("--max-turns", type=int, default=1)
+    t.add_argument("--init", type=Path, default=None, help="start WORK from this checkpoint (its weights, tokenizer)")
     s = sub.add_parser("save")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
@@ -482,8 +540,10 @@ def main() -> None:
     e.add_argument("-n", type=int, default=500)
     args = parser.parse_args()
     if args.cmd == "train":
+        if args.init is not None:
+            init_from(args.work, args.init)
         train(args.work, TrainConfig(steps=args.steps, phase=args.phase, threads=args.threads, bf16=not args.fp32,
-                                     **PHASE_DEFAULTS[args.phase]))
+                                     scenes=args.scenes, max_turns=args.max_turns, **PHASE_DEFAULTS[args.phase]))
     elif args.cmd == "save":
         print(save_checkpoint(args.work, args.out))
     else:
