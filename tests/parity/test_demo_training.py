@@ -36,24 +36,47 @@ def _items(n: int, seed: int = 3):
     return [(s, D.pick_questions(s, rng, 3)) for s in scenes]
 
 
-def test_shared_prefix_loss_equals_each_row_run_whole(batcher):
+@pytest.mark.parametrize("turns", [1, 3])
+def test_shared_prefix_loss_equals_each_row_run_whole(batcher, turns):
     torch.manual_seed(0)
     model = D.DemoModel(batcher.sp.vocab_size()).eval()
-    pixels, rows, _ = batcher.build(_items(3))
+    pixels, rows, _ = batcher.build(_items(3), turns=turns)
+    assert len(rows) == 9 // turns and all(len(spans) == turns for _, _, spans, _ in rows)
     with torch.no_grad():
         image = model.vision(pixels)
         shared = D.llm_loss(model, image, rows, batcher.prefix)
-        # Reference: every row as one whole sequence, alone, as the runtime sees it; mean over answer tokens.
+        # Reference: every row as one whole sequence, alone, as the runtime sees it; mean over every answer's
+        # tokens (each turn's answer and EOS).
         embed = model.llm.get_input_embeddings()
         total, count = 0.0, 0
-        for i, suffix, answer, _ in rows:
-            seq = torch.cat([embed(torch.tensor(batcher.prefix)), image[i], embed(torch.tensor(suffix + answer))])
+        for i, ids, spans, _ in rows:
+            seq = torch.cat([embed(torch.tensor(batcher.prefix)), image[i], embed(torch.tensor(ids))])
             logits = model.llm(inputs_embeds=seq[None]).logits[0].float()
-            start = len(batcher.prefix) + image.shape[1] + len(suffix)
-            nll = torch.nn.functional.cross_entropy(logits[start - 1: start - 1 + len(answer)], torch.tensor(answer),
-                                                    reduction="sum")
-            total, count = total + float(nll), count + len(answer)
+            base = len(batcher.prefix) + image.shape[1]
+            for start, end in spans:
+                nll = torch.nn.functional.cross_entropy(logits[base + start - 1: base + end - 1],
+                                                        torch.tensor(ids[start:end]), reduction="sum")
+                total, count = total + float(nll), count + end - start
     assert abs(float(shared) - total / count) <= 1e-5 * max(1.0, total / count), (float(shared), total / count)
+
+
+def test_conversations_are_tokenized_as_chat_tokenizes_them():
+    """The training's multi-turn ids (earlier answers given) are the runtime's: the shipped checkpoint's
+    tokenizer in training against the shipped bundle's `chat` prompt, on varied three-turn conversations."""
+    import convllava_edge
+
+    _, batcher = D.load_checkpoint_model(Path(__file__).resolve().parents[2] / "models" / "shapes-demo-checkpoint")
+    model = convllava_edge.load(cache=False)
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        scene = task.varied_scene(rng)
+        qs = task.questions_for(scene, rng)[:3]
+        ids, spans, _ = batcher.conversation(scene, qs)
+        turns = [(q.text, q.answer) for q in qs[:-1]] + [(qs[-1].text, None)]
+        items = model.prompt_items(turns, model.embed(scene.render()).slot)
+        slot = next(i for i, x in enumerate(items) if not isinstance(x, int))
+        assert items[slot + 1:] == ids[:spans[-1][0]], [q.text for q in qs]
+    model.close()
 
 
 def test_questions_are_drawn_evenly_across_forms():
@@ -64,7 +87,7 @@ def test_questions_are_drawn_evenly_across_forms():
     assert all(0.15 <= share[f] <= 0.26 for f in task.FORMS), share
 
 
-def test_token_targets_mark_the_cell_of_each_centre():
+def test_token_targets_mark_the_cell_of_each_centre(batcher):
     scene = task.Scene(300, 200, (240, 240, 240), (
         task.Shape("circle", "red", 40, 90, 60, (255, 0, 0), 300),
         task.Shape("triangle", "blue", 260, 30, 50, (0, 0, 255), 300)))
@@ -75,7 +98,7 @@ def test_token_targets_mark_the_cell_of_each_centre():
     assert cells.sum() == 2
     # the attention aid's target: the cell of the one shape a question names, or none
     questions = task.questions_for(scene, np.random.default_rng(0))
-    looks = {q.text: D.Batcher.look(scene, q) for q in questions}
+    looks = {q.text: next((cell for _, cell in batcher.conversation(scene, [q])[2]), -1) for q in questions}
     expected = {"What color is the circle?": 4, "What shape is the blue one?": 7,
                 "Is the blue triangle on the left or the right?": 7, "Is there a red circle?": 4,
                 "How many shapes are there?": -1}
