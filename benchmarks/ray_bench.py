@@ -83,15 +83,8 @@ def serve_latency(requests: int) -> dict:
     ray_proc = subprocess.Popen(CLI + ["serve", "--ray", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        if ray_proc.poll() is not None:
-            raise SystemExit(f"serve --ray exited: {ray_proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    serve_bench.wait_healthy(ray_proc, url, 600, "serve --ray", lambda: ray_proc.stderr.read().decode(),
+                             lambda: os.killpg(ray_proc.pid, signal.SIGKILL), 0.2)
     ray_start = time.perf_counter() - t0
     servers["serve --ray"] = (ray_proc, url)
     times: dict[str, list[float]] = {name: [] for name in servers}

@@ -85,18 +85,25 @@ def start_server(model: str | None, parallel: int, threads: int | None, threads_
         + (["--threads-batch", str(threads_batch)] if threads_batch else []) + list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    wait_healthy(proc, url, 600, "the server", lambda: proc.stderr.read().decode(), proc.kill)
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, seconds: float, what: str, output, stop, interval: float = 0.5) -> None:
+    """Until ``url``/health answers 200 (the benchmarks' servers: serve, serve --ray, vLLM); SystemExit with the
+    tail of ``output()`` if the process exits first, or after ``stop()`` if the time runs out."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"{what} exited: {output()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not become healthy")
+        time.sleep(interval)
+    stop()
+    raise SystemExit(f"{what} did not become healthy in {seconds:g} s")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -59,18 +59,8 @@ def start_vllm(bundle: Path, dtype: str, log: Path) -> tuple[subprocess.Popen, s
                              "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"vLLM exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit("vLLM did not become healthy in 900 s")
+    serve_bench.wait_healthy(proc, url, 900, "vLLM", log.read_text, lambda: os.killpg(proc.pid, signal.SIGKILL), 2)
+    return proc, url
 
 
 def one_request(bundle: Path, url: str, images: serve_bench.Images, runs: int, max_tokens: int) -> dict:

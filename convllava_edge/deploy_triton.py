@@ -158,10 +158,10 @@ def parse_config(path: Path):
 
 def check_model(folder: Path, name: str | None = None) -> None:
     """One model folder: its config parses and agrees with its own graph (see the module's docstring)."""
+    where = folder / "config.pbtxt"
+    config = parse_config(where)  # first: without the triton extra, its one-line error
     from tritonclient.grpc import model_config_pb2 as pb
 
-    where = folder / "config.pbtxt"
-    config = parse_config(where)
     if config.platform != PLATFORM and config.backend != "onnxruntime":
         raise ConfigError(f"{where}: platform {config.platform!r}, expected {PLATFORM!r} (a bundle's graphs are ONNX)")
     if config.name != (name or folder.name):

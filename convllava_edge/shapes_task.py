@@ -88,29 +88,37 @@ def _background(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(rng.integers(235, 250)), int(rng.integers(222, 236)), int(rng.integers(190, 212))  # beige
 
 
+def _place_shapes(rng: np.random.Generator, n: int, width: int, height: int, sizes: tuple[float, float],
+                  gap: float | None) -> list[Shape] | None:
+    """``n`` shapes (no shape-colour pair twice, sizes a fraction of the shorter side, no centre within 10% of the
+    width of the middle), or None when this draw breaks a rule. ``gap``: pixels kept between bounding squares
+    (None: shapes may touch and overlap)."""
+    pairs: set[tuple[str, str]] = set()
+    shapes: list[Shape] = []
+    for _ in range(n):
+        kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
+        while (kind, color) in pairs:
+            kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
+        size = rng.uniform(*sizes) * min(width, height)
+        half = size / 2
+        cx, cy = rng.uniform(half, width - half), rng.uniform(half, height - half)
+        if abs(cx - width / 2) < 0.1 * width:
+            return None
+        if gap is not None and any(abs(cx - o.cx) < (size + o.size) / 2 + gap
+                                   and abs(cy - o.cy) < (size + o.size) / 2 + gap for o in shapes):
+            return None
+        pairs.add((kind, color))
+        shapes.append(Shape(kind, color, cx, cy, size, _shade(rng, color), width))
+    return shapes
+
+
 def random_scene(rng: np.random.Generator, n_shapes: int | None = None) -> Scene:
     width, height = (int(rng.integers(MIN_SIDE, MAX_SIDE + 1)) for _ in range(2))
     n = int(n_shapes or rng.integers(1, 4))
-    shorter = min(width, height)
     for _ in range(1000):  # rejection sampling: a layout with n shapes almost always fits quickly
-        pairs = set()
-        shapes: list[Shape] = []
-        for _ in range(n):
-            kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
-            while (kind, color) in pairs:
-                kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
-            size = rng.uniform(0.2, 0.4) * shorter
-            half = size / 2
-            cx, cy = rng.uniform(half, width - half), rng.uniform(half, height - half)
-            if abs(cx - width / 2) < 0.1 * width:
-                break
-            gap = 2.0  # pixels between bounding squares; every shape lies inside its square
-            if any(abs(cx - o.cx) < (size + o.size) / 2 + gap and abs(cy - o.cy) < (size + o.size) / 2 + gap
-                   for o in shapes):
-                break
-            pairs.add((kind, color))
-            shapes.append(Shape(kind, color, cx, cy, size, _shade(rng, color), width))
-        if len(shapes) == n:
+        # 2 px between bounding squares; every shape lies inside its square
+        shapes = _place_shapes(rng, n, width, height, (0.2, 0.4), gap=2.0)
+        if shapes is not None:
             return Scene(width, height, _background(rng), tuple(shapes))
     raise RuntimeError("could not place the shapes")  # not reached with the sizes above
 
@@ -138,25 +146,14 @@ def varied_scene(rng: np.random.Generator, n_shapes: int | None = None) -> Scene
         width, height = (int(short * ratio), short) if ratio >= 1 else (short, int(short / ratio))
         if max(width, height) > 400:
             continue
-        n = int(n_shapes or rng.integers(1, 4))
-        shorter = min(width, height)
-        pairs, shapes = set(), []
-        for _ in range(n):
-            kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
-            while (kind, color) in pairs:
-                kind, color = str(rng.choice(SHAPES)), str(rng.choice(COLORS))
-            size = rng.uniform(0.10, 0.45) * shorter
-            half = size / 2
-            cx, cy = rng.uniform(half, width - half), rng.uniform(half, height - half)
-            if abs(cx - width / 2) < 0.1 * width:
-                break
-            pairs.add((kind, color))
-            shapes.append(Shape(kind, color, cx, cy, size, _shade(rng, color), width))
-        if len(shapes) != n:
+        shapes = _place_shapes(rng, int(n_shapes or rng.integers(1, 4)), width, height, (0.10, 0.45), gap=None)
+        if shapes is None:
             continue
         masks = [_shape_mask(s, width, height) for s in shapes]
-        hidden_ok = all((m & ~np.any(masks[i + 1:], axis=0)).sum() >= (2 / 3) * m.sum() if i + 1 < len(masks) else True
-                        for i, m in enumerate(masks))
+        hidden_ok, covered = True, np.zeros_like(masks[0])
+        for m in reversed(masks):  # what the shapes drawn after each one cover of it
+            hidden_ok &= bool((m & ~covered).sum() >= (2 / 3) * m.sum())
+            covered |= m
         background = _varied_background(rng)
         distinct = all(sum(abs(a - b) for a, b in zip(s.rgb, background)) >= 90 for s in shapes)
         if hidden_ok and distinct and all(m.sum() >= 30 for m in masks):
