@@ -23,7 +23,8 @@ from .backends.base import ContextOverflowError
 from .errors import ConfigError, ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_QUESTIONS_LINE = 1 << 20  # a questions file's line: far above any question, far below a runaway file
+MAX_QUESTIONS_LINE = 1 << 20
+LINE_START = b'{"image": '  # how every line of the log begins (AnswerLog.write: the image first)  # a questions file's line: far above any question, far below a runaway file
 
 
 @dataclass(frozen=True)
@@ -111,18 +112,25 @@ class AnswerLog:
     def _read(self) -> None:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a run killed mid-write: its last line has no newline; that item runs again
-            self.repaired = len(data) - end
-            os.truncate(self.path, end)
-        for n, line in enumerate(data[:end].splitlines(), 1):
+        lines = data[:end].splitlines()
+        for n, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
                 self.done.add((row["image"], row["question"]))
             except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{self.path}:{n}: not an answer line of this tool; give another --out "
-                                  "(the file is left as it is)") from None
+                raise self._foreign(n) from None
+        if end < len(data):  # a run killed mid-write: its last line has no newline; that item runs again
+            if not data[end:].startswith(LINE_START):  # only ever a start of ours is cut off, never another file's text
+                raise self._foreign(len(lines) + 1)
+            self.repaired = len(data) - end
+            os.truncate(self.path, end)
+
+    def _foreign(self, n: int) -> ConfigError:
+        return ConfigError(f"{self.path}:{n}: not an answer line of this tool; give another --out "
+                           "(the file is left as it is)")
 
     def write(self, row: dict) -> None:
+        row = {"image": row["image"], "question": row["question"], **row}  # the line starts as LINE_START says
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         while data:  # one write unless the disk fills; a kill in between leaves a torn line, cut off on resume
             data = data[os.write(self._fd, data):]

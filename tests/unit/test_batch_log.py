@@ -60,6 +60,12 @@ def test_the_log_resumes_repairs_and_refuses(tmp_path):
         assert log.done == {("1.png", "A?"), ("2.png", "A?")} and log.repaired == len(b'{"image": "3.png", "quest')
         log.write({"image": "3.png", "question": "A?", "answer": "é"})
     assert out.read_text(encoding="utf-8").endswith('"answer": "é"}\n') and len(out.read_text().splitlines()) == 3
+    for text in (b'{"a": 1}', b'{"image": "1.png", "question": "A?"}\nnot ours, no newline'):
+        other = tmp_path / "other.jsonl"
+        other.write_bytes(text)  # another file's last line is never taken for a torn one of ours
+        with pytest.raises(ConfigError, match="not an answer line"):
+            AnswerLog(other)
+        assert other.read_bytes() == text
     foreign = tmp_path / "f.jsonl"
     foreign.write_text('{"image": "1.png", "question": "A?"}\n["not", "ours"]\n')
     with pytest.raises(ConfigError, match="f.jsonl:2: not an answer line"):
