@@ -15,13 +15,14 @@ part of the model or saved, get it there (demo/NOTES.md has the runs that showed
   tokens carry no position otherwise);
 - phases: "joint" trains everything on every loss; "vision" the tower on the probes alone; "language"
   freezes the tower while the LLM learns to read it (no gradient through the tower, the shared prompt
-  prefix run once);
+  prefix run once); "finetune" (issue 21) everything at a lower rate on the language phase's loss plus the
+  probes', so that the tower learns what touching and overlapping shapes need;
 - attention supervision in the language phase: one head, at the position that predicts the answer,
   is taught to look at the token of the shape the question names (see llm_loss).
 
 Seeded and resumable: each phase keeps its own step, optimizer and loss history in WORK/state.pt, and
 ``--steps`` is the step that phase runs to. From the repository root, in the venv ``make dev`` makes:
-    python -m demo.train train --work demo-work --steps 3000 [--phase joint|vision|language] [--fp32]
+    python -m demo.train train --work demo-work --steps 3000 [--phase joint|vision|language|finetune] [--fp32]
     python -m demo.train save --work demo-work --out models/shapes-demo-checkpoint
     python -m demo.train evaluate --checkpoint models/shapes-demo-checkpoint
 The runs behind the shipped model, in order, with their stops and restarts: demo/NOTES.md.
@@ -61,13 +62,14 @@ HELD_OUT_SEED = 424242  # the evaluation seed; training draws from TRAIN_SEED_BA
 TRAIN_SEED_BASE = 1_000_000
 
 
-PHASES = ("joint", "vision", "language")
+PHASES = ("joint", "vision", "language", "finetune")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 3000
-    phase: str = "joint"  # joint: everything on every loss; vision: tower + probes only; language: tower frozen
+    phase: str = "joint"  # joint: everything on every loss; vision: tower + probes only; language: tower frozen;
+    # finetune: everything, at a lower rate, on the language loss + the probes
     images_per_step: int = 24
     questions_per_image: int = 4
     lr: float = 1.5e-3
@@ -86,6 +88,7 @@ PHASE_DEFAULTS = {
     "joint": {},
     "vision": {"images_per_step": 32, "lr": 1e-3, "warmup": 100},
     "language": {"lr": 1e-3, "warmup": 100},
+    "finetune": {"lr": 3e-4, "warmup": 100},
 }
 
 
@@ -278,6 +281,8 @@ def forward_loss(model: DemoModel, pixels: torch.Tensor, rows, prefix: list[int]
         return llm_loss(model, image, rows, prefix, look=True) + token_probe_loss(model, image, targets[4])
     if phase == "vision":
         return probe_loss(model, features, image, targets)
+    if phase == "finetune":  # everything on the language phase's loss, the probes keeping the tower's reading
+        return llm_loss(model, image, rows, prefix, look=True) + probe_loss(model, features, image, targets)
     loss = llm_loss(model, image, rows, prefix)
     return loss if targets is None else loss + probe_loss(model, features, image, targets)
 
@@ -287,8 +292,14 @@ def greedy_answer(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, ques
     image = model.vision(pixels)[0]
     embed = model.llm.get_input_embeddings()
     ids = batcher.suffix(question)
-    seq = torch.cat([embed(torch.tensor(batcher.prefix)), image, embed(torch.tensor(ids))])[None]
-    out, past = [], None
+    return _greedy(model, torch.cat([embed(torch.tensor(batcher.prefix)), image, embed(torch.tensor(ids))]), batcher,
+                   max_tokens)
+
+
+def _greedy(model: DemoModel, seq: torch.Tensor, batcher: Batcher, max_tokens: int) -> str:
+    """Greedy decoding from the embeddings ``seq`` [positions, d] until EOS or ``max_tokens``."""
+    embed = model.llm.get_input_embeddings()
+    seq, out, past = seq[None], [], None
     for _ in range(max_tokens):
         result = model.llm(inputs_embeds=seq, past_key_values=past, use_cache=True)
         past = result.past_key_values
@@ -298,6 +309,21 @@ def greedy_answer(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, ques
         out.append(token)
         seq = embed(torch.tensor([[token]]))
     return batcher.sp.decode(out)
+
+
+@torch.no_grad()
+def greedy_chat(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, questions: list[str],
+                max_tokens: int = 4) -> list[str]:
+    """The fp32 reference of `chat`: each question asked after the earlier ones, the model's own answers kept in
+    the history, the prompt tokenized as the runtime tokenizes it (the ids after the image, as in training)."""
+    image = model.vision(pixels)[0]
+    embed = model.llm.get_input_embeddings()
+    prefix = embed(torch.tensor(batcher.prefix))
+    turns: list[tuple[str, str | None]] = []
+    for question in questions:
+        ids = batcher.tokenizer.chunk(VICUNA_V1.render([*turns, (question, None)]).split("<image>")[1])[1:]
+        turns.append((question, _greedy(model, torch.cat([prefix, image, embed(torch.tensor(ids))]), batcher, max_tokens)))
+    return [answer for _, answer in turns]
 
 
 def evaluate(model: DemoModel, batcher: Batcher, n: int = 500, seed: int = HELD_OUT_SEED) -> dict:
@@ -384,8 +410,8 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
                 "token_probe_optimizer": torch.optim.AdamW(probes, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)}
         keys = {"step": "step", "history": "history"}
     else:
-        trained = ("vision.", "probe.", "token_") if config.phase == "vision" else \
-            ("vision.mm_projector.", "llm.", "token_")
+        trained = {"vision": ("vision.", "probe.", "token_"), "language": ("vision.mm_projector.", "llm.", "token_"),
+                   "finetune": ("",)}[config.phase]
         for name, p in named:
             p.requires_grad_(name.startswith(trained))
         opts = {f"{config.phase}_optimizer": _optimizer([x for x in named if x[1].requires_grad], config)}
@@ -423,7 +449,7 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
             scene = task.varied_scene(rng) if config.scenes == "varied" and rng.random() < 0.75 else task.random_scene(rng)
             if config.phase == "vision":
                 items.append((scene, []))
-            elif config.phase == "language":
+            elif config.phase in ("language", "finetune"):
                 items.append((scene, pick_questions(scene, rng, config.questions_per_image)))
             else:  # as the shipped model's joint steps drew them
                 qs = task.questions_for(scene, rng)
