@@ -23,8 +23,8 @@ from .backends.base import ContextOverflowError
 from .errors import ConfigError, ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_QUESTIONS_LINE = 1 << 20
-LINE_START = b'{"image": '  # how every line of the log begins (AnswerLog.write: the image first)  # a questions file's line: far above any question, far below a runaway file
+MAX_QUESTIONS_LINE = 1 << 20  # a questions file's line: far above any question, far below a runaway file
+LINE_START = b'{"image": '  # how every line of the log begins (AnswerLog.write: the image first)
 
 
 @dataclass(frozen=True)

@@ -196,10 +196,6 @@ class Batcher:
             turns.append((q.text, q.answer))
         return ids, spans, looks
 
-    def suffix(self, question: str) -> list[int]:
-        _, after = VICUNA_V1.render([(question, None)]).split("<image>")
-        return self.sp.encode(after)  # the chunk after the image, its BOS dropped
-
     def answer(self, word: str) -> list[int]:
         return self.sp.encode(word) + [self.eos]  # "▁yes" as it follows "ASSISTANT:", then </s>
 
@@ -288,30 +284,6 @@ def forward_loss(model: DemoModel, pixels: torch.Tensor, rows, prefix: list[int]
 
 
 @torch.no_grad()
-def greedy_answer(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, question: str, max_tokens: int = 4) -> str:
-    image = model.vision(pixels)[0]
-    embed = model.llm.get_input_embeddings()
-    ids = batcher.suffix(question)
-    return _greedy(model, torch.cat([embed(torch.tensor(batcher.prefix)), image, embed(torch.tensor(ids))]), batcher,
-                   max_tokens)
-
-
-def _greedy(model: DemoModel, seq: torch.Tensor, batcher: Batcher, max_tokens: int) -> str:
-    """Greedy decoding from the embeddings ``seq`` [positions, d] until EOS or ``max_tokens``."""
-    embed = model.llm.get_input_embeddings()
-    seq, out, past = seq[None], [], None
-    for _ in range(max_tokens):
-        result = model.llm(inputs_embeds=seq, past_key_values=past, use_cache=True)
-        past = result.past_key_values
-        token = int(result.logits[0, -1].argmax())
-        if token == batcher.eos:
-            break
-        out.append(token)
-        seq = embed(torch.tensor([[token]]))
-    return batcher.sp.decode(out)
-
-
-@torch.no_grad()
 def greedy_chat(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, questions: list[str],
                 max_tokens: int = 4) -> list[str]:
     """The fp32 reference of `chat`: each question asked after the earlier ones, the model's own answers kept in
@@ -322,8 +294,21 @@ def greedy_chat(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, questi
     turns: list[tuple[str, str | None]] = []
     for question in questions:
         ids = batcher.tokenizer.chunk(VICUNA_V1.render([*turns, (question, None)]).split("<image>")[1])[1:]
-        turns.append((question, _greedy(model, torch.cat([prefix, image, embed(torch.tensor(ids))]), batcher, max_tokens)))
+        seq, out, past = torch.cat([prefix, image, embed(torch.tensor(ids))])[None], [], None
+        for _ in range(max_tokens):
+            result = model.llm(inputs_embeds=seq, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            token = int(result.logits[0, -1].argmax())
+            if token == batcher.eos:
+                break
+            out.append(token)
+            seq = embed(torch.tensor([[token]]))
+        turns.append((question, batcher.sp.decode(out)))
     return [answer for _, answer in turns]
+
+
+def greedy_answer(model: DemoModel, pixels: torch.Tensor, batcher: Batcher, question: str, max_tokens: int = 4) -> str:
+    return greedy_chat(model, pixels, batcher, [question], max_tokens)[0]
 
 
 def evaluate(model: DemoModel, batcher: Batcher, n: int = 500, seed: int = HELD_OUT_SEED) -> dict:
