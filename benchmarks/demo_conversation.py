@@ -89,12 +89,17 @@ def main() -> None:
     parser.add_argument("--turns", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--model", default=None, help="a bundle (default: the shipped demo)")
     parser.add_argument("--cli", action="store_true")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="the evaluation generator's seed (turn t draws from SEED + t); another seed is another "
+                             "sample of pictures and questions, e.g. to choose between trained models apart from "
+                             "the reported figures")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "demo_conversation.json")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    rows = [run(args.model, args.per_form, turn, args.cli) for turn in args.turns]
+    rows = [run(args.model, args.per_form, turn, args.cli, args.seed) for turn in args.turns]
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_info()["model"], "model": args.model or "shipped demo",
-              "path": "CLI chat" if args.cli else "Model.chat", "seconds": round(time.perf_counter() - t0), "turns": rows}
+              "path": "CLI chat" if args.cli else "Model.chat", "seed": args.seed,
+              "seconds": round(time.perf_counter() - t0), "turns": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("| turn | n | overall | " + " | ".join(FORMS) + " | apart | touching/overlapping |")

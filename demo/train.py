@@ -81,6 +81,7 @@ class TrainConfig:
     eval_n: int = 200  # held-out scenes or questions (seed HELD_OUT_SEED + 1) every 500 steps and at the end
     scenes: str = "task"  # task: the fixed task's scenes (the shipped model's runs); varied: issue 21's (+ a task share)
     max_turns: int = 1  # conversations of 1..max_turns questions about one image, the earlier answers given
+    contact: float = 0.0  # varied: the share of its scenes drawn with shapes that touch or overlap (0: as drawn)
 
 
 # What each phase of the shipped model's run used (``train --phase P`` starts from these).
@@ -431,7 +432,11 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
         items = []
         for _ in range(config.images_per_step):
             # varied: issue 21's scenes, with a quarter from the fixed task so that it is not forgotten
-            scene = task.varied_scene(rng) if config.scenes == "varied" and rng.random() < 0.75 else task.random_scene(rng)
+            # (a contact share of 0 draws nothing more: the runs before it had none and draw the same scenes)
+            if config.scenes == "varied" and rng.random() < 0.75:
+                scene = task.varied_scene(rng, contact=config.contact > 0 and rng.random() < config.contact)
+            else:
+                scene = task.random_scene(rng)
             if config.phase == "vision":
                 items.append((scene, []))
             elif config.phase in ("language", "finetune"):
@@ -542,6 +547,8 @@ def main() -> None:
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast: fp32 matmuls")
     t.add_argument("--scenes", choices=("task", "varied"), default="task")
     t.add_argument("--max-turns", type=int, default=1)
+    t.add_argument("--contact", type=float, default=0.0,
+                   help="with --scenes varied: the share of those scenes whose shapes touch or overlap")
     t.add_argument("--init", type=Path, default=None, help="start WORK from this checkpoint (its weights, tokenizer)")
     s = sub.add_parser("save")
     s.add_argument("--work", type=Path, required=True)
@@ -551,10 +558,13 @@ def main() -> None:
     e.add_argument("-n", type=int, default=500)
     args = parser.parse_args()
     if args.cmd == "train":
+        if not 0 <= args.contact <= 1 or (args.contact and args.scenes != "varied"):
+            raise SystemExit(f"--contact {args.contact}: a share from 0 to 1 of the varied scenes (--scenes varied)")
         if args.init is not None:
             init_from(args.work, args.init)
         train(args.work, TrainConfig(steps=args.steps, phase=args.phase, threads=args.threads, bf16=not args.fp32,
-                                     scenes=args.scenes, max_turns=args.max_turns, **PHASE_DEFAULTS[args.phase]))
+                                     scenes=args.scenes, max_turns=args.max_turns, contact=args.contact,
+                                     **PHASE_DEFAULTS[args.phase]))
     elif args.cmd == "save":
         print(save_checkpoint(args.work, args.out))
     else:

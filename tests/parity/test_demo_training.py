@@ -79,6 +79,43 @@ def test_conversations_are_tokenized_as_chat_tokenizes_them():
     model.close()
 
 
+def _shape_masks(scene: task.Scene) -> list[np.ndarray]:
+    """Each shape alone, white on black, as the scene draws it."""
+    return [np.asarray(task.Scene(scene.width, scene.height, (0, 0, 0), (task.Shape(
+        s.kind, s.color, s.cx, s.cy, s.size, (255, 255, 255), scene.width),)).render())[..., 0] > 127
+        for s in scene.shapes]
+
+
+def _nearest_gap_px(a: np.ndarray, b: np.ndarray) -> int:
+    """The smallest Chebyshev distance in pixels between two masks, up to 9 (10: farther)."""
+    for r in range(10):
+        padded = np.pad(a, r)
+        grown = np.zeros_like(a)
+        for dy in range(2 * r + 1):  # a grown by r in every direction, square window
+            for dx in range(2 * r + 1):
+                grown |= padded[dy:dy + a.shape[0], dx:dx + a.shape[1]]
+        if (grown & b).any():
+            return r
+    return 10
+
+
+def test_contact_scenes_have_shapes_that_touch_or_overlap():
+    """`--contact`: the varied scenes it asks for have two or three shapes, two of them at most 2 px apart (here
+    measured with a square window, not the 4-neighbour growth the generator uses); the draws without it are the
+    ones the runs before it made, where shapes are often apart."""
+    rng = np.random.default_rng(11)
+    for _ in range(25):
+        scene = task.varied_scene(rng, contact=True)
+        masks = _shape_masks(scene)
+        assert 2 <= len(masks) <= 3
+        assert min(_nearest_gap_px(a, b) for i, a in enumerate(masks) for b in masks[i + 1:]) <= 2, scene
+    plain = [task.varied_scene(np.random.default_rng(seed)) for seed in range(40)]
+    assert plain == [task.varied_scene(np.random.default_rng(seed), contact=False) for seed in range(40)]
+    apart = sum(len(s.shapes) == 1 or min(_nearest_gap_px(a, b) for i, a in enumerate(m) for b in m[i + 1:]) > 2
+                for s in plain for m in [_shape_masks(s)])
+    assert apart >= 10, apart  # a uniform draw is mostly apart: contact has to be asked for
+
+
 def test_questions_are_drawn_evenly_across_forms():
     rng = np.random.default_rng(0)
     forms = [q.form for _ in range(400) for q in D.pick_questions(task.random_scene(rng), rng, 4)]
