@@ -1,10 +1,11 @@
 """Train the demo model: a tiny ConvLLaVA on the shapes task, from scratch, on CPU.
 
 Exactly ConvLLaVA's architecture at small widths: a 5-stage ConvNeXt (total stride 64: 256 px -> 16
-tokens), the mlp2x_gelu projector, a Llama with widths that are multiples of 256, a SentencePiece
-tokenizer trained on the task's text with Llama's options, the vicuna_v1 template and "pad"
-preprocessing. Sequences are built as the runtime builds them (template, <image> split, one BOS);
-the loss covers the answer's tokens and EOS, as LLaVA's instruction tuning does.
+tokens; 384 px -> 36 with ``--image-size 384``, as the shipped model), the mlp2x_gelu projector, a Llama
+with widths that are multiples of 256, a SentencePiece tokenizer trained on the task's text with Llama's
+options, the vicuna_v1 template and "pad" preprocessing. Sequences are built as the runtime builds them
+(template, <image> split, one BOS); the loss covers the answer's tokens and EOS, as LLaVA's instruction
+tuning does.
 
 Training from scratch, the LLM's loss alone leaves the tower without a usable signal for a long
 time, and reading the tower's tokens is then the LLM's bottleneck. Three training aids, none of them
@@ -23,6 +24,7 @@ part of the model or saved, get it there (demo/NOTES.md has the runs that showed
 Seeded and resumable: each phase keeps its own step, optimizer and loss history in WORK/state.pt, and
 ``--steps`` is the step that phase runs to. From the repository root, in the venv ``make dev`` makes:
     python -m demo.train train --work demo-work --steps 3000 [--phase joint|vision|language|finetune] [--fp32]
+        [--image-size 384] [--init CHECKPOINT] [--scenes varied --max-turns 3 --contact 0.5]
     python -m demo.train save --work demo-work --out models/shapes-demo-checkpoint
     python -m demo.train evaluate --checkpoint models/shapes-demo-checkpoint
 The runs behind the shipped model, in order, with their stops and restarts: demo/NOTES.md.
@@ -55,7 +57,14 @@ from convllava_edge.prompt import VICUNA_V1
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the checkpoint writer
 from support import synthetic as S  # noqa: E402
 
-DEMO_TOWER = TowerConfig(depths=(1, 1, 3, 1, 1), hidden_sizes=(32, 64, 96, 128, 192), image_size=256)
+def demo_tower(image_size: int = 256) -> TowerConfig:
+    """The demo's tower at ``image_size`` px, a multiple of its total stride (64): 256 px -> 4 x 4 tokens (the
+    first runs), 384 px -> 6 x 6 (issue 21's last run: small shapes that touch need the finer cells). The weights
+    do not depend on the size (convolutions); the training probes on all tokens do."""
+    return TowerConfig(depths=(1, 1, 3, 1, 1), hidden_sizes=(32, 64, 96, 128, 192), image_size=image_size)
+
+
+DEMO_TOWER = demo_tower()
 DEMO_LLM = S.LlamaSpec(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=512)
 HELD_OUT_SEED = 424242  # the evaluation seed; training draws from TRAIN_SEED_BASE + step
@@ -82,6 +91,7 @@ class TrainConfig:
     scenes: str = "task"  # task: the fixed task's scenes (the shipped model's runs); varied: issue 21's (+ a task share)
     max_turns: int = 1  # conversations of 1..max_turns questions about one image, the earlier answers given
     contact: float = 0.0  # varied: the share of its scenes drawn with shapes that touch or overlap (0: as drawn)
+    image_size: int = 256  # the tower's input (a multiple of 64); a work folder keeps the size it was trained at
 
 
 # What each phase of the shipped model's run used (``train --phase P`` starts from these).
@@ -106,35 +116,42 @@ def task_corpus() -> list[str]:
 
 
 PAIRS = [(k, c) for k in task.SHAPES for c in task.COLORS]  # 12 shape-colour pairs
-GRID = DEMO_TOWER.image_size // DEMO_TOWER.stride  # 4 x 4 tokens, row-major as the graph emits them
-N_TOKENS = GRID * GRID  # 16
 
 
-def scene_targets(scene: task.Scene) -> tuple[list[float], int, list[float], list[float], np.ndarray]:
+def grid_of(image_size: int) -> int:
+    """Tokens per side: the graph emits grid x grid tokens, row-major (4 at 256 px, 6 at 384 px)."""
+    return image_size // DEMO_TOWER.stride
+
+
+def scene_targets(scene: task.Scene, grid: int) -> tuple[list[float], int, list[float], list[float], np.ndarray]:
     """presence of each pair, count - 1, side of each present pair (1 = right), which sides count, and per
-    token the pairs whose centre lies in its cell of the padded square image ([16, 12])."""
+    token the pairs whose centre lies in its cell of the padded square image ([grid * grid, 12])."""
     by_pair = {(s.kind, s.color): s for s in scene.shapes}
     presence = [1.0 if p in by_pair else 0.0 for p in PAIRS]
     side = [1.0 if p in by_pair and by_pair[p].side == "right" else 0.0 for p in PAIRS]
-    cells = np.zeros((GRID * GRID, len(PAIRS)), np.float32)
+    cells = np.zeros((grid * grid, len(PAIRS)), np.float32)
     for s in scene.shapes:
-        cells[cell_of(scene, s), PAIRS.index((s.kind, s.color))] = 1.0
+        cells[cell_of(scene, s, grid), PAIRS.index((s.kind, s.color))] = 1.0
     return presence, len(scene.shapes) - 1, side, presence, cells
 
 
-def cell_of(scene: task.Scene, shape: task.Shape) -> int:
+def cell_of(scene: task.Scene, shape: task.Shape, grid: int) -> int:
     """The token (row-major cell of the padded square image) where the shape's centre lies."""
     square = max(scene.width, scene.height)  # "pad": centred on a square canvas, then resized
-    x = int((shape.cx + (square - scene.width) / 2) / square * GRID)
-    y = int((shape.cy + (square - scene.height) / 2) / square * GRID)
-    return min(y, GRID - 1) * GRID + min(x, GRID - 1)
+    x = int((shape.cx + (square - scene.width) / 2) / square * grid)
+    y = int((shape.cy + (square - scene.height) / 2) / square * grid)
+    return min(y, grid - 1) * grid + min(x, grid - 1)
+
+
+PROBES = ("probe.", "token_probe.", "token_side.")  # training aids: not part of the model, not saved
 
 
 class DemoModel(nn.Module):
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, image_size: int = 256):
         super().__init__()
-        self.vision = ConvLlavaVision(DEMO_TOWER, "mlp2x_gelu", DEMO_LLM.hidden_size)
-        self.probe = nn.Linear(N_TOKENS * DEMO_TOWER.out_channels, 2 * len(PAIRS) + 3)  # training only
+        self.grid = grid_of(image_size)
+        self.vision = ConvLlavaVision(demo_tower(image_size), "mlp2x_gelu", DEMO_LLM.hidden_size)
+        self.probe = nn.Linear(self.grid ** 2 * DEMO_TOWER.out_channels, 2 * len(PAIRS) + 3)  # training only
         self.token_probe = nn.Linear(DEMO_LLM.hidden_size, len(PAIRS))  # training only, per projected token
         self.token_side = nn.Linear(DEMO_LLM.hidden_size, 1)  # training only: is the token right of the middle
         for name, p in self.vision.named_parameters():
@@ -171,6 +188,7 @@ class Batcher:
         from convllava_edge.tokenizer import PromptTokenizer
 
         self.sp, self.pre = sp, preprocess_config
+        self.grid = grid_of(preprocess_config.crop_size[0])
         self.bos, self.eos = sp.bos_id(), sp.eos_id()
         before, _ = VICUNA_V1.render([("Q", None)]).split("<image>")
         self.prefix = [self.bos] + sp.encode(before)  # BOS + system + " USER: "
@@ -192,7 +210,7 @@ class Batcher:
             answer = self.answer(q.answer)
             spans.append((len(prompt), len(prompt) + len(answer)))
             if q.about is not None:
-                looks.append((len(prompt) - 1, cell_of(scene, q.about)))
+                looks.append((len(prompt) - 1, cell_of(scene, q.about, self.grid)))
             ids = prompt + answer
             turns.append((q.text, q.answer))
         return ids, spans, looks
@@ -206,7 +224,7 @@ class Batcher:
         pixels = np.concatenate([preprocess(scene.render(), self.pre, "pad") for scene, _ in items])
         rows = [(i, *self.conversation(scene, qs[j:j + turns]))
                 for i, (scene, qs) in enumerate(items) for j in range(0, len(qs), turns)]
-        targets = [torch.tensor(np.array(x)) for x in zip(*(scene_targets(scene) for scene, _ in items))]
+        targets = [torch.tensor(np.array(x)) for x in zip(*(scene_targets(scene, self.grid) for scene, _ in items))]
         return torch.from_numpy(pixels), rows, targets
 
 
@@ -264,16 +282,17 @@ def llm_loss(model: DemoModel, image: torch.Tensor, rows, prefix: list[int], loo
 def token_probe_loss(model: DemoModel, image: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """Per projected token: which pairs have their centre in its cell, and whether the cell is right of
     the middle (tokens carry no position otherwise: a linear read of the side was at chance, 52%)."""
-    logits = model.token_probe(image).float()  # [B, 16, 12]
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, cells, reduction="sum") / cells.shape[0] / GRID
-    right = (torch.arange(GRID * GRID) % GRID >= GRID // 2).float().expand(image.shape[0], -1)
+    grid = model.grid
+    logits = model.token_probe(image).float()  # [B, grid * grid, 12]
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, cells, reduction="sum") / cells.shape[0] / grid
+    right = (torch.arange(grid * grid) % grid >= grid // 2).float().expand(image.shape[0], -1)
     return loss + nn.functional.binary_cross_entropy_with_logits(model.token_side(image).float()[..., 0], right)
 
 
 def forward_loss(model: DemoModel, pixels: torch.Tensor, rows, prefix: list[int], targets=None,
                  phase: str = "joint") -> torch.Tensor:
     # In the language phase train() has frozen the tower's parameters: autograd records nothing through it.
-    features, image = model.vision.features_and_embeds(pixels)  # [B_img, 16, C], [B_img, 16, d]
+    features, image = model.vision.features_and_embeds(pixels)  # [B_img, grid * grid, C], [.., d]
     if phase == "language":
         return llm_loss(model, image, rows, prefix, look=True) + token_probe_loss(model, image, targets[4])
     if phase == "vision":
@@ -355,11 +374,12 @@ def probe_accuracy(model: DemoModel, batcher: Batcher, n: int = 200, seed: int =
     items = [(task.random_scene(rng), []) for _ in range(n)]
     pixels, _, (presence, _, side, _, _) = batcher.build(items)
     image = model.vision(pixels)
-    logits = model.token_probe(image)  # [n, 16, 12]
+    grid = model.grid
+    logits = model.token_probe(image)  # [n, grid * grid, 12]
     token_right = model.token_side(image)[..., 0] > 0
-    token_side = float((token_right == (torch.arange(GRID * GRID) % GRID >= GRID // 2)).float().mean())
+    token_side = float((token_right == (torch.arange(grid * grid) % grid >= grid // 2)).float().mean())
     present = (logits.max(1).values > 0).float()
-    right = ((logits.argmax(1) % GRID) >= GRID // 2).float()
+    right = ((logits.argmax(1) % grid) >= grid // 2).float()
     ok = (present == presence).all(-1) & ((right == side) | (presence == 0)).all(-1)
     model.train()
     return float(ok.float().mean()), token_side
@@ -384,9 +404,8 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     sp = _tokenizer(work)
-    pre = PreprocessConfig(image_size=256, crop_size=(256, 256))
-    batcher = Batcher(sp, pre)
-    model = DemoModel(sp.vocab_size())
+    batcher = Batcher(sp, preprocess_config(config.image_size))
+    model = DemoModel(sp.vocab_size(), config.image_size)
     named = list(model.named_parameters())
     if config.phase == "joint":
         # The token probes have an optimizer of their own, so that a joint state saved before they existed
@@ -407,9 +426,11 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
     step, history = 0, []
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-        if unexpected or any(not k.startswith(("token_probe.", "token_side.")) for k in missing):
-            raise RuntimeError(f"{state_path}: not a demo-model training state ({(missing + unexpected)[:3]})")
+        trained_at = state_image_size(state["model"])
+        if trained_at not in (None, config.image_size):
+            raise SystemExit(f"{state_path}: trained at {trained_at} px (its probe reads {grid_of(trained_at) ** 2} "
+                             f"tokens), not {config.image_size}: pass --image-size {trained_at} or another --work")
+        load_weights(model, state["model"], state_path)
         for key, opt in opts.items():
             if key not in state:
                 continue
@@ -487,9 +508,30 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
     return state_path
 
 
+def preprocess_config(image_size: int) -> PreprocessConfig:
+    return PreprocessConfig(image_size=image_size, crop_size=(image_size, image_size))
+
+
+def state_image_size(weights: dict[str, torch.Tensor]) -> int | None:
+    """The size a training state was trained at, from its probe on all tokens (None: no probe yet, as after
+    --init, which keeps the checkpoint's weights only)."""
+    if "probe.weight" not in weights:
+        return None
+    return math.isqrt(weights["probe.weight"].shape[1] // DEMO_TOWER.out_channels) * DEMO_TOWER.stride
+
+
+def load_weights(model: DemoModel, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A state's weights into ``model``: every model weight there; a probe it lacks starts afresh (after --init,
+    or a joint state saved before the token probes existed)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(PROBES) for k in missing):
+        raise RuntimeError(f"{path}: not a demo-model training state ({(missing + unexpected)[:3]})")
+
+
 def init_from(work: Path, checkpoint: Path) -> Path:
     """Start ``work`` from a saved checkpoint (issue 21 fine-tunes the shipped model): its tokenizer files and
-    weights; the probes start afresh, as do every phase's step and optimizer."""
+    weights, which any --image-size can train on; the probes start afresh (seeded by train), as do every phase's
+    step and optimizer."""
     state = work / "state.pt"
     if state.exists():
         raise SystemExit(f"{state} exists: --init starts a work folder, it does not replace one")
@@ -497,25 +539,29 @@ def init_from(work: Path, checkpoint: Path) -> Path:
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         (work / name).write_bytes((checkpoint / name).read_bytes())
     model, _ = load_checkpoint_model(checkpoint)
-    torch.save({"model": model.state_dict(), "init": str(checkpoint)}, state)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(PROBES)}
+    torch.save({"model": weights, "init": str(checkpoint)}, state)
     return state
 
 
 def save_checkpoint(work: Path, out: Path) -> Path:
     """The trained weights in the exact ConvLLaVA sft layout (bf16 .bin shards + index), with tokenizer."""
     sp = _tokenizer(work)
-    model = DemoModel(sp.vocab_size())
-    model.load_state_dict(torch.load(work / "state.pt", weights_only=True)["model"])
+    weights = torch.load(work / "state.pt", weights_only=True)["model"]
+    image_size = state_image_size(weights) or DEMO_TOWER.image_size
+    model = DemoModel(sp.vocab_size(), image_size)
+    load_weights(model, weights, work / "state.pt")
     vision = {k: v.detach() for k, v in model.vision.state_dict().items()}
     last = DEMO_TOWER.out_channels  # the unused final ConvNextModel norm that released towers carry
     vision["vision_tower.layernorm.weight"], vision["vision_tower.layernorm.bias"] = torch.ones(last), torch.zeros(last)
     llm = {k: v.detach() for k, v in model.llm.state_dict().items()}
     spec = S.LlamaSpec(**{**DEMO_LLM.__dict__, "vocab_size": sp.vocab_size()})
-    S.write_convllava_checkpoint(out, spec, DEMO_TOWER, vision_state=vision, llm_state=llm, fmt="bin", shards=2,
+    tower = demo_tower(image_size)
+    S.write_convllava_checkpoint(out, spec, tower, vision_state=vision, llm_state=llm, fmt="bin", shards=2,
                                  extra_files=[("tokenizer.model", (work / "tokenizer.model").read_bytes())])
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         (out / name).write_bytes((work / name).read_bytes())
-    S.write_json(out / "preprocessor_config.json", S.preprocessor_config(DEMO_TOWER.image_size))
+    S.write_json(out / "preprocessor_config.json", S.preprocessor_config(tower.image_size))
     return out
 
 
@@ -527,13 +573,14 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[DemoModel, Batcher]:
     from convllava_edge.export.vision_model import load_vision_model, open_vision_checkpoint
 
     sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
-    model = DemoModel(sp.vocab_size())
-    model.vision = load_vision_model(open_vision_checkpoint(checkpoint))
+    vision = open_vision_checkpoint(checkpoint)
+    image_size = vision.tower.preprocess.crop_size[0]  # its preprocessor_config's, as the export reads it
+    model = DemoModel(sp.vocab_size(), image_size)
+    model.vision = load_vision_model(vision)
     store = TensorStore(checkpoint)
     llm_keys = [k for k in store.keys() if not k.startswith(("model.vision_tower.", "model.mm_projector."))]
     model.llm.load_state_dict({k: store.get(k).float() for k in llm_keys}, strict=True)
-    pre = PreprocessConfig(image_size=256, crop_size=(256, 256))
-    return model.eval(), Batcher(sp, pre)
+    return model.eval(), Batcher(sp, preprocess_config(image_size))
 
 
 def main() -> None:
@@ -549,6 +596,8 @@ def main() -> None:
     t.add_argument("--max-turns", type=int, default=1)
     t.add_argument("--contact", type=float, default=0.0,
                    help="with --scenes varied: the share of those scenes whose shapes touch or overlap")
+    t.add_argument("--image-size", type=int, default=TrainConfig.image_size,
+                   help="the tower's input in px, a multiple of 64 (256: 16 tokens; 384: 36, the shipped model's)")
     t.add_argument("--init", type=Path, default=None, help="start WORK from this checkpoint (its weights, tokenizer)")
     s = sub.add_parser("save")
     s.add_argument("--work", type=Path, required=True)
@@ -560,10 +609,13 @@ def main() -> None:
     if args.cmd == "train":
         if not 0 <= args.contact <= 1 or (args.contact and args.scenes != "varied"):
             raise SystemExit(f"--contact {args.contact}: a share from 0 to 1 of the varied scenes (--scenes varied)")
+        if args.image_size % DEMO_TOWER.stride or not 128 <= args.image_size <= 1024:
+            raise SystemExit(f"--image-size {args.image_size}: a multiple of {DEMO_TOWER.stride} from 128 to 1024")
         if args.init is not None:
             init_from(args.work, args.init)
         train(args.work, TrainConfig(steps=args.steps, phase=args.phase, threads=args.threads, bf16=not args.fp32,
                                      scenes=args.scenes, max_turns=args.max_turns, contact=args.contact,
+                                     image_size=args.image_size,
                                      **PHASE_DEFAULTS[args.phase]))
     elif args.cmd == "save":
         print(save_checkpoint(args.work, args.out))

@@ -116,7 +116,7 @@ def test_an_image_question_streams_its_answer_and_a_follow_up_is_cached(driver, 
     choose_image(driver, EXAMPLE)
     info = driver.find_element(By.ID, "image-info").text
     width, height = Image.open(EXAMPLE).size
-    assert "16 image tokens" in info and f"{width}×{height} px" in info  # the rule /v1/models publishes
+    assert "36 image tokens" in info and f"{width}×{height} px" in info  # the rule /v1/models publishes
     assert driver.find_element(By.ID, "thumb").get_attribute("alt")
     ask(driver, QUESTION)
     first = wait_answered(driver, 1)
@@ -229,6 +229,6 @@ def test_an_image_dropped_or_pasted_is_taken_like_a_picked_one(driver, server, h
                                      : new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true});
         (how === "drop" ? document.getElementById("drop") : document).dispatchEvent(event);
     """, how, base64.b64encode(EXAMPLE.read_bytes()).decode())
-    WebDriverWait(driver, WAIT_S).until(lambda d: "16 image tokens" in d.find_element(By.ID, "image-info").text)
+    WebDriverWait(driver, WAIT_S).until(lambda d: "36 image tokens" in d.find_element(By.ID, "image-info").text)
     ask(driver, QUESTION)
     assert wait_answered(driver, 1).find_element(By.CLASS_NAME, "text").text.strip() == "3"

@@ -139,7 +139,7 @@ def test_models_health_auth_and_unknown_model(server):
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
     models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     (m,) = models["data"]
-    assert m["id"] == DEMO and m["family"] == "convllava" and m["image_tokens"]["square"] == 16 and m["context"] > 0
+    assert m["id"] == DEMO and m["family"] == "convllava" and m["image_tokens"]["square"] == 36 and m["context"] > 0
     cores = len(os.sched_getaffinity(0))  # --parallel 2: each slot decodes on its half, prefill takes every core
     assert m["parallel"] == 2 and m["threads"] == {"decode_per_slot": max(1, cores // 2), "batch": cores}
     resp = post(server, {"model": "nope", "messages": [image_message()]})
@@ -329,6 +329,7 @@ def test_metrics_parse_and_move_with_requests(server):
     for name in ("convllava_edge_generated_tokens_total", "convllava_edge_prompt_tokens_total",
                  "convllava_edge_image_tokens_total", "convllava_edge_time_to_first_token_seconds_count"):
         assert after[(name, model)] > before.get((name, model), 0), name
-    assert after[("convllava_edge_image_tokens_total", model)] - before.get(("convllava_edge_image_tokens_total", model), 0) == 32
+    images = ("convllava_edge_image_tokens_total", model)
+    assert after[images] - before.get(images, 0) == 2 * 36  # the demo: 384 px, 6 x 6 tokens an image
     assert ("convllava_edge_decode_tokens_per_second_bucket", (("le", "+Inf"), ("model", DEMO))) in after
     assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401

@@ -7,6 +7,7 @@ The shipped model's accuracy is tested in e2e/test_demo_model.py; this is about 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -126,15 +127,26 @@ def test_questions_are_drawn_evenly_across_forms():
     assert all(0.15 <= share[f] <= 0.26 for f in task.FORMS), share
 
 
-def test_token_targets_mark_the_cell_of_each_centre(batcher):
-    scene = task.Scene(300, 200, (240, 240, 240), (
+def _two_shapes() -> task.Scene:
+    return task.Scene(300, 200, (240, 240, 240), (
         task.Shape("circle", "red", 40, 90, 60, (255, 0, 0), 300),
         task.Shape("triangle", "blue", 260, 30, 50, (0, 0, 255), 300)))
-    *_, cells = D.scene_targets(scene)
+
+
+def test_token_targets_mark_the_cell_of_each_centre(batcher):
+    scene = _two_shapes()
+    *_, cells = D.scene_targets(scene, batcher.grid)
     # padded onto a 300 x 300 square (50 px above and below), 4 x 4 cells of 75 px
+    assert batcher.grid == 4 and cells.shape == (16, len(D.PAIRS))
     assert cells[1 * 4 + 0, D.PAIRS.index(("circle", "red"))] == 1
     assert cells[1 * 4 + 3, D.PAIRS.index(("triangle", "blue"))] == 1
     assert cells.sum() == 2
+    # at 384 px (the shipped model's), 6 x 6 cells of 50 px: the circle's centre (40, 140) in row 2 column 0, the
+    # triangle's (260, 80) in row 1 column 5
+    *_, cells = D.scene_targets(scene, D.grid_of(384))
+    assert cells.shape == (36, len(D.PAIRS)) and cells.sum() == 2
+    assert cells[2 * 6 + 0, D.PAIRS.index(("circle", "red"))] == 1
+    assert cells[1 * 6 + 5, D.PAIRS.index(("triangle", "blue"))] == 1
     # the attention aid's target: the cell of the one shape a question names, or none
     questions = task.questions_for(scene, np.random.default_rng(0))
     looks = {q.text: next((cell for _, cell in batcher.conversation(scene, [q])[2]), -1) for q in questions}
@@ -176,3 +188,32 @@ def test_phases_train_their_own_parts_and_resume(work):
     assert logs == ["language phase: resuming at step 2"]
     with pytest.raises(ValueError, match="phase 'lm'"):
         D.train(work, D.TrainConfig(steps=1, phase="lm"))
+
+
+def test_image_size_is_kept_from_training_to_checkpoint_and_back(tmp_path):
+    """--image-size: a run at 384 px trains a probe on 36 tokens, refuses to resume at another size, saves a
+    checkpoint whose configs say 384 (the export and load_checkpoint_model read the size there), and that
+    checkpoint starts (--init) a run at any size: the probes, which depend on it, are not carried."""
+    small = dict(images_per_step=2, questions_per_image=2, warmup=1, bf16=False, eval_n=5)
+    work = tmp_path / "w384"
+    D.train(work, D.TrainConfig(steps=1, phase="vision", image_size=384, **small), log=lambda *_: None)
+    weights = torch.load(work / "state.pt", weights_only=True)["model"]
+    assert D.state_image_size(weights) == 384 and weights["probe.weight"].shape[1] == 36 * D.DEMO_TOWER.out_channels
+    with pytest.raises(SystemExit, match="trained at 384 px .* pass --image-size 384"):
+        D.train(work, D.TrainConfig(steps=2, phase="vision", image_size=256, **small))
+    out = D.save_checkpoint(work, tmp_path / "ckpt384")
+    config = json.loads((out / "config.json").read_text())
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert config["mm_vision_tower"].endswith("-384") and pre["crop_size"] == {"height": 384, "width": 384}
+    model, batcher = D.load_checkpoint_model(out)
+    assert model.grid == batcher.grid == 6 and batcher.pre.crop_size == (384, 384)
+    pixels, _, _ = batcher.build([(task.random_scene(np.random.default_rng(0)), [])])
+    assert pixels.shape[-2:] == (384, 384) and model.vision(pixels).shape[1] == 36
+    saved = model.state_dict()
+    kept = [k for k in weights if k.startswith(("vision.", "llm."))]
+    assert kept and all(torch.equal(saved[k], weights[k].to(torch.bfloat16).float()) for k in kept)  # bf16 shards
+    again = tmp_path / "w256"
+    D.init_from(again, out)
+    assert D.state_image_size(torch.load(again / "state.pt", weights_only=True)["model"]) is None
+    D.train(again, D.TrainConfig(steps=1, phase="vision", image_size=256, **small), log=lambda *_: None)
+    assert D.state_image_size(torch.load(again / "state.pt", weights_only=True)["model"]) == 256

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from convllava_edge.backends import open_llm, open_vision_backend
-from convllava_edge.backends.base import LlmCapabilities, SamplingOptions
+from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.cache import EmbeddingCache
 from convllava_edge.decoding import Decoder
 from convllava_edge.default_model import DEMO_BUNDLE
@@ -23,7 +23,7 @@ from convllava_edge.families.llava_mini import LlavaMini
 from convllava_edge.kv_cache import KvCache
 from convllava_edge.manifest import Manifest, load_manifest
 from convllava_edge.model import AskOptions, Model
-from convllava_edge.prompt import VICUNA_V1, ImageSlot
+from convllava_edge.prompt import ImageSlot
 from convllava_edge.tokenizer import PromptTokenizer
 from support.fake_llm import BOS, EOS, FULL, NONE, OFFSET, FakeLlm
 
@@ -185,9 +185,9 @@ def test_model_answers_and_chats_through_any_llm_backend(tmp_path, capabilities)
     model = demo_model(llm, tmp_path)
     chat = model.chat(EXAMPLE, GREEDY)
     first = chat.ask("How many shapes?")
-    assert first.text == "3" and first.n_image_tokens == 16 and first.stop_reason == "eos"
+    assert first.text == "3" and first.n_image_tokens == 36 and first.stop_reason == "eos"  # 384 px: 6 x 6
     assert first.token_ids == (ids(" 3") if capabilities.token_ids else [])
-    assert ("rows", 16) in llm.evaluated  # the image's rows were injected
+    assert ("rows", 36) in llm.evaluated  # the image's rows were injected
     llm.script = list("red") + ["</s>"]
     second = chat.ask("Which color?")
     assert second.text == "red" and chat.turns[0] == ("How many shapes?", "3")
@@ -217,8 +217,8 @@ def test_one_question_encodes_first_frees_the_graphs_then_loads_the_llm():
     stream = model.ask_once(EXAMPLE, "How many shapes are there?", dataclasses.replace(GREEDY, max_tokens=8))
     assert model.vision is None and model.llm is not None  # the graphs went before the LLM came
     answer = "".join(stream)
-    assert answer == stream.answer.text and stream.answer.n_image_tokens == 16
-    # sized to the prompt (16 image rows, the rendered text's bytes, BOS, 8 tokens; rounded up to 256)
+    assert answer == stream.answer.text and stream.answer.n_image_tokens == 36
+    # sized to the prompt (36 image rows, the rendered text's bytes, BOS, 8 tokens; rounded up to 256)
     assert model.llm.n_ctx == model.context_bound("How many shapes are there?", 8) == 256 < model.llm.n_ctx_train
     with pytest.raises(ConfigError, match="released its vision graphs"):
         model.embed(EXAMPLE, "crop")
