@@ -91,7 +91,7 @@ class TrainConfig:
     scenes: str = "task"  # task: the fixed task's scenes (the shipped model's runs); varied: issue 21's (+ a task share)
     max_turns: int = 1  # conversations of 1..max_turns questions about one image, the earlier answers given
     contact: float = 0.0  # varied: the share of its scenes drawn with shapes that touch or overlap (0: as drawn)
-    image_size: int = 256  # the tower's input (a multiple of 64); a work folder keeps the size it was trained at
+    image_size: int | None = None  # the tower's input in px (a multiple of 64); None: the work folder's, else 256
 
 
 # What each phase of the shipped model's run used (``train --phase P`` starts from these).
@@ -403,9 +403,12 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    state_path = work / "state.pt"
+    state: dict = torch.load(state_path, weights_only=True) if state_path.exists() else {}
+    image_size = work_image_size(state, config.image_size, state_path)
     sp = _tokenizer(work)
-    batcher = Batcher(sp, preprocess_config(config.image_size))
-    model = DemoModel(sp.vocab_size(), config.image_size)
+    batcher = Batcher(sp, preprocess_config(image_size))
+    model = DemoModel(sp.vocab_size(), image_size)
     named = list(model.named_parameters())
     if config.phase == "joint":
         # The token probes have an optimizer of their own, so that a joint state saved before they existed
@@ -421,15 +424,8 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
             p.requires_grad_(name.startswith(trained))
         opts = {f"{config.phase}_optimizer": _optimizer([x for x in named if x[1].requires_grad], config)}
         keys = {"step": f"{config.phase}_step", "history": f"{config.phase}_history"}
-    state_path = work / "state.pt"
-    state: dict = {}
     step, history = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-        trained_at = state_image_size(state["model"])
-        if trained_at not in (None, config.image_size):
-            raise SystemExit(f"{state_path}: trained at {trained_at} px (its probe reads {grid_of(trained_at) ** 2} "
-                             f"tokens), not {config.image_size}: pass --image-size {trained_at} or another --work")
+    if state:
         load_weights(model, state["model"], state_path)
         for key, opt in opts.items():
             if key not in state:
@@ -491,7 +487,8 @@ def train(work: Path, config: TrainConfig = TrainConfig(), log=print) -> Path:
             history.append(loss.item())
             bar.update(job, completed=step, info=f"loss {np.mean(history[-50:]):.3f}")
             if step % 250 == 0 or step == config.steps:
-                state.update({"model": model.state_dict(), keys["step"]: step, keys["history"]: json.dumps(history),
+                state.update({"model": model.state_dict(), "image_size": image_size,
+                              keys["step"]: step, keys["history"]: json.dumps(history),
                               **{k: opt.state_dict() for k, opt in opts.items()}})
                 torch.save(state, state_path.with_suffix(".tmp"))
                 state_path.with_suffix(".tmp").replace(state_path)  # an interrupted save keeps the last one
@@ -512,12 +509,30 @@ def preprocess_config(image_size: int) -> PreprocessConfig:
     return PreprocessConfig(image_size=image_size, crop_size=(image_size, image_size))
 
 
+def check_image_size(size: int) -> int:
+    if size % DEMO_TOWER.stride or not 128 <= size <= 1024:
+        raise SystemExit(f"--image-size {size}: a multiple of {DEMO_TOWER.stride} from 128 to 1024")
+    return size
+
+
 def state_image_size(weights: dict[str, torch.Tensor]) -> int | None:
-    """The size a training state was trained at, from its probe on all tokens (None: no probe yet, as after
-    --init, which keeps the checkpoint's weights only)."""
+    """The size a training state's probes were trained at, from the probe on all tokens (None: no probe yet, as
+    after --init, which keeps the checkpoint's weights only). States saved before the size was stored lack it."""
     if "probe.weight" not in weights:
         return None
     return math.isqrt(weights["probe.weight"].shape[1] // DEMO_TOWER.out_channels) * DEMO_TOWER.stride
+
+
+def work_image_size(state: dict, asked: int | None, path: Path) -> int:
+    """The size a run trains at: the one asked (--image-size), else the state's (what it trained at, or after
+    --init the checkpoint's), else 256. Probes trained at one size do not resume at another; a state fresh from
+    --init (no probes yet) trains at any: the model's weights do not depend on the size."""
+    probes_at = state_image_size(state.get("model", {}))
+    size = check_image_size(asked or state.get("image_size") or probes_at or DEMO_TOWER.image_size)
+    if probes_at not in (None, size):
+        raise SystemExit(f"{path}: trained at {probes_at} px (its probe reads {grid_of(probes_at) ** 2} tokens), "
+                         f"not {size}: pass --image-size {probes_at} or another --work")
+    return size
 
 
 def load_weights(model: DemoModel, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -538,17 +553,18 @@ def init_from(work: Path, checkpoint: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         (work / name).write_bytes((checkpoint / name).read_bytes())
-    model, _ = load_checkpoint_model(checkpoint)
+    model, batcher = load_checkpoint_model(checkpoint)
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith(PROBES)}
-    torch.save({"model": weights, "init": str(checkpoint)}, state)
+    torch.save({"model": weights, "init": str(checkpoint), "image_size": batcher.pre.crop_size[0]}, state)
     return state
 
 
 def save_checkpoint(work: Path, out: Path) -> Path:
     """The trained weights in the exact ConvLLaVA sft layout (bf16 .bin shards + index), with tokenizer."""
     sp = _tokenizer(work)
-    weights = torch.load(work / "state.pt", weights_only=True)["model"]
-    image_size = state_image_size(weights) or DEMO_TOWER.image_size
+    state = torch.load(work / "state.pt", weights_only=True)
+    weights = state["model"]
+    image_size = state.get("image_size") or state_image_size(weights) or DEMO_TOWER.image_size
     model = DemoModel(sp.vocab_size(), image_size)
     load_weights(model, weights, work / "state.pt")
     vision = {k: v.detach() for k, v in model.vision.state_dict().items()}
@@ -574,13 +590,13 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[DemoModel, Batcher]:
 
     sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
     vision = open_vision_checkpoint(checkpoint)
-    image_size = vision.tower.preprocess.crop_size[0]  # its preprocessor_config's, as the export reads it
-    model = DemoModel(sp.vocab_size(), image_size)
+    pre = vision.tower.preprocess  # its preprocessor_config.json, as the export reads it
+    model = DemoModel(sp.vocab_size(), pre.crop_size[0])
     model.vision = load_vision_model(vision)
     store = TensorStore(checkpoint)
     llm_keys = [k for k in store.keys() if not k.startswith(("model.vision_tower.", "model.mm_projector."))]
     model.llm.load_state_dict({k: store.get(k).float() for k in llm_keys}, strict=True)
-    return model.eval(), Batcher(sp, preprocess_config(image_size))
+    return model.eval(), Batcher(sp, pre)
 
 
 def main() -> None:
@@ -596,8 +612,9 @@ def main() -> None:
     t.add_argument("--max-turns", type=int, default=1)
     t.add_argument("--contact", type=float, default=0.0,
                    help="with --scenes varied: the share of those scenes whose shapes touch or overlap")
-    t.add_argument("--image-size", type=int, default=TrainConfig.image_size,
-                   help="the tower's input in px, a multiple of 64 (256: 16 tokens; 384: 36, the shipped model's)")
+    t.add_argument("--image-size", type=int, default=None,
+                   help="the tower's input in px, a multiple of 64 (256: 16 tokens; 384: 36, the shipped model's); "
+                        "default: the work folder's (or the --init checkpoint's), else 256")
     t.add_argument("--init", type=Path, default=None, help="start WORK from this checkpoint (its weights, tokenizer)")
     s = sub.add_parser("save")
     s.add_argument("--work", type=Path, required=True)
@@ -609,8 +626,8 @@ def main() -> None:
     if args.cmd == "train":
         if not 0 <= args.contact <= 1 or (args.contact and args.scenes != "varied"):
             raise SystemExit(f"--contact {args.contact}: a share from 0 to 1 of the varied scenes (--scenes varied)")
-        if args.image_size % DEMO_TOWER.stride or not 128 <= args.image_size <= 1024:
-            raise SystemExit(f"--image-size {args.image_size}: a multiple of {DEMO_TOWER.stride} from 128 to 1024")
+        if args.image_size is not None:
+            check_image_size(args.image_size)
         if args.init is not None:
             init_from(args.work, args.init)
         train(args.work, TrainConfig(steps=args.steps, phase=args.phase, threads=args.threads, bf16=not args.fp32,

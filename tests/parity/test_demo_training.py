@@ -191,16 +191,21 @@ def test_phases_train_their_own_parts_and_resume(work):
 
 
 def test_image_size_is_kept_from_training_to_checkpoint_and_back(tmp_path):
-    """--image-size: a run at 384 px trains a probe on 36 tokens, refuses to resume at another size, saves a
-    checkpoint whose configs say 384 (the export and load_checkpoint_model read the size there), and that
-    checkpoint starts (--init) a run at any size: the probes, which depend on it, are not carried."""
+    """--image-size: a run at 384 px trains probes on 36 tokens, resumes at that size when not told one and refuses
+    another, saves a checkpoint whose configs say 384 (the export and load_checkpoint_model read the size there),
+    and that checkpoint starts (--init) a run at its size, or at another one: the probes are not carried."""
     small = dict(images_per_step=2, questions_per_image=2, warmup=1, bf16=False, eval_n=5)
+    quiet = dict(log=lambda *_: None)
     work = tmp_path / "w384"
-    D.train(work, D.TrainConfig(steps=1, phase="vision", image_size=384, **small), log=lambda *_: None)
-    weights = torch.load(work / "state.pt", weights_only=True)["model"]
-    assert D.state_image_size(weights) == 384 and weights["probe.weight"].shape[1] == 36 * D.DEMO_TOWER.out_channels
+    D.train(work, D.TrainConfig(steps=1, phase="vision", image_size=384, **small), **quiet)
+    state = torch.load(work / "state.pt", weights_only=True)
+    assert state["image_size"] == D.state_image_size(state["model"]) == 384
+    assert state["model"]["probe.weight"].shape[1] == 36 * D.DEMO_TOWER.out_channels
     with pytest.raises(SystemExit, match="trained at 384 px .* pass --image-size 384"):
         D.train(work, D.TrainConfig(steps=2, phase="vision", image_size=256, **small))
+    D.train(work, D.TrainConfig(steps=2, phase="vision", **small), **quiet)  # no size given: the folder's
+    weights = torch.load(work / "state.pt", weights_only=True)["model"]
+    assert D.state_image_size(weights) == 384
     out = D.save_checkpoint(work, tmp_path / "ckpt384")
     config = json.loads((out / "config.json").read_text())
     pre = json.loads((out / "preprocessor_config.json").read_text())
@@ -212,8 +217,31 @@ def test_image_size_is_kept_from_training_to_checkpoint_and_back(tmp_path):
     saved = model.state_dict()
     kept = [k for k in weights if k.startswith(("vision.", "llm."))]
     assert kept and all(torch.equal(saved[k], weights[k].to(torch.bfloat16).float()) for k in kept)  # bf16 shards
-    again = tmp_path / "w256"
+    # the attention aid's target at 384 px: the circle's cell of the 6 x 6 grid (row 2, column 0)
+    circle = next(q for q in task.questions_for(_two_shapes(), np.random.default_rng(0))
+                  if q.text == "What color is the circle?")
+    assert batcher.conversation(_two_shapes(), [circle])[2][0][1] == 2 * 6 + 0
+    again = tmp_path / "again"
     D.init_from(again, out)
-    assert D.state_image_size(torch.load(again / "state.pt", weights_only=True)["model"]) is None
-    D.train(again, D.TrainConfig(steps=1, phase="vision", image_size=256, **small), log=lambda *_: None)
-    assert D.state_image_size(torch.load(again / "state.pt", weights_only=True)["model"]) == 256
+    state = torch.load(again / "state.pt", weights_only=True)
+    assert state["image_size"] == 384 and D.state_image_size(state["model"]) is None  # the probes stayed behind
+    assert json.loads((D.save_checkpoint(again, tmp_path / "resaved") / "preprocessor_config.json").read_text()
+                      )["crop_size"]["height"] == 384  # saved before any step: still the checkpoint's size
+    D.train(again, D.TrainConfig(steps=1, phase="vision", image_size=256, **small), **quiet)
+    state = torch.load(again / "state.pt", weights_only=True)
+    assert state["image_size"] == D.state_image_size(state["model"]) == 256
+
+
+def test_train_command_passes_and_checks_the_image_size(tmp_path, monkeypatch, capsys):
+    runs = []
+    monkeypatch.setattr(D, "train", lambda work, config, **_: runs.append(config))
+    for size in (None, 384):
+        monkeypatch.setattr(sys, "argv", ["train.py", "train", "--work", str(tmp_path / "w"), "--phase", "finetune",
+                                          *(["--image-size", str(size)] if size else [])])
+        D.main()
+    assert [config.image_size for config in runs] == [None, 384]
+    monkeypatch.setattr(sys, "argv", ["train.py", "train", "--work", str(tmp_path / "bad"), "--image-size", "300",
+                                      "--init", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="^--image-size 300: a multiple of 64 from 128 to 1024$"):
+        D.main()
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
