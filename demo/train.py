@@ -143,6 +143,11 @@ def cell_of(scene: task.Scene, shape: task.Shape, grid: int) -> int:
     return min(y, grid - 1) * grid + min(x, grid - 1)
 
 
+def right_of_middle(grid: int) -> torch.Tensor:
+    """Per token (row-major), whether its cell is right of the image's middle: the side probe's target."""
+    return torch.arange(grid * grid) % grid >= grid // 2
+
+
 PROBES = ("probe.", "token_probe.", "token_side.")  # training aids: not part of the model, not saved
 
 
@@ -285,7 +290,7 @@ def token_probe_loss(model: DemoModel, image: torch.Tensor, cells: torch.Tensor)
     grid = model.grid
     logits = model.token_probe(image).float()  # [B, grid * grid, 12]
     loss = nn.functional.binary_cross_entropy_with_logits(logits, cells, reduction="sum") / cells.shape[0] / grid
-    right = (torch.arange(grid * grid) % grid >= grid // 2).float().expand(image.shape[0], -1)
+    right = right_of_middle(grid).float().expand(image.shape[0], -1)
     return loss + nn.functional.binary_cross_entropy_with_logits(model.token_side(image).float()[..., 0], right)
 
 
@@ -377,7 +382,7 @@ def probe_accuracy(model: DemoModel, batcher: Batcher, n: int = 200, seed: int =
     grid = model.grid
     logits = model.token_probe(image)  # [n, grid * grid, 12]
     token_right = model.token_side(image)[..., 0] > 0
-    token_side = float((token_right == (torch.arange(grid * grid) % grid >= grid // 2)).float().mean())
+    token_side = float((token_right == right_of_middle(grid)).float().mean())
     present = (logits.max(1).values > 0).float()
     right = ((logits.argmax(1) % grid) >= grid // 2).float()
     ok = (present == presence).all(-1) & ((right == side) | (presence == 0)).all(-1)
@@ -562,11 +567,11 @@ def init_from(work: Path, checkpoint: Path) -> Path:
 def save_checkpoint(work: Path, out: Path) -> Path:
     """The trained weights in the exact ConvLLaVA sft layout (bf16 .bin shards + index), with tokenizer."""
     sp = _tokenizer(work)
-    state = torch.load(work / "state.pt", weights_only=True)
-    weights = state["model"]
-    image_size = state.get("image_size") or state_image_size(weights) or DEMO_TOWER.image_size
+    state_path = work / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    image_size = work_image_size(state, None, state_path)
     model = DemoModel(sp.vocab_size(), image_size)
-    load_weights(model, weights, work / "state.pt")
+    load_weights(model, state["model"], state_path)
     vision = {k: v.detach() for k, v in model.vision.state_dict().items()}
     last = DEMO_TOWER.out_channels  # the unused final ConvNextModel norm that released towers carry
     vision["vision_tower.layernorm.weight"], vision["vision_tower.layernorm.bias"] = torch.ones(last), torch.zeros(last)

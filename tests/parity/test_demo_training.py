@@ -232,7 +232,7 @@ def test_image_size_is_kept_from_training_to_checkpoint_and_back(tmp_path):
     assert state["image_size"] == D.state_image_size(state["model"]) == 256
 
 
-def test_train_command_passes_and_checks_the_image_size(tmp_path, monkeypatch, capsys):
+def test_train_command_passes_and_checks_the_image_size(tmp_path, monkeypatch):
     runs = []
     monkeypatch.setattr(D, "train", lambda work, config, **_: runs.append(config))
     for size in (None, 384):
