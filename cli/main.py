@@ -601,10 +601,18 @@ def serve_cmd(
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas, each with its own models."),
     address: Optional[str] = typer.Option(None, "--address", help="With --ray: a running cluster (HOST:6379); "
                                           "default: a local one for this command."),
+    allowed_hosts: Optional[List[str]] = typer.Option(None, "--allowed-hosts", help="More names the Host header may "
+                                                      "give (comma-separated or repeated; '*': any). On a loopback "
+                                                      "bind only 127.0.0.1, localhost and [::1] are accepted; on "
+                                                      "another bind the check is off unless this is given."),
+    allowed_origins: Optional[List[str]] = typer.Option(None, "--allowed-origins", help="Web pages that may call the "
+                                                        "server from a browser, as origins (http://host:port; "
+                                                        "comma-separated or repeated; '*': any). Others get 403."),
 ) -> None:
     """Serve bundles over HTTP: OpenAI's /v1/chat/completions (images as data: URLs, streaming), /v1/models, /health."""
     try:
         from ..serve import ServeOptions
+        from ..serve.guard import parse_list
         from ..serve.server import app as serve_app, run
     except ImportError as e:
         raise ConvLlavaEdgeError(f"serve needs the serve extra (pip install 'convllava-edge[serve]'): {e}") from None
@@ -616,7 +624,10 @@ def serve_cmd(
                            max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
                            threads_batch=threads_batch, llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model,
                            n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend,
-                           vision_url=vision_url)
+                           vision_url=vision_url, bind_host=host, allowed_hosts=parse_list(allowed_hosts),
+                           allowed_origins=parse_list(allowed_origins) or ())
+    for line in options.policy.describe():
+        err.print(f"warning: {line}", markup=False)
     what = ', '.join(str(m) for m in model) if model else 'the demo model'
     if (replicas > 1 or address) and not ray:
         raise ConfigError("--replicas and --address deploy on Ray Serve: add --ray")

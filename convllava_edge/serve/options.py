@@ -29,6 +29,9 @@ class ServeOptions:
     llm_backend: str = "llama.cpp"  # or "vllm": a vLLM server at llm_url generates (its slots batched there)
     llm_url: str | None = None
     llm_model: str | None = None
+    bind_host: str = "127.0.0.1"  # the address served on: loopback turns the Host check on (guard.py)
+    allowed_hosts: tuple[str, ...] | None = None  # --allowed-hosts: more names for Host ("*": any); None: not given
+    allowed_origins: tuple[str, ...] = ()  # --allowed-origins: pages that may call the server ("*": any)
 
     def validate(self) -> None:
         for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1)):
@@ -38,6 +41,13 @@ class ServeOptions:
             raise ConvLlavaEdgeError(f"--request-timeout must be positive, got {self.request_timeout}")
         if self.media_dir is not None and not Path(self.media_dir).is_dir():
             raise ConvLlavaEdgeError(f"--media-dir {self.media_dir}: not a folder")
+
+    @property
+    def policy(self):
+        """The Host and Origin checks these options ask for (guard.Policy)."""
+        from .guard import Policy
+
+        return Policy(self.bind_host, self.allowed_hosts, self.allowed_origins)
 
     @property
     def max_body(self) -> int:

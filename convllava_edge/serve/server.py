@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 
 from ..errors import ConvLlavaEdgeError
-from . import ollama as ollama_api
+from . import guard, ollama as ollama_api, schema
 from .engine import Engine, Served, load_served
 from .generate import STARTED, complete, generate
 from .metrics import CountRequests, Metrics
@@ -80,6 +80,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
     api = FastAPI(title="convllava-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(lambda: state["engine"])
     api.add_middleware(CountRequests, metrics=metrics)
+    guard.install(api, options.policy)  # outermost: a page that may not drive the server reaches nothing
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -125,12 +126,18 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
             return error_response(ApiError(503, "Loading model", code="503", kind="unavailable_error"))
         return {"status": "ok"}
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        """The routes and their bodies (schema.py), behind the API key like the routes it describes."""
+        check_key(request)
+        return api.openapi()
+
     @api.get("/v1/models")
     async def list_models(request: Request):
         check_key(request)
         return {"object": "list", "data": [s.describe() for s in engine().served.values()]}
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=schema.route_docs("/v1/chat/completions"))
     async def chat_completions(request: Request):
         check_key(request)
         eng = engine()
@@ -201,11 +208,11 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         except ApiError as e:
             return ollama_error(e)
 
-    @api.post("/api/chat")
+    @api.post("/api/chat", openapi_extra=schema.route_docs("/api/chat"))
     async def ollama_chat(request: Request):
         return await ollama("chat", request)
 
-    @api.post("/api/generate")
+    @api.post("/api/generate", openapi_extra=schema.route_docs("/api/generate"))
     async def ollama_generate(request: Request):
         return await ollama("generate", request)
 
@@ -214,7 +221,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         check_key(request)
         return ollama_api.tags(engine().served)
 
-    @api.post("/api/show")
+    @api.post("/api/show", openapi_extra=schema.route_docs("/api/show"))
     async def ollama_show(request: Request):
         try:
             check_key(request)

@@ -90,6 +90,14 @@ def test_replicas_answer_like_ask_and_stop_cleanly(ray_server, capsys):
     r = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 0},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    # the Host and Origin rules (serve/guard.py), through the proxy too
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(url + "/v1/models", headers={**auth, "Host": "rebind.evil.example"}, timeout=60)
+    assert r.status_code == 403 and "does not name this server" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", content=json.dumps(body),
+                   headers={**auth, "Origin": "http://evil.example", "Content-Type": "text/plain"}, timeout=60)
+    assert r.status_code == 403 and "not this server's own" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/models", headers={**auth, "Origin": url}, timeout=60).status_code == 200
 
     started = descendants(proc.pid)
     assert len(started) >= 3, started  # Ray's processes (GCS, raylet, workers: the replicas among them)

@@ -1,0 +1,97 @@
+"""The request bodies and error shapes of serve's routes as JSON Schema, published at /openapi.json.
+
+The routes take raw requests and check them by hand (wire.py, ollama.py: unknown fields pass, each known field
+of the wrong type is a 400 naming it), so FastAPI can infer nothing; these schemas say what those parsers take.
+Every object allows additional properties (clients send fields newer than ours). A schema states the types and
+ranges the parser checks; what a schema cannot say (a conversation must end with the user's turn, one image, text
+that is valid Unicode, the server's caps) the parser still refuses: whatever the parser accepts, the schema
+accepts (tests/fuzz/test_fuzz_http_schema.py checks both directions on generated bodies).
+"""
+
+from __future__ import annotations
+
+from ..backends.base import MAX_TEMPERATURE
+from .wire import MAX_STOP
+
+SEED_MAX = (1 << 63) - 1  # wire.py: seed in [0, 2**63)
+
+
+def _object(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    out = {"type": "object", "properties": properties, "additionalProperties": True}
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_TEXT = {"type": "string"}
+_STOP = {"oneOf": [{"type": "null"}, {"type": "string", "minLength": 1},
+                   {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]}
+_SAMPLING = {
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_TEMPERATURE},
+    "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+    "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": SEED_MAX},
+}
+
+# -- OpenAI: /v1/chat/completions ------------------------------------------------------------------------
+IMAGE_URL = {"description": "a data:image/...;base64, URL, or file:// inside --media-dir", "type": "string"}
+CONTENT_PART = {"oneOf": [
+    _object({"type": {"const": "text"}, "text": _TEXT}, ("type", "text")),
+    _object({"type": {"const": "image_url"},
+             "image_url": {"oneOf": [IMAGE_URL, _object({"url": IMAGE_URL}, ("url",))]}}, ("type", "image_url")),
+]}
+MESSAGE = _object({
+    "role": {"enum": ["system", "developer", "user", "assistant"]},
+    "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": CONTENT_PART}]},
+}, ("role",))
+CHAT_REQUEST = _object({
+    "model": {"type": ["string", "null"]},
+    "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+    **_SAMPLING,
+    "stop": _STOP,
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"oneOf": [{"type": "null"}, _object({"include_usage": {"type": ["boolean", "null"]}})]},
+}, ("messages",))
+OPENAI_ERROR = _object({"error": _object({
+    "message": _TEXT, "type": _TEXT, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+}, ("message", "type", "param", "code"))}, ("error",))
+
+# -- Ollama: /api/chat, /api/generate, /api/show -----------------------------------------------------------
+_IMAGES = {"type": ["array", "null"], "items": {"type": "string", "description": "base64 of an image file"}}
+OLLAMA_OPTIONS = {"oneOf": [{"type": "null"}, _object({
+    **_SAMPLING, "stop": _STOP,
+    "num_predict": {"type": ["integer", "null"], "description": "-1 or -2: until the end", "minimum": -2},
+})]}
+_OLLAMA_COMMON = {"model": {"type": ["string", "null"]}, "stream": {"type": ["boolean", "null"]},
+                  "options": OLLAMA_OPTIONS}
+OLLAMA_CHAT = _object({
+    **_OLLAMA_COMMON,
+    "messages": {"type": "array", "minItems": 1, "items": _object({
+        "role": {"enum": ["system", "user", "assistant"]}, "content": _TEXT, "images": _IMAGES}, ("role",))},
+}, ("messages",))
+OLLAMA_GENERATE = _object({**_OLLAMA_COMMON, "prompt": _TEXT, "system": {"type": ["string", "null"]},
+                           "images": _IMAGES}, ("prompt",))
+OLLAMA_SHOW = _object({"model": _TEXT, "name": _TEXT})
+OLLAMA_ERROR = _object({"error": _TEXT}, ("error",))
+
+REQUESTS = {"/v1/chat/completions": CHAT_REQUEST, "/api/chat": OLLAMA_CHAT, "/api/generate": OLLAMA_GENERATE,
+            "/api/show": OLLAMA_SHOW}
+ERROR_STATUSES = {400: "a field of the wrong type or out of range (param names it)", 401: "no valid API key",
+                  403: "a Host or Origin that may not use this server", 404: "a model not served here",
+                  408: "the request was not received in time", 413: "a body or image over the limits",
+                  503: "loading, or the queue is full (Retry-After)", 504: "the request took too long"}
+
+
+def route_docs(path: str) -> dict:
+    """What a POST route's decorator adds to the OpenAPI document (FastAPI's ``openapi_extra``)."""
+    error = OLLAMA_ERROR if path.startswith("/api/") else OPENAI_ERROR
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": REQUESTS[path]}}},
+            "responses": {str(status): {"description": text, "content": {"application/json": {"schema": error}}}
+                          for status, text in ERROR_STATUSES.items()}}
+
+
+__all__ = ["CHAT_REQUEST", "OLLAMA_CHAT", "OLLAMA_ERROR", "OLLAMA_GENERATE", "OLLAMA_SHOW", "OPENAI_ERROR",
+           "REQUESTS", "route_docs"]
