@@ -15,10 +15,13 @@ import numpy as np
 
 from .. import shapes_task
 from ..errors import ConfigError
+from ..files import read_text_file
 from ..image import image_files, open_image
 
 N_DEFAULT_IMAGES = 20  # demo-task scenes when no images are given, 3 questions each: one changed answer
 # of 60 moves accuracy by 1.7 points, inside the default accuracy_drop gate of 2 (with 8 scenes one flip failed it)
+MAX_QUESTIONS_BYTES, MAX_QUESTIONS_LINE = 64 << 20, 1 << 20  # as batch's --questions
+MAX_TEXT_BYTES = 64 << 20  # --text: a perplexity text; read whole, so bounded
 GENERIC_QUESTIONS = ("Describe the image.", "What is in the picture?")
 
 
@@ -77,26 +80,20 @@ def load_inputs(images_dir: Path | None, questions_file: Path | None, text_file:
             questions = [CheckQuestion(name, q) for name in images for q in GENERIC_QUESTIONS]
         inputs = CheckInputs(images, questions, source=str(questions_file or images_dir))
     if text_file is not None:
-        try:
-            inputs.text = Path(text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{text_file}: cannot read text ({e})") from e
+        lines = read_text_file(text_file, "--text", MAX_TEXT_BYTES, MAX_TEXT_BYTES)  # a regular file, bounded
+        inputs.text = "\n".join(line for _, line in lines)
     return inputs
 
 
 def _read_questions(path: Path) -> tuple[list[CheckQuestion], dict[str, Any]]:
     questions, images = [], {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
-    for n, line in enumerate(lines, 1):
+    for n, line in read_text_file(path, "--questions", MAX_QUESTIONS_BYTES, MAX_QUESTIONS_LINE):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             image, question = str(row["image"]), str(row["question"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
             raise ConfigError(f"{path}:{n}: expected {{\"image\": ..., \"question\": ..., \"answer\": ...}}") from e
         image_path = (Path(path).parent / image) if not Path(image).is_absolute() else Path(image)
         if image not in images:

@@ -132,7 +132,7 @@ def encode_cmd(
     vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
     vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this .npy file."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this file, under exactly this name (NumPy's .npy format)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Encode an image to LLM-ready embeddings with the bundle's vision graph."""
@@ -140,14 +140,18 @@ def encode_cmd(
 
     from ..image import open_image
     from ..manifest import load_manifest
-    from ..preprocess import PreprocessConfig, preprocess
+    from ..files import check_output_file, write_file_atomically
+    from ..preprocess import PreprocessConfig, preprocess, size_check
     from ..vision import choose_vision
 
+    if save is not None:
+        check_output_file(save, "--save")  # a folder, a device, a FIFO: refused before any work
     manifest = load_manifest(model)
     manifest.vision_entry(vision_type)  # an unknown type fails before any work
     config = PreprocessConfig.from_manifest(manifest.preprocess)
     t0 = time.perf_counter()
-    pixels = preprocess(open_image(image), config, aspect or manifest.preprocess["aspect"])
+    aspect = aspect or manifest.preprocess["aspect"]
+    pixels = preprocess(open_image(image, fits=size_check(config, aspect)), config, aspect)
     t1 = time.perf_counter()
     choice, encoder = choose_vision(model, manifest, vision_type, device, threads, vision_backend,
                                     lambda line: err.print(line, markup=False), url=vision_url)
@@ -155,17 +159,15 @@ def encode_cmd(
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
     t3 = time.perf_counter()
-    if save is not None:
-        if not save.parent.is_dir():
-            raise ConvLlavaEdgeError(f"{save}: folder {save.parent} does not exist")
-        try:
-            np.save(save, embeds)
-        except OSError as e:
-            raise ConvLlavaEdgeError(f"{save}: cannot write: {e.strerror or e}") from e
+    if save is not None:  # into an open file: given a name, np.save would add ".npy" to it
+        write_file_atomically(save, lambda f: np.save(f, embeds), "--save")
     result = {"image": str(image), "vision_type": entry.variant, "pixel_shape": list(pixels.shape),
               "n_tokens": int(embeds.shape[0]), "n_embd": int(embeds.shape[1]), "providers": encoder.providers,
               "vision_backend": choice.kind, "vision_choice": choice.to_dict(),
               "timings": {"preprocess_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "encode_ms": (t3 - t2) * 1e3}}
+    if save is not None:
+        result["saved"] = str(save)
+        err.print(f"embeddings ({embeds.shape[0]} x {embeds.shape[1]}, {embeds.dtype}) written to {save}", markup=False)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -249,7 +251,7 @@ def bench_cmd(
     from ..bench import default_image, run_bench
 
     image_path = image or default_image()
-    data = _checked_image(image_path)
+    data = _checked_image(image_path, bundle)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
         tasks: dict[str, int] = {}
 
@@ -301,13 +303,30 @@ def _load_model(model: Optional[Path], device: str, threads: Optional[int], visi
     return loaded
 
 
-def _checked_image(path: Path) -> bytes:
-    """Read and decode the image before any model loads, so a bad file fails fast with its name."""
+def _checked_image(path: Path, model: Optional[Path] = None, aspect: Optional[str] = None) -> bytes:
+    """Read and decode the image before any model loads, so a bad file fails fast with its name; a size the
+    model's preprocessing would refuse (a 16383x5000 WebP padded to a square) is refused from the header,
+    before 1.4 GB of pixels are decoded."""
     from ..image import open_image, read_image_bytes
 
     _, data = read_image_bytes(path, sniff=True)
-    open_image(data, name=str(path))
+    open_image(data, name=str(path), fits=_size_check(model, aspect))
     return data
+
+
+def _size_check(model: Optional[Path], aspect: Optional[str]):
+    """preprocess.size_check for the bundle's preprocessing; None where the manifest cannot be read yet (the
+    model's own error comes when it loads)."""
+    from ..default_model import default_bundle
+    from ..manifest import load_manifest
+    from ..preprocess import PreprocessConfig, size_check
+
+    try:
+        manifest = load_manifest(model or default_bundle(), verify=False)
+        return size_check(PreprocessConfig.from_manifest(manifest.preprocess),
+                          aspect or manifest.preprocess.get("aspect", "pad"))
+    except ConvLlavaEdgeError:
+        return None
 
 
 @contextlib.contextmanager
@@ -362,7 +381,7 @@ def ask_cmd(
     else:
         if question is None:
             raise ConvLlavaEdgeError("missing QUESTION: convllava-edge ask IMAGE QUESTION")
-        image_data = _checked_image(Path(image_or_question))
+        image_data = _checked_image(Path(image_or_question), model, aspect)
     checked_text(question, "the question")
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
     loaded = _load_model(model, device, threads, vision_type, no_cache,
@@ -410,8 +429,10 @@ def chat_cmd(
     no_cache: bool = typer.Option(False, "--no-cache"),
 ) -> None:
     """Talk about an image over several turns (an empty line or end of input quits)."""
+    if sys.stdin is None:  # Python's stdin when fd 0 is not open (`<&-`): checked before the model loads
+        raise ConvLlavaEdgeError("chat needs a terminal or input on stdin (standard input is closed)")
     options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
-    image_data = _checked_image(image)
+    image_data = _checked_image(image, model, aspect)
     loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend,
                          llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model), vision_url=vision_url)
     err.print(loaded.note, markup=False)
@@ -419,7 +440,12 @@ def chat_cmd(
         conversation = loaded.chat(image_data, options)
     while True:
         err.print("[bold]you>[/] ", end="")
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            raise ConvLlavaEdgeError(f"standard input is not {e.encoding} text (byte {e.object[e.start]:#04x})") from None
+        except OSError as e:  # stdin a folder (`< /`), or its descriptor closed meanwhile
+            raise ConvLlavaEdgeError(f"chat cannot read standard input: {e.strerror or e}") from None
         if not line or not line.strip():
             break
         stream = conversation.ask_stream(line)
@@ -464,6 +490,7 @@ def batch_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..batch import AnswerLog, expand_images, make_items, read_questions, run_local
+    from ..files import shown
     from ..threads import check_threads
 
     check_threads(threads)
@@ -477,8 +504,9 @@ def batch_cmd(
     with AnswerLog(out_path) as log:
         left = sum(1 for i in items if i.key not in log.done)
         if log.repaired:
-            err.print(f"{out_path}: cut off a torn last line ({log.repaired} bytes) from an interrupted run", markup=False)
-        err.print(f"{len(items)} questions, {len(items) - left} already answered in {out_path}, {left} to go", markup=False)
+            err.print(f"{shown(out_path)}: cut off a torn last line ({log.repaired} bytes) from an interrupted run", markup=False)
+        err.print(f"{len(items)} questions, {len(items) - left} already answered in {shown(out_path)}, {left} to go",
+                  markup=False)
         errors = 0
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -510,7 +538,7 @@ def batch_cmd(
                 loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend, llm=llm,
                                      vision_url=vision_url)
                 run_local(loaded, items, log, options, advance)
-    err.print(f"{out_path}: {left - errors} answered, {errors} error line(s)", markup=False)
+    err.print(f"{shown(out_path)}: {left - errors} answered, {errors} error line(s)", markup=False)
 
 
 deploy_app = typer.Typer(no_args_is_help=True, help="Put a bundle where other engines serve it (Triton).")
@@ -585,9 +613,11 @@ def serve_cmd(
     queue: int = typer.Option(64, "--queue", min=0, help="Requests waiting per bundle; past it 503 with Retry-After."),
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", min=1),
     max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1),
-    media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="file:// image URLs are read from inside this folder only."),
+    media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="file:// image URLs are read from inside this folder only (opened once at start; symlinks inside it and .. are refused)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=64, help="Positions per slot (default: the LLM's trained context, at most 4096)."),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per request, queue included (504 past it)."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request's headers, and each part of "
+                                       "its body, may take to arrive (408 past it; a half-sent request holds nothing)."),
     device: str = typer.Option("auto", "--device"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Decoding threads per slot (default: the cores shared out)."),
     threads_batch: Optional[int] = typer.Option(None, "--threads-batch", min=1, help="Threads for the image's encoding and the prefill, one slot at a time (default: every core)."),
@@ -623,7 +653,8 @@ def serve_cmd(
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
                            max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
                            threads_batch=threads_batch, llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model,
-                           n_ctx=ctx, request_timeout=request_timeout, vision_backend=vision_backend,
+                           n_ctx=ctx, request_timeout=request_timeout, read_timeout=read_timeout,
+                           vision_backend=vision_backend,
                            vision_url=vision_url, bind_host=host, allowed_hosts=parse_list(allowed_hosts),
                            allowed_origins=parse_list(allowed_origins) or ())
     for line in options.policy.describe():
@@ -641,7 +672,7 @@ def serve_cmd(
         return
     asgi = serve_app(model or None, options)
     err.print(f"serving {what} on http://{host}:{port} (OpenAI API at /v1; {parallel} slot(s) per model)", markup=False)
-    run(asgi, host, port, grace)
+    run(asgi, host, port, grace, options.read_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@ CACHEDIR.TAG in it (https://bford.info/cachedir/: backup tools skip it) that car
 too. Entries are ``root/<64 hex key>.cle``, written to a temporary name and renamed (a reader sees
 a whole file or none: safe with several processes), touched on every hit, and evicted oldest first
 when they grow past the cap. Nothing is ever deleted that does not have an entry's name, inside a
-root that carries our tag: $CONVLLAVA_EDGE_CACHE may point at a folder holding the user's own files.
+root that carries our tag: $CONVLLAVA_EDGE_CACHE may point at a folder holding the user's own files, where
+nothing else is written either: native.py keeps its verdicts in ``root/native-checks``, inside the tagged folder.
 
 Entry format (not .npy: it has no room for a checksum; never pickle)::
 
@@ -215,7 +216,7 @@ class EmbeddingCache:
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return  # get would refuse it: do not cache a broken result
         header = entry_header(value)
-        if len(header) + value.nbytes > self.max_bytes or not self._ensure_root():
+        if len(header) + value.nbytes > self.max_bytes or not self.ensure_root():
             return
         tmp = None
         try:
@@ -232,7 +233,7 @@ class EmbeddingCache:
                 _unlink_quietly(Path(tmp))
         self.evict()
 
-    def _ensure_root(self) -> bool:
+    def ensure_root(self) -> bool:
         """Create ``root`` with its tag if absent; True when it is ours. The tag is written into a temporary
         folder renamed into place, so no process ever sees our root without it."""
         if self._owned():

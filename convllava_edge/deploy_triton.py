@@ -12,24 +12,38 @@ LLaVA-Mini's pre-fusion takes each prompt's token ids, so the runtime calls its 
 ``check_repository`` parses every config.pbtxt into tritonclient's ``ModelConfig`` protobuf, as Triton does
 (unknown fields and enum names fail there), then checks what protobuf cannot see: the platform, the name
 against the folder, the version folder, each input's and output's dtype and dims against the graph itself.
+
+``--force`` follows export's rule (export/staging.py): each model folder deploy writes carries ``MARKER``,
+the list of its files, and a folder of the same name is replaced only if it carries that list and holds
+nothing else (an empty folder too: nothing to lose); a user's notes, an extra version folder or a model of
+another tool make it a one-line refusal. Folders get the umask's modes, as ``mkdir`` would give them
+(``mkdtemp`` makes them 0700): Triton often runs as another user, in a container.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.vision_triton import VERSION, triton_model_name
-from .errors import ConfigError
-from .manifest import load_manifest, resolve_inside
+from .errors import ConfigError, ConvLlavaEdgeError
+from .manifest import check_relative, load_manifest, resolve_inside
+from .files import TooManyEntries, apply_default_modes, first_unlisted
 
 PLATFORM = "onnxruntime_onnx"
 # ONNX TensorProto element types -> Triton's DataType names (the ones these graphs use, and their neighbours)
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 11: "TYPE_FP64", 6: "TYPE_INT32",
                   7: "TYPE_INT64", 9: "TYPE_BOOL", 2: "TYPE_UINT8", 3: "TYPE_INT8"}
 TENSORRT_PRECISIONS = {"fp16": "FP16", "int8": "INT8"}
+MARKER = ".convllava-edge-deploy.json"  # in each model folder deploy writes: {"created_with", "files"}
+# A marker lists a config, a graph and its data files: a few hundred bytes. Past these a folder is not ours.
+MAX_MARKER_BYTES = 1 << 20
+MAX_MODEL_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,7 @@ def _onnx():
 def graph_io(path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
     """The graph's inputs and outputs as (name, Triton dtype, dims with -1 for symbolic ones), read from its
     protobuf without the weights."""
-    model = _onnx().load(str(path), load_external_data=False)
+    model = _load_graph(path)
 
     def rows(values):
         out = []
@@ -106,15 +120,22 @@ def deploy_triton(bundle: Path, repo: Path, options: TritonOptions = TritonOptio
                           "says why); deploy another --vision-type, or without --tensorrt")
     files = family_for(manifest.family).graph_files(entry)
     repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--out {repo} exists and is not a folder (a Triton model repository is a folder)") from None
+    except OSError as e:
+        raise ConfigError(f"--out {repo}: cannot create it: {e.strerror or e}") from None
     targets = {role: repo / triton_model_name(manifest, role) for role in files}
-    existing = [t for t in targets.values() if t.exists()]
+    existing = [t for t in targets.values() if os.path.lexists(t)]
     if existing and not options.force:
         raise ConfigError(f"{existing[0]} exists: remove it or pass --force (other folders of {repo} are kept)")
+    for target in existing:  # before any work, and again before each swap
+        check_replaceable(target)
     written = []
     for role, file in files.items():
         graph = resolve_inside(bundle, file)
-        staging = Path(tempfile.mkdtemp(prefix=f".{targets[role].name}.partial-", dir=repo))
+        staging = _staging(targets[role], "partial")
         try:
             version = staging / VERSION
             version.mkdir()
@@ -123,9 +144,12 @@ def deploy_triton(bundle: Path, repo: Path, options: TritonOptions = TritonOptio
                 shutil.copyfile(resolve_inside(graph.parent, data), version / data)
             (staging / "config.pbtxt").write_text(config_text(targets[role].name, graph, options))
             check_model(staging, name=targets[role].name)
-            if targets[role].exists():
-                shutil.rmtree(targets[role])
-            staging.rename(targets[role])
+            _write_marker(staging)
+            apply_default_modes(staging)
+            _swap_into_place(staging, targets[role])
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ConfigError(f"{targets[role]}: cannot write: {e.strerror or e}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -133,13 +157,105 @@ def deploy_triton(bundle: Path, repo: Path, options: TritonOptions = TritonOptio
     return written
 
 
+def _staging(target: Path, kind: str) -> Path:
+    """A new hidden folder ``.NAME.<kind>-XXXX`` beside ``target`` (kind: partial, old)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    except OSError as e:
+        raise ConfigError(f"--out {target.parent}: cannot write in it: {e.strerror or e}") from None
+
+
+def _write_marker(folder: Path) -> None:
+    from . import __version__
+
+    files = sorted((Path(root) / name).relative_to(folder).as_posix()
+                   for root, _, names in os.walk(folder) for name in names)
+    record = {"created_with": f"convllava-edge {__version__}", "files": files}
+    (folder / MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def not_ours(folder: Path) -> str | None:
+    """Why ``--force`` may not replace ``folder``, in a few words; None when deploy wrote it (its marker, nothing
+    it does not list) or it is empty. Listed files may be missing: replacing a damaged model is what it is for."""
+    if folder.is_symlink():
+        return "it is a symbolic link"
+    if not folder.is_dir():
+        return "it is not a folder"
+    marker = folder / MARKER
+    try:
+        with os.scandir(folder) as entries:
+            if next(entries, None) is None:
+                return None
+        info = marker.lstat()
+        if not stat.S_ISREG(info.st_mode):  # a link, a folder, a FIFO that would block the read
+            return f"its {MARKER} is not a regular file"
+        if info.st_size > MAX_MARKER_BYTES:
+            return f"its {MARKER} is {info.st_size} bytes"
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no {MARKER}, so deploy triton did not write it"
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return f"its {MARKER} is unreadable ({type(e).__name__})"
+    if not isinstance(record, dict) or not str(record.get("created_with", "")).startswith("convllava-edge "):
+        return f"its {MARKER} was not written by convllava-edge"
+    listed = {MARKER}
+    try:
+        for path in record["files"]:
+            check_relative(path, str(marker))  # a TypeError for a path that is not a string
+            listed.add(path)
+    except (KeyError, TypeError, ConvLlavaEdgeError):
+        return f"its {MARKER} has a malformed file list"
+    try:
+        extra = first_unlisted(folder, listed, MAX_MODEL_ENTRIES)
+    except OSError as e:
+        return f"cannot list {e.filename}: {e.strerror or e}"
+    except TooManyEntries:
+        return f"it holds more than {MAX_MODEL_ENTRIES} entries"
+    return None if extra is None else f"it holds {extra!r}, which its {MARKER} does not list"
+
+
+def check_replaceable(target: Path) -> None:
+    reason = not_ours(target)
+    if reason:
+        raise ConfigError(f"{target} is not a model folder deploy triton wrote ({reason}); --force replaces only "
+                          "those: move it away or remove it yourself")
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """``staging`` renamed to ``target``; a model folder already there is moved aside first and removed after,
+    so that a failure leaves the previous model in place."""
+    if not os.path.lexists(target):
+        os.replace(staging, target)
+        return
+    check_replaceable(target)  # again: the folder may have changed during the copy
+    old = _staging(target, "old")
+    try:
+        os.replace(target, old / "model")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            os.replace(old / "model", target)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def external_data(graph: Path) -> list[str]:
     """The files the graph's tensors live in (their ``location``, relative to the graph's folder)."""
     onnx = _onnx()
-    model = onnx.load(str(graph), load_external_data=False)
+    model = _load_graph(graph)
     tensors = list(model.graph.initializer) + [a.t for node in model.graph.node for a in node.attribute if a.HasField("t")]
     return sorted({entry.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
                    for entry in t.external_data if entry.key == "location"})
+
+
+def _load_graph(path: Path):
+    """The graph's protobuf without its weights, or a one-line error naming the file."""
+    onnx = _onnx()
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, onnx's own errors, OSError: no common base but Exception
+        raise ConfigError(f"{path}: not an ONNX graph ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
 def parse_config(path: Path):
@@ -198,7 +314,18 @@ def check_model(folder: Path, name: str | None = None) -> None:
 
 def check_repository(repo: Path) -> list[str]:
     """Every model folder of ``repo`` checked; their names."""
-    folders = sorted(p for p in Path(repo).iterdir() if (p / "config.pbtxt").is_file()) if Path(repo).is_dir() else []
+    repo = Path(repo)
+    try:
+        info = os.stat(repo)
+    except OSError as e:
+        raise ConfigError(f"{repo}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{repo} is not a folder: a Triton model repository is a folder of model folders "
+                          "(NAME/config.pbtxt)")
+    try:
+        folders = sorted(p for p in repo.iterdir() if (p / "config.pbtxt").is_file())
+    except OSError as e:
+        raise ConfigError(f"{repo}: cannot list {e.filename or repo}: {e.strerror or e}") from None
     if not folders:
         raise ConfigError(f"{repo}: no model folder (NAME/config.pbtxt) in this repository")
     for folder in folders:

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .families import Family, VisionEncoder
 from .image import open_image, read_image_bytes
 from .manifest import Manifest
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import PreprocessConfig, preprocess, size_check
 from .prompt import ImageSlot
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -59,7 +59,8 @@ class ImageEmbedder:
         found = self._lookup(key, video=False)
         if found is not None:
             return Embedded(self._slot(key, found), found, True, (time.perf_counter() - t0) * 1e3, 0.0)
-        pixels = preprocess(open_image(picture, name=name), self.preprocess_config, aspect)
+        fits = size_check(self.preprocess_config, aspect)  # refused from the header, before any pixel is decoded
+        pixels = preprocess(open_image(picture, name=name, fits=fits), self.preprocess_config, aspect)
         t1 = time.perf_counter()
         embeds = self._encoder().encode(pixels)
         return self._store(key, embeds, t0, t1)

@@ -18,7 +18,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,20 +49,27 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def open_image(source: str | os.PathLike | bytes | Image.Image, name: str | None = None) -> Image.Image:
+# fits(name, (width, height)): raises ImageError for a size the caller cannot use (preprocess.size_check).
+SizeCheck = Callable[[str, tuple[int, int]], None]
+
+
+def open_image(source: str | os.PathLike | bytes | Image.Image, name: str | None = None,
+               fits: SizeCheck | None = None) -> Image.Image:
     """Open ``source`` (a path, encoded bytes or a PIL image) as an RGB image, upright.
 
-    ``name`` is what error messages call the image (default: its path, or "<bytes>").
+    ``name`` is what error messages call the image (default: its path, or "<bytes>"). ``fits`` is called
+    with the size the header declares, before any pixel is decoded: what the caller would refuse at that
+    size (a 16383x5000 WebP padded to a square) costs no decoding (1.4 GB for that one).
     """
     if isinstance(source, Image.Image):
         name = name or "<image>"
-        _check_pixels(name, source.size)  # a lazily opened PIL image is not decoded yet: it may be a bomb
+        _check_pixels(name, source.size, fits)  # a lazily opened PIL image is not decoded yet: it may be a bomb
         with _decoding(name):
             return to_rgb(ImageOps.exif_transpose(source))
     name, data = _read(source, sniff=True, name=name)
     with _decoding(name):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
-        _check_pixels(name, image.size)
+        _check_pixels(name, image.size, fits)
         image.load()
         # EXIF is parsed here: a malformed tag is a corrupt file too
         return to_rgb(ImageOps.exif_transpose(image))
@@ -173,7 +180,7 @@ def _sniff(name: str, f: BinaryIO) -> None:
         _check_pixels(name, image.size)
 
 
-def _check_pixels(name: str, size: tuple[int, int]) -> None:
+def _check_pixels(name: str, size: tuple[int, int], fits: SizeCheck | None = None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageError(f"{name}: image is {width}x{height}: no pixels")
@@ -182,6 +189,8 @@ def _check_pixels(name: str, size: tuple[int, int]) -> None:
             f"{name}: image is {width}x{height} = {width * height:,} pixels, more than the "
             f"{MAX_IMAGE_PIXELS:,} allowed (a decompression bomb, or downscale it first)"
         )
+    if fits is not None:
+        fits(name, (width, height))  # EXIF may turn it later: the callers' bounds are the same either way round
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -136,11 +136,16 @@ def installed_version(name: str) -> str | None:
 
 
 # -- the on-disk record ------------------------------------------------------------------------------
-def state_dir() -> Path:
-    """Where verdicts are kept: beside the embedding cache (``$CONVLLAVA_EDGE_CACHE`` moves both)."""
-    from .cache import default_cache_dir
+RECORDS = "native-checks"
 
-    return default_cache_dir() / "native-checks"
+
+def state_dir() -> Path:
+    """Where verdicts are kept: inside the embedding cache's own marked folder (``$CONVLLAVA_EDGE_CACHE`` moves
+    both), never beside it: that variable may name a folder of the user's (``/``, a home), where the tool writes
+    nothing but its one tagged subfolder (cache.py)."""
+    from .cache import EmbeddingCache
+
+    return EmbeddingCache().root / RECORDS
 
 
 def read_record(name: str) -> dict | None:
@@ -152,10 +157,15 @@ def read_record(name: str) -> dict | None:
 
 
 def write_record(name: str, data: dict) -> None:
-    """Atomic write; an unwritable cache only means the check runs again next time."""
+    """Atomic write; an unwritable cache, or a folder under the cache's name that is not ours, only means the
+    check runs again next time."""
+    from .cache import EmbeddingCache
+
+    if not EmbeddingCache().ensure_root():
+        return
     folder = state_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({**data, "version": VERDICT_VERSION}, f)

@@ -217,31 +217,54 @@ def preprocess(image: Image.Image, config: PreprocessConfig, aspect: Aspect = "p
         raise unknown_choice("aspect mode", aspect, ASPECTS)
     if image.mode != "RGB":
         raise ConfigError(f"preprocess expects an RGB image, got mode {image.mode!r} (use image.open_image)")
-    if image.width <= 0 or image.height <= 0:
-        raise ImageError(f"image is {image.width}x{image.height}: no pixels")
+    check_size(image.size, config, aspect)
     if aspect == "pad":
-        side = max(image.size)
-        if image.width != image.height and side * side > MAX_IMAGE_PIXELS:
-            # expand2square allocates the whole canvas: a 60000x1 strip would be 60000x60000 (14 GB)
-            raise ImageError(f"image is {image.width}x{image.height}: padding it to a square makes {side}x{side} = "
-                             f"{side * side:,} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed "
-                             "(crop or downscale it, or use --aspect native)")
         square = expand2square(image, config.pad_color)
         edge = config.image_size
         resized = square.resize((edge, edge), resample=config.resample)
         pixels = _center_crop(np.asarray(resized), config.crop_size)
     elif aspect == "crop":
         width, height = shortest_edge_size(image.size, config.image_size)
-        if width * height > MAX_IMAGE_PIXELS:  # the resize allocates all of it before the crop
-            raise ImageError(f"image is {image.width}x{image.height}: resizing its shortest edge to "
-                             f"{config.image_size} makes {width}x{height} = {width * height:,} pixels, more than "
-                             f"the {MAX_IMAGE_PIXELS:,} allowed (crop or downscale it first)")
         pixels = _center_crop(np.asarray(image.resize((width, height), resample=config.resample)), config.crop_size)
     else:
         h, w = config.crop_size
         size = native_size(image.width, image.height, budget=h * w, stride=config.stride)
         pixels = np.asarray(image.resize(size, resample=config.resample))
     return normalize(pixels, config)[None]
+
+
+def check_size(size: tuple[int, int], config: PreprocessConfig, aspect: Aspect = "pad") -> None:
+    """ImageError for a (width, height) that ``preprocess`` would refuse: known from the header alone, so
+    ``image.open_image(..., fits=size_check(...))`` refuses it before decoding a pixel."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image is {width}x{height}: no pixels")
+    if aspect == "pad":
+        side = max(size)
+        if width != height and side * side > MAX_IMAGE_PIXELS:
+            # expand2square allocates the whole canvas: a 60000x1 strip would be 60000x60000 (14 GB)
+            raise ImageError(f"image is {width}x{height}: padding it to a square makes {side}x{side} = "
+                             f"{side * side:,} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed "
+                             "(crop or downscale it, or use --aspect native)")
+    elif aspect == "crop":
+        w, h = shortest_edge_size(size, config.image_size)
+        if w * h > MAX_IMAGE_PIXELS:  # the resize allocates all of it before the crop
+            raise ImageError(f"image is {width}x{height}: resizing its shortest edge to {config.image_size} "
+                             f"makes {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed "
+                             "(crop or downscale it first)")
+
+
+def size_check(config: PreprocessConfig, aspect: Aspect = "pad"):
+    """``check_size`` as image.open_image's ``fits``: its message names the image."""
+    if aspect not in ASPECTS:
+        raise unknown_choice("aspect mode", aspect, ASPECTS)
+
+    def fits(name: str, size: tuple[int, int]) -> None:
+        try:
+            check_size(size, config, aspect)
+        except ImageError as e:
+            raise ImageError(f"{name}: {e}") from None
+    return fits
 
 
 def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:

@@ -60,9 +60,17 @@ def checked_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ConfigError(f"{what} is not valid UTF-8 (at character {e.start}: "
-                          f"{text[e.start:e.end].encode('utf-8', 'surrogateescape')!r})") from e
+        raise ConfigError(f"{what} is not valid UTF-8 (at character {e.start}: {_shown(text[e.start:e.end])})") from None
     return text
+
+
+def _shown(bad: str) -> str:
+    """The bytes a non-UTF-8 argument had (b'\\xff'); a lone surrogate such as JSON's "\\ud800" had none (this
+    message raised UnicodeEncodeError itself before: a 500), so it is shown as its escape."""
+    try:
+        return repr(bad.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return bad.encode("ascii", "backslashreplace").decode("ascii")
 
 
 @dataclass(frozen=True)

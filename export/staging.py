@@ -18,11 +18,12 @@ import shutil
 import socket
 import stat
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator, Mapping
 
 from ..errors import ConvLlavaEdgeError, ExportError
 from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, check_relative
+from ..files import TooManyEntries, apply_default_modes, first_unlisted
 
 PARTIAL, OLD = ".partial-", ".old-"  # staging folders: ".OUT.partial-XXXX" (new bundle), ".OUT.old-XXXX" (swapped out)
 OWNER_FILE = ".convllava-edge-owner.json"  # inside a staging folder: the export that writes it
@@ -47,7 +48,7 @@ def staging_folder(out: Path, force: bool, protect: Mapping[str, Path] | None = 
     try:
         _write_owner(tmp)
         yield tmp
-        _apply_default_modes(tmp)
+        apply_default_modes(tmp)  # mkdtemp's 0700 otherwise: another user could not read the bundle
         check_out(given, force, protect)  # again: the place may have changed during a long export
         # Between this unlink and the rename a SIGKILL would leave an unmarked folder that no later
         # export removes: a window of two system calls, against one as long as the export without markers.
@@ -150,26 +151,13 @@ def not_a_bundle(folder: Path) -> str | None:
     except (KeyError, TypeError, ConvLlavaEdgeError):
         return f"{MANIFEST_NAME} has a malformed file list"
     # Not Manifest.from_dict: it asks whether the bundle can run; here only whose it is matters.
-    parents = {str(parent) for p in listed for parent in PurePosixPath(p).parents}
-    seen = 0
-
-    def unreadable(e: OSError):
-        raise e
-
     try:
-        walk = list(os.walk(folder, onerror=unreadable))  # does not follow links: a linked folder is one entry
+        extra = first_unlisted(folder, listed, MAX_BUNDLE_ENTRIES)
     except OSError as e:
         return f"cannot list {e.filename}: {e.strerror or e}"
-    for root, dirs, files in walk:
-        for name in dirs + files:
-            seen += 1
-            rel = (Path(root) / name).relative_to(folder).as_posix()
-            is_dir = name in dirs and not os.path.islink(os.path.join(root, name))
-            if (rel not in parents) if is_dir else (rel not in listed):
-                return f"it holds {rel!r}, which its {MANIFEST_NAME} does not list"
-            if seen > MAX_BUNDLE_ENTRIES:
-                return f"it holds more than {MAX_BUNDLE_ENTRIES} entries"
-    return None
+    except TooManyEntries:
+        return f"it holds more than {MAX_BUNDLE_ENTRIES} entries"
+    return None if extra is None else f"it holds {extra!r}, which its {MANIFEST_NAME} does not list"
 
 
 def _swap_into_place(tmp: Path, out: Path, shown: str) -> None:
@@ -282,29 +270,3 @@ def remove_leftovers(out: Path) -> list[Path]:
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(Path(entry.path))
     return removed
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where /proc allows (Linux >= 4.7)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    # Elsewhere set-and-restore is the only way: racy if another thread creates files meanwhile,
-    # acceptable for a command-line export.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _apply_default_modes(folder: Path) -> None:
-    """The modes mkdir/open give under the umask (mkdtemp makes the folder 0700, whatever the umask)."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for root, dirs, files in os.walk(folder):
-        for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):  # a link's own mode means nothing; its target is not ours
-                os.chmod(path, mode & ~mask)

@@ -29,6 +29,9 @@ from ..threads import default_threads
 from .wire import ApiError, ChatRequest
 
 RETRY_AFTER_S = 1
+# What run_in_slot emits once the request is checked through (the image decoded and encoded, the prompt's length
+# within the context) and before the prefill: a stream's 200 is sent only then, so those failures keep their status.
+READY = object()
 DEFAULT_CONTEXT = 4096  # positions per slot unless --ctx says otherwise (Llama-3.1's 131072 would take GBs of KV)
 
 
@@ -173,7 +176,8 @@ class Engine:
 
 def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tuple[int | None, int],
                 emit: Callable[[str], None], cancel: threading.Event) -> Answer | None:
-    """Encode, prefill (one slot at a time), then decode, emitting each piece; None when cancelled.
+    """Encode, prefill (one slot at a time), then decode, emitting READY once the request is checked, then each
+    piece; None when cancelled.
     ``max_tokens``: (the request's or None, the server's cap); None answers up to the cap or the context's end."""
     model = slot.model
     asked, cap = max_tokens
@@ -188,6 +192,7 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
             raise ContextOverflowError(f"the conversation takes {positions(items)} positions and the context holds "
                                        f"{model.llm.n_ctx}: start a new conversation or send less text")
         options = AskOptions(max_tokens=asked or min(cap, room), sampling=request.sampling, stop=request.stop)
+        emit(READY)
         stream = model.answer(items, embedded, options)
         pieces = iter(stream)
         for piece in pieces:

@@ -11,10 +11,12 @@ import threading
 from typing import AsyncIterator
 
 from ..model import Answer
-from .engine import Engine, Served
+from .engine import READY, Engine, Served
 from .wire import ApiError, ChatRequest
 
-STARTED = object()  # yielded once a slot is taken: the front-end may open its stream
+# Yielded once the request is checked through in its slot (the image decoded and encoded, the prompt's length
+# within the context): the front-end may open its stream; every failure before it keeps its HTTP status.
+STARTED = object()
 
 
 def too_slow(timeout: float) -> ApiError:
@@ -25,7 +27,7 @@ def too_slow(timeout: float) -> ApiError:
 async def generate(eng: Engine, served: Served, chat: ChatRequest, max_tokens: int | None, cap: int,
                    timeout: float, metrics=None) -> AsyncIterator[object]:
     """STARTED, then each text piece (str), then the Answer. Raises ApiError: a full queue (503), bad input
-    (400), the time limit (504). Closing the iterator early (a client gone) stops the generation at its next
+    (400: an image that does not decode, a prompt over the context), the time limit (504). Closing the iterator early (a client gone) stops the generation at its next
     token and frees the slot."""
     pieces: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -40,7 +42,6 @@ async def generate(eng: Engine, served: Served, chat: ChatRequest, max_tokens: i
         future = eng.start(served, slot, chat, (max_tokens, cap),
                            lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece), cancel)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
-        yield STARTED
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -49,13 +50,21 @@ async def generate(eng: Engine, served: Served, chat: ChatRequest, max_tokens: i
                 raise too_slow(timeout) from None
             if piece is None:
                 break
-            yield piece
+            yield STARTED if piece is READY else piece
         answer: Answer = future.result()  # raises the slot's ApiError
         if metrics is not None:
             metrics.answered(served.name, answer)
         yield answer
     finally:
         cancel.set()  # a client gone or a time limit: the slot's thread stops at its next token
+
+
+async def opened(gen: AsyncIterator[object]) -> None:
+    """Run ``gen`` up to STARTED, before a stream's first byte: what fails until then raises its ApiError, which
+    the handler answers with its real status (issue 32: they came as 200 and an error event)."""
+    item = await anext(gen)
+    if item is not STARTED:
+        raise ApiError(500, "the generation began without being checked", kind="server_error")
 
 
 async def complete(gen: AsyncIterator[object]) -> Answer:

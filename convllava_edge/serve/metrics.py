@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 PREFIX = "convllava_edge"
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/api/chat", "/api/generate",
              "/api/tags", "/api/version", "/api/show")
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before its answer: not a server error
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
 TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
@@ -26,6 +27,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
+        self.disconnects = Counter(f"{PREFIX}_client_disconnects", "Requests whose client closed the connection "
+                                   "before the request was in (also counted as status 499)", ["endpoint"],
+                                   registry=self.registry)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt positions (text and image) answered",
                                      ["model"], registry=self.registry)
         self.cached_tokens = Counter(f"{PREFIX}_cached_prompt_tokens", "Prompt positions reused from the KV cache",
@@ -41,7 +45,10 @@ class Metrics:
         self.registry.register(_EngineCollector(engine))
 
     def request(self, path: str, status: int) -> None:
-        self.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(endpoint, str(status)).inc()
+        if status == CLIENT_CLOSED:
+            self.disconnects.labels(endpoint).inc()
 
     def answered(self, model: str, answer) -> None:
         self.prompt_tokens.labels(model).inc(answer.n_prompt_positions)

@@ -57,7 +57,8 @@ def _message(message: dict, where: str) -> dict:
     content = message.get("content", "")
     if not isinstance(content, str):
         raise bad(f"{where}.content must be a string".lstrip("."), f"{where}.content".lstrip("."))
-    images = message.get("images") or []
+    images = message.get("images")
+    images = [] if images is None else images  # not `or []`: false, 0 and "" are wrong types, not "no images"
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise bad(f"{where}.images must be a list of base64 strings".lstrip("."), f"{where}.images".lstrip("."))
     parts = [{"type": "image_url", "image_url": {"url": "data:;base64," + image}} for image in images]
@@ -66,7 +67,8 @@ def _message(message: dict, where: str) -> dict:
 
 def _options(body: dict) -> dict:
     """Ollama's stream (default true) and options as OpenAI's fields."""
-    options = body.get("options") or {}
+    options = body.get("options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise bad("options must be an object", "options")
     for unsupported, what in (("format", "structured output (format)"), ("tools", "tool calling (tools)")):
@@ -86,6 +88,17 @@ def _options(body: dict) -> dict:
 def parse(kind: str, body: Any, max_image_bytes: int) -> ChatRequest:
     """/api/chat's or /api/generate's body, checked as OpenAI's is (images: base64 only, no file paths)."""
     return parse_chat(chat_body(body) if kind == "chat" else generate_body(body), max_image_bytes, None)
+
+
+def show_name(body: Any) -> str | None:
+    """/api/show's model: ``model`` (or the older ``name``), a string when given; None: the only one served."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    for key in ("model", "name"):
+        if key in body:
+            if not isinstance(body[key], str):
+                raise bad(f"{key} must be a string, got {type(body[key]).__name__}", key)
+    return model_name(body["model"] if "model" in body else body.get("name"))
 
 
 def model_name(name: str | None) -> str | None:

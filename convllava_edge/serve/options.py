@@ -24,6 +24,7 @@ class ServeOptions:
     threads_batch: int | None = None  # vision graphs and prefill, one slot at a time (default: every core)
     n_ctx: int | None = None  # per slot (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
     request_timeout: float = 300.0
+    read_timeout: float = 30.0  # --read-timeout: seconds a request's head, and each part of its body, may take
     vision_backend: str | None = None
     vision_url: str | None = None  # a Triton server running the graphs (--vision-url)
     llm_backend: str = "llama.cpp"  # or "vllm": a vLLM server at llm_url generates (its slots batched there)
@@ -37,8 +38,9 @@ class ServeOptions:
         for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1)):
             if getattr(self, name) < low:
                 raise ConvLlavaEdgeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if not self.request_timeout > 0:
-            raise ConvLlavaEdgeError(f"--request-timeout must be positive, got {self.request_timeout}")
+        for name in ("request_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConvLlavaEdgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.media_dir is not None and not Path(self.media_dir).is_dir():
             raise ConvLlavaEdgeError(f"--media-dir {self.media_dir}: not a folder")
 

@@ -21,16 +21,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 
 from ..errors import ConvLlavaEdgeError
 from . import guard, ollama as ollama_api, schema
 from .engine import Engine, Served, load_served
-from .generate import STARTED, complete, generate
-from .metrics import CountRequests, Metrics
+from .generate import complete, generate, opened
+from .media import MediaDir
+from .metrics import CLIENT_CLOSED, CountRequests, Metrics
 from .options import ServeOptions, served_names
-from .wire import (ApiError, ChatRequest, bad, chunk, completion, completion_id, finish_reason, now, parse_chat,
-                   timings, usage)
+from .wire import (MAX_JSON_DEPTH, ApiError, ChatRequest, bad, check_json, chunk, completion, completion_id,
+                   finish_reason, now, parse_chat, timings, usage)
 
 PAGE = Path(__file__).resolve().parent / "page"  # the web page's static files, shipped in the package
 
@@ -40,6 +42,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
     load in the background (/health: 503 until then); ``wait``: the app's startup waits for them and fails with
     their error (a Ray Serve replica is then ready only once its models are, or fails to start)."""
     options.validate()
+    media = MediaDir(options.media_dir) if options.media_dir is not None else None  # opened once: media.py
     if not models:
         from ..default_model import default_bundle
 
@@ -82,24 +85,27 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
     api.add_middleware(CountRequests, metrics=metrics)
     guard.install(api, options.policy)  # outermost: a page that may not drive the server reaches nothing
 
-    def error_response(e: ApiError) -> JSONResponse:
+    def error_response(e: ApiError, request: Request | None = None) -> JSONResponse:
+        """OpenAI's error object, or Ollama's ``{"error": message}`` under /api/ (whatever raised it)."""
+        if request is not None and request.url.path.startswith("/api/"):
+            return ollama_error(e)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @api.exception_handler(ApiError)
     async def on_api_error(request, e: ApiError):
-        return error_response(e)
+        return error_response(e, request)
 
     @api.exception_handler(HTTPException)
     async def on_http_error(request, e: HTTPException):
-        return error_response(ApiError(e.status_code, str(e.detail), kind="invalid_request_error"))
+        return error_response(ApiError(e.status_code, str(e.detail), kind="invalid_request_error"), request)
 
     @api.exception_handler(Exception)
     async def on_unexpected(request, e: Exception):
-        return error_response(ApiError(500, f"{type(e).__name__}: {e}".splitlines()[0], kind="server_error"))
+        return error_response(ApiError(500, f"{type(e).__name__}: {e}".splitlines()[0], kind="server_error"), request)
 
     @api.exception_handler(RequestValidationError)
     async def on_validation(request, e):
-        return error_response(bad(f"invalid request: {e.errors()[0].get('msg', 'bad input')}"))
+        return error_response(bad(f"invalid request: {e.errors()[0].get('msg', 'bad input')}"), request)
 
     def check_key(request: Request) -> None:
         if options.api_key is None:
@@ -141,11 +147,12 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
     async def chat_completions(request: Request):
         check_key(request)
         eng = engine()
-        body = await read_json(request, options.max_body)
-        chat = parse_chat(body, options.max_image_bytes, options.media_dir)
+        body = await read_json(request, options.max_body, options.read_timeout)
+        chat = parse_chat(body, options.max_image_bytes, media)
         served = pick_model(eng, chat.model)
         gen = generation(eng, served, chat)
         if chat.stream:
+            await opened(gen)  # the image and the prompt's length checked: their errors keep their status
             return StreamingResponse(sse(served.name, chat, gen), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async with aclosing(gen):
@@ -168,13 +175,13 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         return generate(eng, served, chat, chat.max_tokens, options.max_tokens_cap, options.request_timeout, metrics)
 
     async def sse(name: str, chat: ChatRequest, gen: AsyncIterator[object]) -> AsyncIterator[str]:
+        """The stream of a generation ``opened`` has run up to STARTED; failures from here on are error events."""
         cid, created = completion_id(), now()
         async with aclosing(gen):
+            yield event(chunk(cid, created, name, {"role": "assistant", "content": ""}))
             try:
                 async for item in gen:
-                    if item is STARTED:
-                        yield event(chunk(cid, created, name, {"role": "assistant", "content": ""}))
-                    elif isinstance(item, str):
+                    if isinstance(item, str):
                         yield event(chunk(cid, created, name, {"content": item}))
                     else:
                         answer = item
@@ -197,11 +204,12 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         try:
             check_key(request)
             eng = engine()
-            chat = ollama_api.parse(kind, await read_json(request, options.max_body), options.max_image_bytes)
+            chat = ollama_api.parse(kind, await read_json(request, options.max_body, options.read_timeout), options.max_image_bytes)
             served = pick_model(eng, ollama_api.model_name(chat.model))
             gen = generation(eng, served, chat)
             started = time.perf_counter()
             if chat.stream:
+                await opened(gen)
                 return StreamingResponse(ollama_api.ndjson(kind, served.name, gen, started),
                                          media_type="application/x-ndjson")
             return await ollama_api.respond(kind, served.name, gen, started)
@@ -226,9 +234,8 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         try:
             check_key(request)
             eng = engine()
-            body = await read_json(request, options.max_body)
-            name = body.get("model", body.get("name")) if isinstance(body, dict) else None
-            return ollama_api.show(pick_model(eng, ollama_api.model_name(name)))
+            name = ollama_api.show_name(await read_json(request, options.max_body, options.read_timeout))
+            return ollama_api.show(pick_model(eng, name))
         except ApiError as e:
             return ollama_error(e)
 
@@ -253,10 +260,11 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
     return api
 
 
-def run(asgi, host: str, port: int, grace: float) -> None:
+def run(asgi, host: str, port: int, grace: float, read_timeout: float | None = None) -> None:
     """Serve ``asgi`` under uvicorn until Ctrl-C or SIGTERM: then no new connections, in-flight requests get
     ``grace`` seconds, and the process exits 0 (uvicorn's own handler re-raises the signal after shutdown,
-    which makes a stopped server look killed to whatever supervises it). A second signal stops at once."""
+    which makes a stopped server look killed to whatever supervises it). A second signal stops at once.
+    ``read_timeout``: seconds a request's head may take (head_timeout_protocol); its body's: read_json."""
     import signal
 
     import uvicorn
@@ -274,7 +282,57 @@ def run(asgi, host: str, port: int, grace: float) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)).run()
+    http = head_timeout_protocol(read_timeout) if read_timeout else "auto"
+    Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace,
+                          http=http)).run()
+
+
+def head_timeout_protocol(seconds: float):
+    """uvicorn's HTTP/1.1 protocol with a limit on the time from a connection's first byte (or its previous
+    answer's end) to the end of a request's headers: 408 and the connection closed past it. uvicorn has no such
+    option (its keep-alive timeout covers idle connections between requests, not a head that stops half-way),
+    so this reads the protocol's own state: ``cycle``, the request in progress, which both of uvicorn's parsers
+    (httptools, h11) set when a head is complete."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    body = json.dumps({"error": {"message": f"the request's headers did not arrive within {seconds:g} s "
+                                            "(--read-timeout)", "type": "invalid_request_error", "param": None,
+                                 "code": "request_timeout"}}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class HeadTimeout(AutoHTTPProtocol):
+        def connection_made(self, transport, *args, **kwargs):
+            super().connection_made(transport, *args, **kwargs)
+            self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def data_received(self, data: bytes) -> None:
+            before = getattr(self, "cycle", None)
+            between = before is None or before.response_complete  # these bytes begin a new request's head
+            super().data_received(data)
+            after = getattr(self, "cycle", None)
+            if after is not before:  # a head completed
+                self._disarm()
+            elif between and self._head_timer is None and not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            cycle = getattr(self, "cycle", None)
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+    return HeadTimeout
 
 
 def event(obj: dict) -> str:
@@ -286,18 +344,44 @@ def error_event(e: ApiError) -> str:
     return event({**e.body(), "status": e.status})
 
 
-async def read_json(request, limit: int):
-    """The body, at most ``limit`` bytes (413 past it, whether or not Content-Length says so), as JSON."""
+async def read_json(request, limit: int, timeout: float | None = None):
+    """The body, at most ``limit`` bytes (413 past it, whether or not Content-Length says so), as JSON checked by
+    wire.check_json (text, depth). ``timeout``: seconds each part of the body may take to arrive (408 past it:
+    a client that stops half-way holds no handler). A client gone before the end: ClientGone, no traceback."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared):,} bytes, over the limit of {limit:,}",
                        code="request_too_large")
     data = bytearray()
-    async for part in request.stream():
+    parts = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                part = await parts.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--read-timeout)",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ClientGone() from None
         data += part
         if len(data) > limit:
             raise ApiError(413, f"the request body is over the limit of {limit:,} bytes", code="request_too_large")
     try:
-        return json.loads(data)
+        value = json.loads(data)
+    except RecursionError:  # the parser recurses per level: '[' * 3000
+        raise bad(f"the request body is JSON nested more than {MAX_JSON_DEPTH} levels deep", code="too_deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not JSON: {e}") from None
+    check_json(value)
+    return value
+
+
+class ClientGone(ApiError):
+    """The client closed the connection before its request's body was in: nobody reads the answer. Status 499,
+    nginx's "client closed request", which /metrics counts as a disconnect (metrics.py)."""
+
+    def __init__(self):
+        super().__init__(CLIENT_CLOSED, "the client closed the connection before sending the whole request",
+                         code="client_closed_request")

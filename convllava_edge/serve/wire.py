@@ -15,10 +15,10 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..backends.base import MAX_TEMPERATURE, SamplingOptions
+from .media import MediaDir, MediaError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -41,6 +41,44 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
     return ApiError(400, message, param, code)
 
 
+MAX_JSON_DEPTH = 64  # a chat body is 6 levels deep; Python's json parser itself recurses (RecursionError past ~1000)
+
+
+def check_json(value: Any) -> None:
+    """A 400 naming the field for the first string, key or value, that is not text, or for nesting deeper than
+    MAX_JSON_DEPTH, anywhere in a parsed body. JSON's ``"\\ud800"`` parses to a lone surrogate, which no
+    encoder takes: checked here once, before any parser, so that every text field (system prompts and
+    Ollama's prompt included) is refused alike. Iterative: the walk itself cannot exceed the recursion limit."""
+    stack = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"{where or 'the request body'}: JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                      where or None, "too_deep")
+        if isinstance(item, str):
+            bad_at = _not_text(item)
+            if bad_at is not None:
+                raise bad(f"{where or 'the request body'} is not valid Unicode text (a lone surrogate at character "
+                          f"{bad_at})", where or None, "invalid_text")
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if _not_text(key) is not None:
+                    raise bad(f"a key of {where or 'the request body'} is not valid Unicode text (a lone surrogate)",
+                              where or None, "invalid_text")
+                stack.append((child, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in reversed(list(enumerate(item))))
+
+
+def _not_text(text: str) -> int | None:
+    """Where ``text`` cannot be encoded as UTF-8 (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
 @dataclass
 class ChatRequest:
     model: str | None
@@ -56,18 +94,18 @@ class ChatRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_chat(body: Any, max_image_bytes: int, media_dir: Path | None) -> ChatRequest:
+def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     model = _typed(body, "model", str, None)
     n = _typed(body, "n", int, 1)
     if n != 1:
         raise bad(f"n={n}: this server returns one choice per request (n=1)", "n")
-    max_tokens = _typed(body, "max_completion_tokens", int, None)
-    if max_tokens is None:
-        max_tokens = _typed(body, "max_tokens", int, None)
-    if max_tokens is not None and max_tokens < 1:
-        raise bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    newer, older = _typed(body, "max_completion_tokens", int, None), _typed(body, "max_tokens", int, None)
+    for name, value in (("max_completion_tokens", newer), ("max_tokens", older)):  # both: a client may send both
+        if value is not None and value < 1:
+            raise bad(f"{name} must be at least 1, got {value}", name)
+    max_tokens = newer if newer is not None else older
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
@@ -118,7 +156,7 @@ def _article(kind: type) -> str:
     return {str: "a string", int: "an integer", bool: "a boolean"}.get(kind, kind.__name__)
 
 
-def _conversation(messages: list, max_image_bytes: int, media_dir: Path | None):
+def _conversation(messages: list, max_image_bytes: int, media_dir: MediaDir | None):
     """(system text or None, turns, image bytes or None, the turn the image is in): messages merged by role
     (two user messages in a row are one turn), the last one the user's."""
     system_parts: list[str] = []
@@ -160,7 +198,7 @@ def _conversation(messages: list, max_image_bytes: int, media_dir: Path | None):
     return ("\n".join(system_parts) or None), turns, image, image_turn
 
 
-def _content(content: Any, where: str, max_image_bytes: int, media_dir: Path | None) -> tuple[list[str], list[bytes]]:
+def _content(content: Any, where: str, max_image_bytes: int, media_dir: MediaDir | None) -> tuple[list[str], list[bytes]]:
     if isinstance(content, str):
         return [content], []
     if content is None:
@@ -189,8 +227,8 @@ def _content(content: Any, where: str, max_image_bytes: int, media_dir: Path | N
     return texts, images
 
 
-def read_image_url(url: str, where: str, max_image_bytes: int, media_dir: Path | None) -> bytes:
-    """A data: URL's bytes, or a file:// URL's inside ``media_dir``. Nothing is fetched from the network."""
+def read_image_url(url: str, where: str, max_image_bytes: int, media_dir: MediaDir | None) -> bytes:
+    """A data: URL's bytes, or a file:// URL's inside ``media_dir`` (media.py). Nothing is fetched from the network."""
     param = f"{where}.image_url"
     match = DATA_URL.match(url)
     if match:
@@ -205,13 +243,12 @@ def read_image_url(url: str, where: str, max_image_bytes: int, media_dir: Path |
     if url.startswith("file://"):
         if media_dir is None:
             raise bad(f"{param}: file:// URLs need the server started with --media-dir", param, "invalid_image_url")
-        path = Path(url[len("file://"):]).resolve()
-        if not path.is_relative_to(media_dir.resolve()) or not path.is_file():
-            raise bad(f"{param}: {url} is not a file inside the media folder", param, "invalid_image_url")
-        if path.stat().st_size > max_image_bytes:
-            raise ApiError(413, f"{param}: the image is over {max_image_bytes:,} bytes (--max-image-bytes)", param,
-                           "image_too_large")
-        return path.read_bytes()
+        try:
+            return media_dir.read(url, max_image_bytes)
+        except MediaError as e:
+            if e.too_large:
+                raise ApiError(413, f"{param}: {e}", param, "image_too_large") from None
+            raise bad(f"{param}: {e}", param, "invalid_image_url") from None
     if url.split(":", 1)[0].lower() in ("http", "https"):
         raise bad(f"{param}: this server does not fetch images from the network; send the image as a "
                   "data:image/...;base64, URL", param, "invalid_image_url")

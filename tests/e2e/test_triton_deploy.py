@@ -2,11 +2,13 @@
 it) and agrees with its graph, which is the bundle's byte for byte; deliberately broken configs are caught, by
 protobuf (unknown field, unknown enum name) or by our checks (wrong platform, dims or dtype that disagree with
 the graph, a name that is not the folder's); LLaVA-Mini gets its three graphs; nothing else in the repository
-is touched."""
+is touched; --force replaces only a model folder deploy wrote, whose files get the umask's modes."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -126,3 +128,86 @@ def test_llava_mini_gets_its_three_graphs(mini, tmp_path):
         role = folder.name.removeprefix(manifest.name + "_")
         part = manifest.vision[0].parts[role]
         assert sha(folder / "1" / "model.onnx") == next(f.sha256 for f in manifest.files if f.path == part)
+
+
+# -- --force replaces only what deploy wrote (its marker, nothing unlisted); folders with the umask's modes -----
+MODEL = "shapes-demo-checkpoint_vision"
+
+
+def refused(capsys, args, *needles) -> str:
+    assert main(["deploy", "triton", str(DEMO), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.mark.timeout(120)
+def test_force_keeps_a_users_file_and_an_extra_version_folder(tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["deploy", "triton", str(DEMO), "--out", str(out)]) == 0
+    notes = out / MODEL / "MY_NOTES.txt"
+    notes.write_text("mine")
+    graph = sha(out / MODEL / "1" / "model.onnx")
+    refused(capsys, ["--out", str(out), "--force", "--gpu"], str(out / MODEL), "'MY_NOTES.txt'")
+    assert notes.read_text() == "mine" and sha(out / MODEL / "1" / "model.onnx") == graph
+    assert "KIND_CPU" in (out / MODEL / "config.pbtxt").read_text()  # not replaced at all
+    notes.unlink()
+    (out / MODEL / "2").mkdir()
+    (out / MODEL / "2" / "model.onnx").write_bytes(b"a user's other version")
+    refused(capsys, ["--out", str(out), "--force"], str(out / MODEL), "'2'")
+    assert (out / MODEL / "2" / "model.onnx").read_bytes() == b"a user's other version"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+@pytest.mark.timeout(120)
+def test_force_refuses_a_model_folder_deploy_did_not_write(tmp_path, capsys):
+    out = tmp_path / "repo"
+    (out / MODEL / "1").mkdir(parents=True)
+    (out / MODEL / "config.pbtxt").write_text("someone's own config")
+    refused(capsys, ["--out", str(out), "--force"], str(out / MODEL), ".convllava-edge-deploy.json")
+    assert (out / MODEL / "config.pbtxt").read_text() == "someone's own config"
+    (out / MODEL / "config.pbtxt").unlink()
+    (out / MODEL / "1").rmdir()
+    (out / MODEL).rmdir()
+    (out / MODEL).symlink_to(tmp_path)
+    refused(capsys, ["--out", str(out), "--force"], str(out / MODEL), "symbolic link")
+
+
+@pytest.mark.timeout(120)
+def test_force_replaces_our_own_earlier_deployment(tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["deploy", "triton", str(DEMO), "--out", str(out)]) == 0
+    (out / MODEL / "config.pbtxt").unlink()  # a damaged deployment: replacing it is what --force is for
+    assert main(["deploy", "triton", str(DEMO), "--out", str(out), "--force", "--gpu"]) == 0
+    assert "KIND_GPU" in (out / MODEL / "config.pbtxt").read_text()
+    assert main(["deploy", "triton", str(DEMO), "--out", str(out), "--force"]) == 0
+    assert "KIND_CPU" in (out / MODEL / "config.pbtxt").read_text()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    check_model(out / MODEL)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask022", "umask027"])
+def test_model_folders_get_the_modes_of_the_umask(tmp_path, mask, dir_mode, file_mode):
+    previous = os.umask(mask)
+    try:
+        (folder,) = deploy_triton(DEMO, tmp_path / "repo")
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert modes == {".": dir_mode, "1": dir_mode, "1/model.onnx": file_mode, "config.pbtxt": file_mode,
+                     ".convllava-edge-deploy.json": file_mode}, {k: oct(v) for k, v in modes.items()}
+
+
+@pytest.mark.timeout(60)
+def test_a_file_where_a_repository_should_be_is_one_line(tmp_path, capsys):
+    file = tmp_path / "repo.txt"
+    file.write_text("not a repository")
+    refused(capsys, ["--out", str(file)], str(file), "not a folder")
+    assert main(["deploy", "check", str(file)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(file) in err and "not a folder" in err, err
+    assert file.read_text() == "not a repository"
