@@ -140,14 +140,14 @@ def check_output_file(path: Path, what: str = "") -> os.stat_result | None:
     except FileNotFoundError:
         info = None
     except OSError as e:  # ENOTDIR (a file used as a folder), ELOOP, EACCES
-        raise ConvLlavaEdgeError(f"{shown}: cannot use this path: {e.strerror or e}") from None
+        raise ConfigError(f"{shown}: cannot use this path: {e.strerror or e}") from None
     if info is not None:
         if not stat.S_ISREG(info.st_mode):
-            raise ConvLlavaEdgeError(f"{shown} is {_kind(info.st_mode)}; expected a regular file or a new name")
+            raise ConfigError(f"{shown} is {_kind(info.st_mode)}; expected a regular file or a new name")
         return info
     parent = Path(os.path.realpath(path)).parent
     if not parent.is_dir():
-        raise ConvLlavaEdgeError(f"{shown}: folder {Path(path).parent} does not exist")
+        raise ConfigError(f"{shown}: folder {Path(path).parent} does not exist")
     return None
 
 
@@ -162,7 +162,7 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], None], what: s
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     except OSError as e:
-        raise ConvLlavaEdgeError(f"{shown}: cannot write in {target.parent}: {e.strerror or e}") from None
+        raise ConfigError(f"{shown}: cannot write in {target.parent}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # mkstemp's 0600 otherwise
@@ -173,7 +173,7 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], None], what: s
         os.replace(tmp, target)
     except OSError as e:
         os.unlink(tmp)
-        raise ConvLlavaEdgeError(f"{shown}: cannot write: {e.strerror or e}") from None
+        raise ConfigError(f"{shown}: cannot write: {e.strerror or e}") from None
     except BaseException:
         os.unlink(tmp)
         raise

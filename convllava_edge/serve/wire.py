@@ -49,7 +49,7 @@ def check_json(value: Any) -> None:
     MAX_JSON_DEPTH, anywhere in a parsed body. JSON's ``"\\ud800"`` parses to a lone surrogate, which no
     encoder takes: checked here once, before any parser, so that every text field (system prompts and
     Ollama's prompt included) is refused alike. Iterative: the walk itself cannot exceed the recursion limit."""
-    stack = [(value, "", 0)]
+    stack = [(value, "", 1)]  # the body itself is level 1
     while stack:
         item, where, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:

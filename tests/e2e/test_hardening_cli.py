@@ -7,7 +7,10 @@ address-space limit and a timeout (hardening_util.cli); the rest call ``main`` i
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -245,13 +248,13 @@ def test_onnx_runtime_failing_at_run_time_is_one_line(tmp_path):
 def test_memory_error_and_unexpected_errors_are_one_line(monkeypatch, capsys):
     import convllava_edge.cli.main as cli_main
 
-    def boom(path):
+    def boom(*args):
         raise MemoryError()
 
     monkeypatch.setattr(cli_main, "_checked_image", boom)
     one_line(capsys, main(["ask", str(EXAMPLE), "?"]), "out of memory")
 
-    def bug(path):
+    def bug(*args):
         raise KeyError("surprise")
 
     monkeypatch.setattr(cli_main, "_checked_image", bug)
@@ -292,3 +295,39 @@ def test_stats_line_has_no_rate_for_a_one_token_answer(cache_dir):
     stats = run.err_lines[-1]
     assert "first token after" in stats and "tokens/s" not in stats, stats
     assert re.search(r"; [1-7] tokens?$", stats), stats  # the count, not a rate, below 8 tokens
+
+
+# -- issue 32, defect 5: encode --save writes exactly the path given, atomically -----------------------------
+@pytest.mark.timeout(120)
+def test_encode_save_writes_exactly_its_path(tmp_path, capsys):
+    target = tmp_path / "embeddings"  # no .npy: np.save(name) wrote embeddings.npy
+    assert main(["encode", str(EXAMPLE), "--model", str(DEMO_BUNDLE), "--save", str(target), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["saved"] == str(target) and f"written to {target}" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings"]
+    first = np.load(target)
+    assert first.ndim == 2 and first.dtype == np.float32
+    target.chmod(0o640)
+    assert main(["encode", str(EXAMPLE), "--model", str(DEMO_BUNDLE), "--save", str(target)]) == 0
+    assert (target.stat().st_mode & 0o777) == 0o640 and np.array_equal(np.load(target), first)  # replaced, mode kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings"]  # no temporary file left
+
+
+@pytest.mark.timeout(120)
+def test_encode_save_refuses_devices_folders_and_fifos_before_any_work(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo")
+    had_full_npy = os.path.exists("/dev/full.npy")
+    for bad, needle in (("/dev/full", "is a device"), (str(tmp_path), "is a folder"), (str(tmp_path / "fifo"), "is a FIFO")):
+        one_line(capsys, main(["encode", str(EXAMPLE), "--model", str(DEMO_BUNDLE), "--save", bad]), bad, needle)
+    assert os.path.exists("/dev/full.npy") == had_full_npy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+# -- issue 32, defect 13: chat with standard input closed -------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_chat_with_stdin_closed_is_one_line(cache_dir):
+    proc = subprocess.run(["bash", "-c", 'exec "$0" -m convllava_edge.cli.main chat "$1" <&-', sys.executable,
+                           str(EXAMPLE)], capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "CONVLLAVA_EDGE_CACHE": str(cache_dir)})
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "standard input is closed" in lines[0], proc.stderr
