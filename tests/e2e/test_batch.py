@@ -126,7 +126,7 @@ def test_a_killed_run_resumes_with_nothing_lost_repeated_or_torn(tmp_path):
     written = out.read_text().count("\n")
     assert 5 <= written < 40
     with open(out, "a") as f:  # what a kill inside a write would leave: a line without its end
-        f.write('{"image": "' + str(folder / "scene-039.png") + '", "question": "How many')
+        f.write('{"convllava_edge_batch": 1, "image": "' + str(folder / "scene-039.png") + '", "question": "How many')
     assert subprocess.run(command, env=env, timeout=180, stdout=subprocess.DEVNULL).returncode == 0
     rows = lines(out)
     assert sorted(r["image"] for r in rows) == sorted(str(p) for p in folder.glob("*.png"))  # each once
