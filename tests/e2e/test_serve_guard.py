@@ -1,7 +1,7 @@
 """serve's Host and Origin rules over raw HTTP (http.client, so that every header is the test's own): a web page may
 not drive the local server, a rebound name cannot read it, and the page at / and header-less clients keep working.
 Two real servers on loopback (the default rules; one with --allowed-hosts and --allowed-origins), each stopped by
-its PID. The non-loopback bind's rules are tested without binding one: tests/unit/test_serve_guard.py."""
+its PID. The non-loopback bind's rules are tested without binding one: tests/unit/test_serve_guard_rules.py."""
 
 from __future__ import annotations
 
