@@ -15,6 +15,8 @@ import subprocess
 import pytest
 
 from convllava_edge import native
+from convllava_edge.cache import ROOT_NAME
+from convllava_edge.native import RECORDS
 from convllava_edge.errors import BundleError
 
 from support.hardening_util import EXAMPLE, cli, copy_demo, gguf_of, patch_gguf_scalar
@@ -35,7 +37,7 @@ def test_a_probe_that_dies_from_sigill_means_ask_still_answers_and_says_so_once(
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "3"
     assert first.stderr.count(NOTICE) == 1, first.stderr
-    records = list((cache / "native-checks").glob("probe-*.json"))
+    records = list((cache / ROOT_NAME / RECORDS).glob("probe-*.json"))
     assert len(records) == 1
     saved = json.loads(records[0].read_text())
     assert saved["extra_bufts"] is False and saved["signal"] == "SIGILL"
@@ -56,7 +58,7 @@ def test_a_probe_that_dies_from_sigill_means_ask_still_answers_and_says_so_once(
 def test_a_clean_probe_leaves_the_choice_to_the_measured_plan(tmp_path):
     run = _ask(tmp_path / "cache", "--json")
     assert run.returncode == 0 and NOTICE not in run.stderr
-    saved = json.loads(next((tmp_path / "cache" / "native-checks").glob("probe-*.json")).read_text())
+    saved = json.loads(next((tmp_path / "cache" / ROOT_NAME / RECORDS).glob("probe-*.json")).read_text())
     assert saved["extra_bufts"] is True and saved["signal"] is None
     # the demo's Q4_K_M file: extra buffer types off with an AVX-512 build (measured slower), on otherwise
     answer = json.loads(run.stdout)
@@ -97,7 +99,7 @@ def test_trial_load_turns_a_llama_cpp_abort_into_one_line(tmp_path, monkeypatch)
     message = str(e.value)
     assert str(gguf) in message and "\n" not in message
     assert "SIGABRT" in message or "SIGSEGV" in message or "cannot load" in message
-    assert not list((tmp_path / "cache" / "native-checks").glob("trial-*.json"))  # a failure is not cached
+    assert not list((tmp_path / "cache" / ROOT_NAME / RECORDS).glob("trial-*.json"))  # a failure is not cached
 
 
 @pytest.mark.timeout(300)

@@ -40,3 +40,12 @@ def test_long_modules_state_why():
 
 def test_the_readme_map_matches_the_modules():
     assert layout.map_mismatches() == []
+
+
+def test_no_two_test_modules_share_a_name():
+    """pytest imports test modules by their basename (rootdir-relative packages are not used here): two of one
+    name in different tiers stop the whole collection of `pytest tests/` (it did, with test_serve_guard.py)."""
+    names: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
