@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convllava_edge.cache import EmbeddingCache
+from convllava_edge.cache import DiskCache
 from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.backends.llm_llamacpp import LlamaCppBackend
@@ -69,7 +69,7 @@ def ttft(bundle: Path, size: int, image: bytes, runs: int, threads: int | None) 
     """Cold (no cache: decode, preprocess, encode) and cache-hit (the disk cache, as a second `ask` finds
     it) time to first token, medians; ``image`` is an encoded file's bytes, as the CLI passes them."""
     with tempfile.TemporaryDirectory() as cache_dir:
-        model = Model(bundle, device="cpu", threads=threads, cache=EmbeddingCache(cache_dir))
+        model = Model(bundle, device="cpu", threads=threads, cache=DiskCache(cache_dir))
         model.images.preprocess_config = PreprocessConfig(image_size=size, crop_size=(size, size))  # same graph, another size
         options = AskOptions(max_tokens=1, sampling=SamplingOptions(temperature=0.0))
         store, model.cache = model.cache, None  # the cold series reads and writes no cache

@@ -12,7 +12,7 @@ def load(bundle=None, **kwargs):
     """Load a bundle for asking questions: ``convllava_edge.load("bundle/").ask("cat.jpg", "What is it?")``.
 
     With no bundle, the demo model shipped with the package. Keyword arguments: device ("auto",
-    "cpu", "cuda"), threads, vision_type, n_ctx, cache (True, False or an EmbeddingCache), vision_backend,
+    "cpu", "cuda"), threads, vision_type, n_ctx, cache (True, False or a cache.DiskCache), vision_backend,
     llm_backend ("llama.cpp" or "vllm") with llm_url (and llm_model) for a vLLM server.
     """
     from .model import load as _load

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .cache import EmbeddingCache
+from .cache import DiskCache
 from .errors import ConvLlavaEdgeError
 from .backends.base import SamplingOptions
 from .model import AskOptions, Model
@@ -37,7 +37,7 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
     (a Triton server for the graphs)."""
     with tempfile.TemporaryDirectory(prefix="convllava-bench-cache-") as cache_dir:
         model = Model(bundle, device=device, threads=threads, vision_type=vision_type,
-                      cache=EmbeddingCache(cache_dir), vision_backend=vision_backend, **(llm or {}))
+                      cache=DiskCache(cache_dir), vision_backend=vision_backend, **(llm or {}))
         options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature=0.0))
         store, model.cache = model.cache, None  # the cold series reads and writes no cache
         model.ask(image, question, options)  # warm-up: first-call allocations, page cache

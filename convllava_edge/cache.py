@@ -1,4 +1,4 @@
-"""On-disk, content-addressed cache of image embeddings and llama.cpp KV states.
+"""On-disk, content-addressed cache of image embeddings and llama.cpp KV states (``DiskCache``).
 
 Key: SHA-256 of the image's bytes, the preprocessing (config and aspect mode) and the vision
 graph's own SHA-256 from the manifest, so a different image, mode or graph can never hit.
@@ -148,8 +148,9 @@ def read_entry(f, size: int, max_bytes: int) -> np.ndarray:
     return value
 
 
-class EmbeddingCache:
-    """``get(key)`` / ``put(key, array)`` of numeric arrays by 64-hex key, under ``folder/ROOT_NAME``."""
+class DiskCache:
+    """``get(key)`` / ``put(key, array)`` of numeric arrays by 64-hex key, under ``folder/ROOT_NAME``: image
+    embeddings (embedding.py) and llama.cpp's KV states (kv_cache.py) alike, so one cap and one switch hold both."""
 
     def __init__(self, folder: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:

@@ -114,9 +114,9 @@ def vision_section() -> dict[str, Any]:
 
 
 def cache_section() -> dict[str, Any]:
-    from .cache import EmbeddingCache
+    from .cache import DiskCache
 
-    cache = EmbeddingCache()
+    cache = DiskCache()
     folder = cache.folder
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
     return {"folder": str(folder), "exists": folder.is_dir(), "writable": os.access(probe, os.W_OK),

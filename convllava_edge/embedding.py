@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .cache import EmbeddingCache, cache_key
+from .cache import DiskCache, cache_key
 from .errors import ConfigError
 from .families import Family, VisionEncoder
 from .image import open_image, read_image_bytes
@@ -46,7 +46,7 @@ class Embedded:
 
 class ImageEmbedder:
     def __init__(self, manifest: Manifest, family: Family, encoder: VisionEncoder, graph_sha: str,
-                 store: EmbeddingCache | None = None):
+                 store: DiskCache | None = None):
         self.manifest, self.family, self.encoder, self.graph_sha, self.store = manifest, family, encoder, graph_sha, store
         self.preprocess_config = PreprocessConfig.from_manifest(manifest.preprocess)
         self.memory: dict[str, np.ndarray] = {}  # vision outputs of recent images, by slot key
@@ -98,7 +98,7 @@ class ImageEmbedder:
 
     def _lookup(self, key: str, video: bool) -> np.ndarray | None:
         """From memory, else from the disk cache when the entry is an array this bundle makes (a miss
-        otherwise: the image is encoded again and the entry rewritten; EmbeddingCache.get already
+        otherwise: the image is encoded again and the entry rewritten; DiskCache.get already
         checked its checksum and that its values are finite)."""
         found = self.memory.get(key)
         if found is None and self.store is not None:

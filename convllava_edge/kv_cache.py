@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backends.base import LlmBackend
-from .cache import EmbeddingCache
+from .cache import DiskCache
 from .families import Family
 from .prompt import ImageSlot, Item, common_prefix, image_end, positions
 
@@ -54,7 +54,7 @@ def image_slot(items: Sequence[Item]) -> ImageSlot | None:
 class KvCache:
     """The record of one LLM sequence and the disk store of its reusable states."""
 
-    def __init__(self, llm: LlmBackend, family: Family, llm_sha: str, store: EmbeddingCache | None = None):
+    def __init__(self, llm: LlmBackend, family: Family, llm_sha: str, store: DiskCache | None = None):
         self.llm, self.family, self.llm_sha, self.store = llm, family, llm_sha, store
         self.items: list[Item] = []
 

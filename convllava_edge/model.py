@@ -18,7 +18,7 @@ from typing import Callable, Generator, Iterator, Sequence
 
 from .backends import LLM_BACKENDS, open_llm, open_vllm
 from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
-from .cache import EmbeddingCache
+from .cache import DiskCache
 from .decoding import Decoder
 from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput
 from .errors import BundleError, ConfigError, unknown_choice
@@ -88,13 +88,13 @@ class Model:
     """A loaded bundle. Not thread-safe: one conversation at a time per Model."""
 
     def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-                 vision_type: str | None = None, n_ctx: int | None = None, cache: EmbeddingCache | None | bool = True,
+                 vision_type: str | None = None, n_ctx: int | None = None, cache: DiskCache | None | bool = True,
                  kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
                  llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str | None = None,
                  progress: Callable[[str], None] | None = None, llm_options: dict | None = None,
                  llm_backend: str | None = None, llm_url: str | None = None, llm_model: str | None = None,
                  vision_url: str | None = None):
-        """``cache``: True (the default folder), an EmbeddingCache, or False/None (no disk cache).
+        """``cache``: True (the default folder), a DiskCache, or False/None (no disk cache).
         ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
         ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
         image's token budget, one position per byte of the rendered text, the answer) instead of the
@@ -132,7 +132,7 @@ class Model:
         hf_files = self.manifest.llm_hf.files if self.manifest.llm_hf else ()
         self._llm_sha = shas[self.manifest.llm.file] if llm_backend != "vllm" else \
             "+".join(shas[f] for f in hf_files if f.endswith(".safetensors"))
-        store = EmbeddingCache() if cache is True else (cache or None)
+        store = DiskCache() if cache is True else (cache or None)
         graph_sha = "+".join(shas[f] for f in self.vision_entry.files)  # every graph that shapes the cached rows
         precision = precision_of(self.vision_entry)
         if (self.vision_backend, precision) != ("onnxruntime", "fp32"):  # what ran them, where the result differs by it
@@ -146,8 +146,9 @@ class Model:
         else:
             self._open_llm = lambda: open_llm(
                 resolve_inside(self.bundle, self.manifest.llm.file), device, **{
-                    "threads": threads, "kv_f32": kv_f32, "n_ctx": self.context_bound(*context_for) if fitted else n_ctx,
-                    "n_ctx_cap": fitted, "sha256": shas[self.manifest.llm.file] if verify else None,
+                    "threads": threads, "kv_f32": kv_f32, "n_ctx": None if fitted else n_ctx,
+                    "n_ctx_max": self.context_bound(*context_for) if fitted else None,
+                    "sha256": shas[self.manifest.llm.file] if verify else None,
                     **(llm_options or {})})
         self.llm: LlmBackend | None = None
         if llm is not None or not defer_llm:
@@ -183,11 +184,11 @@ class Model:
         return self.images.preprocess_config
 
     @property
-    def cache(self) -> EmbeddingCache | None:
+    def cache(self) -> DiskCache | None:
         return self.images.store
 
     @cache.setter
-    def cache(self, store: EmbeddingCache | None) -> None:
+    def cache(self, store: DiskCache | None) -> None:
         """Swap the disk cache (None: none), for the embeddings and the KV states alike."""
         self.images.store = store
         if self.llm is not None:

@@ -143,9 +143,9 @@ def state_dir() -> Path:
     """Where verdicts are kept: inside the embedding cache's own marked folder (``$CONVLLAVA_EDGE_CACHE`` moves
     both), never beside it: that variable may name a folder of the user's (``/``, a home), where the tool writes
     nothing but its one tagged subfolder (cache.py)."""
-    from .cache import EmbeddingCache
+    from .cache import DiskCache
 
-    return EmbeddingCache().root / RECORDS
+    return DiskCache().root / RECORDS
 
 
 def read_record(name: str) -> dict | None:
@@ -159,9 +159,9 @@ def read_record(name: str) -> dict | None:
 def write_record(name: str, data: dict) -> None:
     """Atomic write; an unwritable cache, or a folder under the cache's name that is not ours, only means the
     check runs again next time."""
-    from .cache import EmbeddingCache
+    from .cache import DiskCache
 
-    if not EmbeddingCache().ensure_root():
+    if not DiskCache().ensure_root():
         return
     folder = state_dir()
     try:

@@ -25,7 +25,7 @@ ENTRY_POINT_GROUP = "convllava_edge.export_families"
 class ShippedVision:
     """One vision variant as the bundle ships it."""
 
-    variant: str  # fp32 | fp16 | int8
+    variant: str  # fp32 | fp16 | bf16 | int8
     files: list[Path]  # every file, the main graph first
     method: str  # how it was made, in words
     tensorrt_ready: bool
@@ -92,6 +92,11 @@ _loaded: list[bool] = []
 def register(family: ExportFamily) -> ExportFamily:
     _FAMILIES[family.name] = family
     return family
+
+
+def unregister(name: str) -> None:
+    """Forget the export family of this name (a test's, when it is done with it)."""
+    _FAMILIES.pop(name, None)
 
 
 def _load() -> None:

@@ -50,7 +50,7 @@ def compare_logits(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
 def sequence_logits(backend, items: Sequence[Item], embeds: dict[str, np.ndarray]) -> np.ndarray:
     """Logits at every text position after the first image, evaluating ``items`` from position 0.
 
-    ``backend`` is a convllava_edge.llm.LlamaCppBackend (any object with truncate, eval_tokens and
+    ``backend`` is a convllava_edge.backends.llm_llamacpp.LlamaCppBackend (any object with truncate, eval_tokens and
     eval_embeddings of the same meaning will do).
     """
     backend.truncate(0)

@@ -81,6 +81,9 @@ class ContextOverflowError(ConvLlavaEdgeError):
 
 
 MAX_TEMPERATURE = 100.0  # far past any useful value; inf and nan make every token equally likely or none
+# Seeds are in [0, SEED_LIMIT) everywhere (CLI, server, Python): llama.cpp's sampler takes a uint32_t and reads
+# 0xFFFFFFFF as "pick one at random". A wider seed masked to 32 bits made different seeds draw the same samples.
+SEED_LIMIT = (1 << 32) - 1
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,8 @@ class SamplingOptions:
             raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
-            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be an integer in [0, {SEED_LIMIT}), got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class LlamaCppBackend(LlamaVocab):
                  n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True,
                  trial: bool = True, sha256: str | None = None, extra_bufts: bool | None = None,
                  n_ubatch: int | None = None, kv_type: str | None = None, flash_attn: str = "auto",
-                 n_ctx_cap: bool = False, threads_batch: int | None = None):
+                 n_ctx_max: int | None = None, threads_batch: int | None = None):
         """``trial``: load the file in a child process first, the first time it is seen (see native.py);
         False only for files this process wrote itself. ``sha256``: the file's verified hash, if known.
         ``extra_bufts``: None lets the CPU-path probe decide; True/False forces llama.cpp's extra buffer
@@ -177,7 +177,7 @@ class LlamaCppBackend(LlamaVocab):
         ``kv_type``: the KV cache's type, one of KV_TYPES (default f16; ``kv_f32`` is kv_type="f32", the
         parity runs' choice). ``flash_attn``: one of FLASH_ATTN. The defaults are the ones
         benchmarks/llm_build_bench.py --sweep measured fastest (see RESULTS.md); ``settings`` says what ran.
-        ``n_ctx_cap``: ``n_ctx`` is an upper bound: the trained context when that is smaller.
+        ``n_ctx_max``: instead of ``n_ctx``, an upper bound: the trained context when that is smaller.
         ``threads_batch``: threads for prompt batches (default ``threads``, which then only decodes): ``serve``
         prefills one slot at a time on every core while each slot decodes on its share."""
         import llama_cpp
@@ -228,7 +228,7 @@ class LlamaCppBackend(LlamaVocab):
         self._models = [1]  # contexts open on self.model (fork): the last to close frees it
         self.kv_f32 = kv_type == "f32"  # f16 (the default) rounds keys and values
         self.settings = {"threads": threads or default_threads(), "threads_batch": threads_batch or threads or default_threads(),
-                         "n_ctx": min(n_ctx, self.n_ctx_train) if n_ctx and n_ctx_cap else (n_ctx or self.n_ctx_train),
+                         "n_ctx": min(n_ctx_max, self.n_ctx_train) if n_ctx_max else (n_ctx or self.n_ctx_train),
                          "n_batch": n_batch, "n_ubatch": n_ubatch, "kv_type": kv_type, "flash_attn": flash_attn,
                          "extra_bufts": extra_bufts, "extra_bufts_reason": self.extra_bufts_reason,
                          "weight_type": self.summary.weight_type, "n_gpu_layers": n_gpu_layers}
@@ -241,8 +241,8 @@ class LlamaCppBackend(LlamaVocab):
 
     def _open_context(self, quiet: bool = True) -> None:
         """A llama.cpp context on self.model, as ``settings`` say: its KV cache, batches and threads."""
-        l, s = self._l, self.settings
-        cparams = l.llama_context_default_params()
+        lib, s = self._l, self.settings
+        cparams = lib.llama_context_default_params()
         cparams.n_ctx = s["n_ctx"]
         cparams.n_batch, cparams.n_ubatch = s["n_batch"], s["n_ubatch"]
         cparams.n_threads, cparams.n_threads_batch = s["threads"], s["threads_batch"]
@@ -250,17 +250,17 @@ class LlamaCppBackend(LlamaVocab):
         cparams.flash_attn_type = FLASH_ATTN[s["flash_attn"]]
         log: list[str] = []
         with llama_log(log.append if quiet else print):
-            self.ctx = l.llama_init_from_model(self.model, cparams)
+            self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self._release_model()
             raise BundleError(f"{self.path}: llama.cpp could not create a context of {cparams.n_ctx} tokens")
-        self.n_ctx = l.llama_n_ctx(self.ctx)
+        self.n_ctx = lib.llama_n_ctx(self.ctx)
         self.settings["n_ctx"] = self.n_ctx
         self.n_batch = s["n_batch"]
         self.threads = s["threads"]
         self.n_past = 0
-        self._batch_tokens = l.llama_batch_init(self.n_batch, 0, 1)
-        self._batch_embd = l.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._batch_tokens = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._batch_embd = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
 
     def fork(self, threads: int | None = None, n_ctx: int | None = None,
              threads_batch: int | None = None) -> "LlamaCppBackend":
@@ -405,23 +405,23 @@ class Sampler:
 
     def __init__(self, backend: LlamaCppBackend, options: SamplingOptions):
         options.validate()
-        l = backend._l
-        self._l, self._ctx = l, backend.ctx
-        self.chain = l.llama_sampler_chain_init(l.llama_sampler_chain_default_params())
+        lib = self._lib = backend._l
+        self._ctx = backend.ctx
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if options.temperature == 0:
-            l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_greedy())
+            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_greedy())
         else:
             if options.top_p < 1:
-                l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_top_p(options.top_p, 1))
-            l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_temp(options.temperature))
-            l.llama_sampler_chain_add(self.chain, l.llama_sampler_init_dist(options.seed & 0xFFFFFFFF))
+                lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_top_p(options.top_p, 1))
+            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_temp(options.temperature))
+            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_dist(options.seed))  # < SEED_LIMIT
 
     def sample(self) -> int:
-        return self._l.llama_sampler_sample(self.chain, self._ctx, -1)
+        return self._lib.llama_sampler_sample(self.chain, self._ctx, -1)
 
     def __del__(self):
         try:
-            self._l.llama_sampler_free(self.chain)
+            self._lib.llama_sampler_free(self.chain)
         except Exception:
             pass
 

@@ -192,7 +192,7 @@ class VllmBackend:
         """See LlmBackend.generate. The whole sequence goes as prompt_embeds; each generated token joins it
         when the next is asked for; closing early closes the stream (vLLM then aborts the request)."""
         body = {"model": self.model, "prompt_embeds": _encode(np.concatenate(self._rows)), "max_tokens": max_tokens,
-                "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed % (1 << 63),
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
                 "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
         self.server_cached_tokens = None  # vLLM's prefix-cache figure for this request, when it reports one
         response = self._request("POST", "/v1/completions", body, stream=True)

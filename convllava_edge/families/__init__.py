@@ -27,6 +27,11 @@ def register(family: Family) -> Family:
     return family
 
 
+def unregister(name: str) -> None:
+    """Forget the family of this name (a test's, when it is done with it); nothing if none is registered."""
+    _FAMILIES.pop(name, None)
+
+
 def _load() -> None:
     global _loaded
     if _loaded:

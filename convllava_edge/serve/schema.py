@@ -10,10 +10,10 @@ accepts (tests/fuzz/test_fuzz_http_schema.py checks both directions on generated
 
 from __future__ import annotations
 
-from ..backends.base import MAX_TEMPERATURE
+from ..backends.base import MAX_TEMPERATURE, SEED_LIMIT
 from .wire import MAX_STOP
 
-SEED_MAX = (1 << 63) - 1  # wire.py: seed in [0, 2**63)
+SEED_MAX = SEED_LIMIT - 1  # wire.py: seed in [0, SEED_LIMIT)
 
 
 def _object(properties: dict, required: tuple[str, ...] = ()) -> dict:

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import MAX_TEMPERATURE, SamplingOptions
+from ..backends.base import MAX_TEMPERATURE, SEED_LIMIT, SamplingOptions
 from .media import MediaDir, MediaError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -113,8 +113,8 @@ def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> C
     if not 0 < top_p <= 1:
         raise bad(f"top_p must be in (0, 1], got {top_p}", "top_p")
     seed = _typed(body, "seed", int, None)
-    if seed is not None and not 0 <= seed < 1 << 63:
-        raise bad(f"seed must be in [0, 2**63), got {seed}", "seed")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise bad(f"seed must be in [0, {SEED_LIMIT}), got {seed} (llama.cpp's seeds are 32-bit)", "seed")
     stop = body.get("stop")
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
     if stops is None or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
@@ -129,7 +129,7 @@ def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> C
         raise bad("messages must be a non-empty list", "messages")
     system, turns, image, image_turn = _conversation(messages, max_image_bytes, media_dir)
     sampling = SamplingOptions(temperature=temperature, top_p=top_p,
-                               seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+                               seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little") % SEED_LIMIT)
     return ChatRequest(model, turns, image, image_turn, system, max_tokens, sampling, stops, stream, include_usage)
 
 

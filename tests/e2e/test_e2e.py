@@ -1,7 +1,7 @@
 """End to end: export -> ask/chat, token-exact against the transformers reference pipeline.
 
 The bundle under test: F32 GGUF + fp32 ONNX from the tiny bf16 .bin checkpoint. The reference
-(tests/reference.py) never touches convllava_edge's runtime. Exactness holds with llama.cpp's
+(tests/support/reference.py) never touches convllava_edge's runtime. Exactness holds with llama.cpp's
 default F16 KV cache on these peaky tiny models; ``ask`` runs exactly as a user runs it.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import convllava_edge
-from convllava_edge.cache import EmbeddingCache
+from convllava_edge.cache import DiskCache
 from convllava_edge.cli.main import main
 from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.export.probe_images import probe_images
@@ -132,7 +132,7 @@ def test_cache_hit_skips_the_encoder_and_gives_the_same_answer(f32_bundle, image
     assert warm["timings"]["encode_ms"] == 0.0 and cold["timings"]["encode_ms"] > 0
     assert warm["token_ids"] == cold["token_ids"]
     # the embeddings, the KV state up to the image, and the KV state of the text before it (the system prompt)
-    assert EmbeddingCache(cache_dir).entries() == 3
+    assert DiskCache(cache_dir).entries() == 3
     assert cold["n_evaluated"] == cold["n_prompt_positions"]
     assert warm["n_evaluated"] < warm["n_prompt_positions"] - warm["n_image_tokens"]
     native = _ask_json(capsys, *args, "--aspect", "native")  # another preprocessing is another key
@@ -173,7 +173,7 @@ def _positions_before_image(bundle) -> int:
 
 
 def test_cache_evicts_least_recently_used(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=3 * 4096 + 3 * 128)  # room for three 1024-float arrays
+    cache = DiskCache(tmp_path, max_bytes=3 * 4096 + 3 * 128)  # room for three 1024-float arrays
     arrays = {f"{i:064x}": np.full((1, 1024), i, dtype=np.float32) for i in range(4)}
     for n, (key, value) in enumerate(arrays.items()):
         cache.put(key, value)
@@ -184,8 +184,8 @@ def test_cache_evicts_least_recently_used(tmp_path):
 
 
 def test_cache_survives_concurrent_writers(tmp_path):
-    code = ("import sys, numpy as np\nfrom convllava_edge.cache import EmbeddingCache\n"
-            "c = EmbeddingCache(sys.argv[1], max_bytes=200_000)\n"
+    code = ("import sys, numpy as np\nfrom convllava_edge.cache import DiskCache\n"
+            "c = DiskCache(sys.argv[1], max_bytes=200_000)\n"
             "for i in range(60):\n    c.put(f'{i % 7:064x}', np.full((1, 2048), i % 7, np.float32))\n"
             "    v = c.get(f'{(i + 3) % 7:064x}')\n    assert v is None or (v == (i + 3) % 7).all()\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(3)]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convllava_edge.cache import EmbeddingCache
+from convllava_edge.cache import DiskCache
 from convllava_edge.default_model import DEMO_BUNDLE
 from convllava_edge.cli.main import main
 from convllava_edge.errors import BundleError, ConfigError
@@ -111,8 +111,8 @@ def test_manifest_preprocess_sizes_are_bounded(demo_copy, tmp_path, capsys):
 @pytest.mark.timeout(300)
 def test_cached_embeddings_of_the_wrong_shape_are_misses(tmp_path):
     """Entries with a valid checksum but a shape this bundle never makes (the cache itself refuses
-    NaN and damaged entries: tests/test_hardening_cache_image.py)."""
-    cache = EmbeddingCache(tmp_path / "cache")
+    NaN and damaged entries: tests/unit/test_hardening_cache_image.py)."""
+    cache = DiskCache(tmp_path / "cache")
     model = Model(DEMO := copy_demo(tmp_path / "b"), cache=cache, device="cpu")
     truth = model.ask(EXAMPLE, "How many shapes are there?", GREEDY)
     assert truth.text == "3" and not truth.cache_hit

@@ -39,7 +39,9 @@ def toy_bundle(tmp_path_factory):
                  "--llm-type", "Q8_0"]) == 0
     image = root / "picture.png"
     Image.new("RGB", (80, 60), (200, 30, 40)).save(image)
-    return out, image
+    yield out, image
+    families.unregister(toy_family.FAMILY.name)  # this module's family: no other module sees it
+    export_families.unregister(toy_family_export.FAMILY.name)
 
 
 def test_the_toy_family_needed_only_its_two_files():

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from convllava_edge.cache import EmbeddingCache
+from convllava_edge.cache import DiskCache
 from convllava_edge.errors import ConfigError, ImageError
 from convllava_edge.image import open_image
 from convllava_edge.preprocess import ASPECTS, PreprocessConfig, preprocess
@@ -86,7 +86,7 @@ def test_mutated_image_files_give_pixels_or_one_clear_error(seed, mutations, asp
 
 
 def _stored(tmp_path_factory):
-    cache = EmbeddingCache(tmp_path_factory.mktemp("fuzz-cache"), max_bytes=1 << 20)
+    cache = DiskCache(tmp_path_factory.mktemp("fuzz-cache"), max_bytes=1 << 20)
     values = [np.linspace(-3, 3, 2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8),
               np.arange(300, dtype=np.uint8) * 7 % 251]
     entries = []

@@ -1,6 +1,6 @@
 """LLaVA-Mini: parity of the three graphs and of whole answers with the official data flow.
 
-Reference: tests/reference_mini.py (transformers' CLIPVisionModel and LlamaDecoderLayer, torch's
+Reference: tests/support/reference_mini.py (transformers' CLIPVisionModel and LlamaDecoderLayer, torch's
 nn.MultiheadAttention, the checkpoint's chat template through a transformers tokenizer). Tolerance
 for the graphs: 1e-4 of each output's scale (fp32; only summation order differs). Answers:
 token-exact with an F32 GGUF and fp32 graphs, greedy.
@@ -127,7 +127,7 @@ def test_video_gives_one_token_per_frame_and_matches(model, reference, tmp_path)
     from convllava_edge.video import read_frames
     sampled, _ = read_frames(gif, model.preprocess_config.image_size)
     assert_token_exact(answer.token_ids, reference, sampled, [("What happens?", None)])
-    assert isinstance(text, str)
+    assert text == answer.text  # the streamed pieces are the answer, whole
 
 
 @pytest.mark.parametrize("text", ["Hello world", " leading space", "double  space", "\nnewline first",

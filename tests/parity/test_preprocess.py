@@ -3,7 +3,7 @@
 Reference: transformers' PIL-backed CLIPImageProcessor (``CLIPImageProcessorPil``; in transformers 5
 the class named ``CLIPImageProcessor`` is the torchvision one, and the official code ran the PIL
 path), loaded from the tower's own preprocessor_config.json, applied after llava's expand2square as
-written out in tests/reference.py from llava/mm_utils.py. Tolerance 1e-6 absolute on normalized pixels.
+written out in tests/support/reference.py from llava/mm_utils.py. Tolerance 1e-6 absolute on normalized pixels.
 """
 
 from __future__ import annotations

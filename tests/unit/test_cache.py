@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from convllava_edge.cache import EmbeddingCache, cache_key
+from convllava_edge.cache import DiskCache, cache_key
 
 IMAGE = "1" * 64  # SHA-256 of the image's bytes
 PREPROCESS = {"image_size": 256, "crop_size": [256, 256], "stride": 64}
@@ -47,10 +47,10 @@ def _key(i: int) -> str:
 
 
 def test_a_put_past_the_cap_evicts_the_least_recently_used(tmp_path):
-    probe = EmbeddingCache(tmp_path / "probe")
+    probe = DiskCache(tmp_path / "probe")
     probe.put(_key(0), ROWS)
     entry = probe.size_bytes()  # header + data of one entry
-    cache = EmbeddingCache(tmp_path, max_bytes=2 * entry + entry // 2)  # room for two entries
+    cache = DiskCache(tmp_path, max_bytes=2 * entry + entry // 2)  # room for two entries
     for i in range(2):
         cache.put(_key(i), ROWS + i)
         os.utime(cache._path(_key(i)), (1000 + i, 1000 + i))  # _key(0) is the oldest
@@ -61,14 +61,14 @@ def test_a_put_past_the_cap_evicts_the_least_recently_used(tmp_path):
 
 
 def test_an_array_larger_than_the_cap_is_not_stored(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=ROWS.nbytes)  # the header does not fit as well
+    cache = DiskCache(tmp_path, max_bytes=ROWS.nbytes)  # the header does not fit as well
     cache.put(_key(0), ROWS)
     assert cache.get(_key(0)) is None and cache.entries() == 0
 
 
 @pytest.mark.parametrize("damage", ["flip a data bit", "truncate"])
 def test_a_corrupt_entry_is_a_miss_and_the_next_put_rewrites_it(tmp_path, damage):
-    cache = EmbeddingCache(tmp_path)
+    cache = DiskCache(tmp_path)
     cache.put(_key(0), ROWS)
     path = cache._path(_key(0))
     data = bytearray(path.read_bytes())

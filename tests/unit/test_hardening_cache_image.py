@@ -31,7 +31,7 @@ from PIL import Image
 from convllava_edge import cache as cache_mod
 from convllava_edge import image as image_mod
 from convllava_edge import preprocess as preprocess_mod
-from convllava_edge.cache import EmbeddingCache
+from convllava_edge.cache import DiskCache
 from convllava_edge.errors import ConfigError, ImageError
 from convllava_edge.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, open_image, read_image_bytes
 from convllava_edge.preprocess import MAX_IMAGE_SIDE, PreprocessConfig, preprocess
@@ -50,7 +50,7 @@ def _png(size=(16, 12), mode="RGB") -> bytes:
 # -- the cache deletes only its own entries ------------------------------------------------------------
 @pytest.mark.timeout(30)
 def test_users_files_survive_eviction_in_the_folder_and_in_the_owned_subfolder(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     for key in KEYS[:3]:
         cache.put(key, EMBEDS)
     user = {  # what a user may keep where $CONVLLAVA_EDGE_CACHE points, including names close to ours
@@ -76,7 +76,7 @@ def test_users_files_survive_eviction_in_the_folder_and_in_the_owned_subfolder(t
 
 @pytest.mark.timeout(30)
 def test_a_symlink_named_like_an_entry_is_neither_followed_nor_deleted(tmp_path):
-    cache = EmbeddingCache(tmp_path / "cache", max_bytes=10**9)
+    cache = DiskCache(tmp_path / "cache", max_bytes=10**9)
     cache.put(KEYS[0], EMBEDS)
     victim = tmp_path / "precious.bin"
     victim.write_bytes(b"x" * 4096)
@@ -90,7 +90,7 @@ def test_a_symlink_named_like_an_entry_is_neither_followed_nor_deleted(tmp_path)
 
 @pytest.mark.timeout(30)
 def test_the_owned_subfolder_carries_a_cachedir_tag_and_nothing_is_deleted_without_it(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[0], EMBEDS)
     tag = (cache.root / "CACHEDIR.TAG").read_bytes()
     assert tag.startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
@@ -109,7 +109,7 @@ def test_a_users_folder_with_our_subfolders_name_is_never_written_or_emptied(tmp
     theirs = tmp_path / cache_mod.ROOT_NAME
     theirs.mkdir()
     (theirs / f"{KEYS[0]}.cle").write_bytes(b"someone else's file")
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[1], EMBEDS)
     cache.max_bytes = 0
     assert cache.evict() == 0
@@ -119,7 +119,7 @@ def test_a_users_folder_with_our_subfolders_name_is_never_written_or_emptied(tmp
 
 @pytest.mark.timeout(30)
 def test_a_temporary_file_left_by_a_dead_writer_is_cleaned_only_when_stale(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[0], EMBEDS)
     stale, fresh = cache.root / f".{KEYS[1]}.abc_1234.tmp", cache.root / f".{KEYS[2]}.xyz_5678.tmp"
     for path in (stale, fresh):
@@ -133,7 +133,7 @@ def test_a_temporary_file_left_by_a_dead_writer_is_cleaned_only_when_stale(tmp_p
 # -- round trips, sizes ----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_entries_round_trip_exactly_and_are_counted(tmp_path):
-    cache = EmbeddingCache(tmp_path / "new", max_bytes=10**9)
+    cache = DiskCache(tmp_path / "new", max_bytes=10**9)
     assert cache.entries() == 0 and cache.size_bytes() == 0
     assert not cache.folder.exists()  # asking the size creates nothing
     rng = np.random.default_rng(0)
@@ -156,7 +156,7 @@ def test_entries_round_trip_exactly_and_are_counted(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_a_hit_makes_an_entry_recent_so_eviction_takes_another(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     for key in KEYS[:3]:
         cache.put(key, EMBEDS)
     for i, key in enumerate(KEYS[:3]):
@@ -209,7 +209,7 @@ DAMAGE = ["empty", "truncated", "flipped data byte", "flipped header byte", "ext
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_a_damaged_entry_is_a_miss_removed_and_rewritten_by_the_next_put(tmp_path, kind):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[0], EMBEDS)
     path = cache._path(KEYS[0])
     path.write_bytes(_damage(kind, path.read_bytes()))
@@ -222,7 +222,7 @@ def test_a_damaged_entry_is_a_miss_removed_and_rewritten_by_the_next_put(tmp_pat
 @pytest.mark.timeout(30)
 def test_only_the_header_and_data_written_together_are_accepted(tmp_path):
     # The control for the damage cases: an entry written by hand the documented way is a hit.
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[1], EMBEDS)  # creates the root
     value = np.arange(12, dtype=np.uint8).reshape(3, 4)
     cache._path(KEYS[0]).write_bytes(cache_mod.entry_header(value) + value.tobytes())
@@ -232,7 +232,7 @@ def test_only_the_header_and_data_written_together_are_accepted(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_a_read_only_cache_still_hits(tmp_path, monkeypatch):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[0], EMBEDS)
 
     def refuse(*args, **kwargs):
@@ -244,15 +244,15 @@ def test_a_read_only_cache_still_hits(tmp_path, monkeypatch):
     cache.root.chmod(0o555)  # also for real (as root, permissions do not stop writes: the monkeypatch above does)
     cache._path(KEYS[0]).chmod(0o444)
     try:
-        assert np.array_equal(EmbeddingCache(tmp_path).get(KEYS[0]), EMBEDS)
-        EmbeddingCache(tmp_path).put(KEYS[1], EMBEDS)  # skipped silently when the folder refuses it
+        assert np.array_equal(DiskCache(tmp_path).get(KEYS[0]), EMBEDS)
+        DiskCache(tmp_path).put(KEYS[1], EMBEDS)  # skipped silently when the folder refuses it
     finally:
         cache.root.chmod(0o755)
 
 
 @pytest.mark.timeout(30)
 def test_a_full_disk_on_put_is_skipped_silently_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     cache.put(KEYS[0], EMBEDS)
 
     def full(*args, **kwargs):
@@ -266,7 +266,7 @@ def test_a_full_disk_on_put_is_skipped_silently_and_leaves_no_temporary_file(tmp
 
 @pytest.mark.timeout(30)
 def test_a_non_finite_array_is_not_cached(tmp_path):
-    cache = EmbeddingCache(tmp_path, max_bytes=10**9)
+    cache = DiskCache(tmp_path, max_bytes=10**9)
     value = EMBEDS.copy()
     value[0, 0] = np.inf
     cache.put(KEYS[0], value)

@@ -13,11 +13,11 @@ import pytest
 
 from convllava_edge.backends import open_llm, open_vision_backend
 from convllava_edge.backends.base import SamplingOptions
-from convllava_edge.cache import EmbeddingCache
+from convllava_edge.cache import DiskCache
 from convllava_edge.decoding import Decoder
 from convllava_edge.default_model import DEMO_BUNDLE
 from convllava_edge.errors import BundleError, ConfigError
-from convllava_edge.families import Family, family_for, known, register
+from convllava_edge.families import Family, family_for, known, register, unregister
 from convllava_edge.families.convllava import ConvLlava
 from convllava_edge.families.llava_mini import LlavaMini
 from convllava_edge.kv_cache import KvCache
@@ -57,7 +57,12 @@ def test_a_manifest_of_an_unknown_family_is_refused_and_of_a_registered_one_acce
         graphs = {"vision": (["pixel_values"], ["image_embeds"])}
 
     register(Toy())
-    assert Manifest.from_dict(data).family == "toy-seams"
+    try:
+        assert Manifest.from_dict(data).family == "toy-seams"
+    finally:
+        unregister("toy-seams")  # registered for this test only: no later test sees it
+    with pytest.raises(BundleError, match="unknown family 'toy-seams'"):
+        Manifest.from_dict(data)
 
 
 def test_a_family_with_a_graph_the_entry_lacks_is_refused():
@@ -162,7 +167,7 @@ def test_kv_cache_without_kv_reuse_evaluates_every_prompt_whole():
 
 
 def test_kv_states_on_disk_start_a_new_process_after_the_image_and_need_save_state(tmp_path):
-    store = EmbeddingCache(tmp_path)
+    store = DiskCache(tmp_path)
     KvCache(FakeLlm(), family_for("convllava"), "sha", store).prefill(items_with("a", "Q1"), ROWS)
     fresh = FakeLlm()
     assert KvCache(fresh, family_for("convllava"), "sha", store).prefill(items_with("a", "Q2"), ROWS) == 2
@@ -175,7 +180,7 @@ def test_kv_states_on_disk_start_a_new_process_after_the_image_and_need_save_sta
 
 # -- Model over the LLM-backend interface ---------------------------------------------------------
 def demo_model(llm: FakeLlm, tmp_path) -> Model:
-    return Model(DEMO_BUNDLE, device="cpu", threads=1, cache=EmbeddingCache(tmp_path), llm=llm)
+    return Model(DEMO_BUNDLE, device="cpu", threads=1, cache=DiskCache(tmp_path), llm=llm)
 
 
 @pytest.mark.parametrize("capabilities", [FULL, NONE], ids=["every capability", "none (a vLLM server)"])

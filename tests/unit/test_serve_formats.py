@@ -66,3 +66,22 @@ def test_the_published_image_token_rule():
     assert image_token_rule(manifest("crop", stride=14, square=576, compressed=1))["per_image"] == 1
     native = image_token_rule(manifest("native", stride=64, square=144))
     assert "per_image" not in native and native["budget"] == 768 * 768 and native["stride"] == 64
+
+
+def test_one_seed_range_everywhere():
+    """llama.cpp's sampler seed is 32-bit (0xFFFFFFFF: random); seeds past it were masked, so s and s + 2**32 drew
+    the same samples. Now the CLI's options, Python's and the server's all accept [0, SEED_LIMIT) and no more."""
+    from convllava_edge.backends.base import SEED_LIMIT, SamplingOptions
+    from convllava_edge.errors import ConfigError
+    from convllava_edge.serve.wire import parse_chat
+
+    SamplingOptions(0.5, 1.0, SEED_LIMIT - 1).validate()
+    for seed in (SEED_LIMIT, 2**32, 2**40, -1, True):
+        with pytest.raises(ConfigError, match="seed must be an integer"):
+            SamplingOptions(0.5, 1.0, seed).validate()
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat({**body, "seed": SEED_LIMIT - 1}, 1 << 20, None).sampling.seed == SEED_LIMIT - 1
+    with pytest.raises(ApiError, match="seed must be in") as caught:
+        parse_chat({**body, "seed": 2**32 + 5}, 1 << 20, None)
+    assert caught.value.param == "seed"
+    assert 0 <= parse_chat(body, 1 << 20, None).sampling.seed < SEED_LIMIT  # the server's own random seed
