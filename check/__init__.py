@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..families import family_for
 from ..manifest import load_manifest
-from ..preprocess import PreprocessConfig, preprocess
+from ..preprocess import preprocess
 from ..prompt import template_from_dict
 from .inputs import CheckInputs, CheckQuestion, default_inputs, exact_match, load_inputs
 from ..manifest import MANIFEST_NAME
@@ -72,11 +72,11 @@ def run_check(bundle: Path, inputs: CheckInputs, reference_path: Path | None = N
     if manifest.llm is None or manifest.template is None:
         raise ConfigError(f"{bundle}: bundle has no LLM")
     reference = open_reference(reference_path, threads, vision_tower)
-    config = PreprocessConfig.from_manifest(manifest.preprocess)
+    config = manifest.preprocess
     ctx = Context(bundle=bundle, manifest=manifest, family=family_for(manifest.family),
                   template=template_from_dict(manifest.template), inputs=inputs, reference=reference,
                   thresholds=gates if gates is not None else parse_gates([]), threads=threads, progress=progress,
-                  pixels={name: preprocess(image, config, manifest.preprocess.get("aspect", "pad"))
+                  pixels={name: preprocess(image, config, config.aspect)
                           for name, image in inputs.images.items()})
     result = CheckResult(bundle=str(bundle), reference={"kind": reference.kind, "path": str(reference_path or bundle)},
                          inputs={"source": inputs.source, "n_images": len(inputs.images),

@@ -141,16 +141,16 @@ def encode_cmd(
     from ..image import open_image
     from ..manifest import load_manifest
     from ..files import check_output_file, write_file_atomically
-    from ..preprocess import PreprocessConfig, preprocess, size_check
+    from ..preprocess import preprocess, size_check
     from ..vision import choose_vision
 
     if save is not None:
         check_output_file(save, "--save")  # a folder, a device, a FIFO: refused before any work
     manifest = load_manifest(model)
     manifest.vision_entry(vision_type)  # an unknown type fails before any work
-    config = PreprocessConfig.from_manifest(manifest.preprocess)
+    config = manifest.preprocess
     t0 = time.perf_counter()
-    aspect = aspect or manifest.preprocess["aspect"]
+    aspect = aspect or config.aspect
     pixels = preprocess(open_image(image, fits=size_check(config, aspect)), config, aspect)
     t1 = time.perf_counter()
     choice, encoder = choose_vision(model, manifest, vision_type, device, threads, vision_backend,
@@ -319,12 +319,11 @@ def _size_check(model: Optional[Path], aspect: Optional[str]):
     model's own error comes when it loads)."""
     from ..default_model import default_bundle
     from ..manifest import load_manifest
-    from ..preprocess import PreprocessConfig, size_check
+    from ..preprocess import size_check
 
     try:
         manifest = load_manifest(model or default_bundle(), verify=False)
-        return size_check(PreprocessConfig.from_manifest(manifest.preprocess),
-                          aspect or manifest.preprocess.get("aspect", "pad"))
+        return size_check(manifest.preprocess, aspect or manifest.preprocess.aspect)
     except ConvLlavaEdgeError:
         return None
 

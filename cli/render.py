@@ -209,10 +209,11 @@ def info_lines(manifest, runs_on: dict[str, list[str]], choice: dict | None):
     from ..vision import cosines, within_gate
 
     yield f"[bold]{escape(manifest.name)}[/] ({escape(manifest.family)}, {escape(manifest.created_with)})"
-    pre = manifest.preprocess
-    yield (f"image: {pre['crop_size'][0]}x{pre['crop_size'][1]} {pre['aspect']} -> "
-           f"{manifest.tokens_per_image['square']} tokens of width {manifest.n_embd} "
-           f"(rule {manifest.tokens_per_image['rule']})")
+    pre, tokens = manifest.preprocess, manifest.tokens_per_image
+    count = tokens.compressed or tokens.square
+    yield (f"image: {pre.crop_size[0]}x{pre.crop_size[1]} {pre.aspect} -> "
+           f"{count if count is not None else 'up to the budget of'} tokens of width {manifest.n_embd}"
+           + (f" (rule {escape(tokens.rule)})" if tokens.rule else ""))
     if manifest.tower:  # the architecture as exported (depths and widths, projector; CLIP width, compressor)
         yield "vision architecture: " + escape(", ".join(f"{k} {v}" for k, v in manifest.tower.items()))
     for entry in manifest.vision:

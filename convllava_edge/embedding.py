@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .families import Family, VisionEncoder
 from .image import open_image, read_image_bytes
 from .manifest import Manifest
-from .preprocess import PreprocessConfig, preprocess, size_check
+from .preprocess import preprocess, size_check
 from .prompt import ImageSlot
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -48,14 +48,14 @@ class ImageEmbedder:
     def __init__(self, manifest: Manifest, family: Family, encoder: VisionEncoder, graph_sha: str,
                  store: DiskCache | None = None):
         self.manifest, self.family, self.encoder, self.graph_sha, self.store = manifest, family, encoder, graph_sha, store
-        self.preprocess_config = PreprocessConfig.from_manifest(manifest.preprocess)
+        self.preprocess_config = manifest.preprocess
         self.memory: dict[str, np.ndarray] = {}  # vision outputs of recent images, by slot key
 
     def embed(self, image: ImageInput, aspect: str | None = None) -> Embedded:
-        aspect = aspect or self.manifest.preprocess.get("aspect", "pad")
+        aspect = aspect or self.manifest.preprocess.aspect
         t0 = time.perf_counter()
         picture, digest, name = _source(image)
-        key = cache_key(digest, self.manifest.preprocess, aspect, self.graph_sha)
+        key = cache_key(digest, self.manifest.preprocess.to_dict(), aspect, self.graph_sha)
         found = self._lookup(key, video=False)
         if found is not None:
             return Embedded(self._slot(key, found), found, True, (time.perf_counter() - t0) * 1e3, 0.0)
@@ -74,7 +74,7 @@ class ImageEmbedder:
                               f"(this one is {self.manifest.family})")
         t0 = time.perf_counter()
         frames, data = read_frames(video, self.preprocess_config.image_size)
-        key = cache_key(hashlib.sha256(data).hexdigest(), self.manifest.preprocess, "video-1fps", self.graph_sha)
+        key = cache_key(hashlib.sha256(data).hexdigest(), self.manifest.preprocess.to_dict(), "video-1fps", self.graph_sha)
         found = self._lookup(key, video=True)
         if found is not None:
             return Embedded(self._slot(key, found), found, True, (time.perf_counter() - t0) * 1e3, 0.0)

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BundleError, ConfigError
+from .preprocess import PreprocessConfig
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -68,15 +69,50 @@ class LlmHfEntry:
 
 
 @dataclass(frozen=True)
+class TokensPerImage:
+    """How many LLM positions an image takes: ``rule`` in words; ``square`` for a padded or cropped square image
+    (the most any aspect mode gives); ``stride`` the pixels per token side; ``compressed`` LLaVA-Mini's count per
+    image or frame. Keys of newer writers are kept in ``extra`` and written back."""
+
+    rule: str = ""
+    square: int | None = None
+    stride: int | None = None
+    compressed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    COUNTS = ("square", "stride", "compressed")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "TokensPerImage":
+        _expect(data, dict, f"{where}: tokens_per_image")
+        rule = data.get("rule", "")
+        _expect(rule, str, f"{where}: tokens_per_image.rule")
+        counts = {}
+        for key in cls.COUNTS:
+            value = data.get(key)
+            if value is not None:
+                _expect(value, int, f"{where}: tokens_per_image.{key}")
+                if not 0 < value <= MAX_TOKENS_PER_IMAGE:
+                    raise BundleError(f"{where}: tokens_per_image.{key} must be in 1..{MAX_TOKENS_PER_IMAGE}, got {value}")
+            counts[key] = value
+        extra = {k: v for k, v in data.items() if k not in ("rule", *cls.COUNTS)}
+        return cls(rule=rule, extra=extra, **counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {key: getattr(self, key) for key in self.COUNTS if getattr(self, key) is not None}
+        return {**({"rule": self.rule} if self.rule else {}), **counts, **self.extra}
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     family: str  # a name families.family_for knows: convllava, llava-mini
     name: str
     created_with: str  # "convllava-edge 0.1.0"
     files: tuple[FileRecord, ...]
-    preprocess: dict[str, Any]  # PreprocessConfig.to_dict() plus "aspect", the default mode
+    preprocess: PreprocessConfig  # how images become the graphs' pixels, with the bundle's default aspect mode
     n_embd: int  # width of the image embeddings = the LLM's embedding width
-    tokens_per_image: dict[str, Any]  # {"stride": 64, "rule": ..., "square": n}
+    tokens_per_image: TokensPerImage
     vision: tuple[VisionEntry, ...]  # the first is the default
     tower: dict[str, Any] = field(default_factory=dict)  # depths, hidden_sizes, patch_size, projector (for FLOP counts)
     llm: LlmEntry | None = None
@@ -106,7 +142,7 @@ class Manifest:
                           f"(it has: {', '.join(e.variant for e in self.vision)})")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "preprocess": self.preprocess.to_dict(), "tokens_per_image": self.tokens_per_image.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
@@ -124,6 +160,8 @@ class Manifest:
             kw["llm"] = LlmEntry(**_known(LlmEntry, data["llm"])) if data.get("llm") else None
             hf = data.get("llm_hf")
             kw["llm_hf"] = LlmHfEntry(**{**_known(LlmHfEntry, hf), "files": tuple(hf["files"])}) if hf else None
+            kw["preprocess"] = PreprocessConfig.from_manifest(data["preprocess"])
+            kw["tokens_per_image"] = TokensPerImage.from_dict(data["tokens_per_image"], where)
             manifest = cls(**kw)
             manifest._validate(where)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
@@ -136,12 +174,11 @@ class Manifest:
     def _validate(self, where: str) -> None:
         """Every value the runtime reads, typed and bounded: past this point nothing trusts luck."""
         from .families import family_for
-        from .preprocess import ASPECTS, PreprocessConfig
         from .prompt import template_from_dict
 
         for name in ("family", "name", "created_with"):
             _expect(getattr(self, name), str, f"{where}: {name}")
-        for name in ("preprocess", "tokens_per_image", "tower", "tokenizer", "accuracy", "source"):
+        for name in ("tower", "tokenizer", "accuracy", "source"):
             _expect(getattr(self, name), dict, f"{where}: {name}")
         _expect(self.n_embd, int, f"{where}: n_embd")
         if not 0 < self.n_embd <= MAX_N_EMBD:
@@ -152,16 +189,8 @@ class Manifest:
             if not (isinstance(record.sha256, str) and len(record.sha256) == 64
                     and all(c in "0123456789abcdef" for c in record.sha256)) or record.size < 0:
                 raise BundleError(f"{where}: {record.path!r} needs a 64-hex sha256 and a size >= 0")
-        PreprocessConfig.from_manifest(self.preprocess)
-        if self.preprocess.get("aspect", "pad") not in ASPECTS:
-            raise BundleError(f"{where}: preprocess aspect {self.preprocess.get('aspect')!r} "
-                              f"(known: {', '.join(ASPECTS)})")
-        for key in ("square", "stride", "compressed"):
-            if key in self.tokens_per_image:
-                value = self.tokens_per_image[key]
-                _expect(value, int, f"{where}: tokens_per_image.{key}")
-                if not 0 < value <= MAX_TOKENS_PER_IMAGE:
-                    raise BundleError(f"{where}: tokens_per_image.{key} must be in 1..{MAX_TOKENS_PER_IMAGE}, got {value}")
+        _expect(self.preprocess, PreprocessConfig, f"{where}: preprocess")  # typed and checked by from_manifest
+        _expect(self.tokens_per_image, TokensPerImage, f"{where}: tokens_per_image")
         for entry in self.vision:
             for name in ("variant", "graph", "method"):
                 _expect(getattr(entry, name), str, f"{where}: vision {name}")

@@ -140,7 +140,7 @@ class Model:
         self.images = ImageEmbedder(self.manifest, self.family, self.vision, graph_sha, store)
         self.vision_providers = list(self.vision.providers)
         fitted = context_for is not None and n_ctx is None and self.family.fit_context \
-            and "square" in self.manifest.tokens_per_image
+            and self.manifest.tokens_per_image.square is not None
         if llm_backend == "vllm":
             self._open_llm = lambda: open_vllm(self.bundle, self.manifest, llm_url, llm_model)
         else:
@@ -199,7 +199,7 @@ class Model:
         budget (pad, crop and native aspect all stay within the square's), a token per byte of the rendered
         text (SentencePiece and byte-level BPE never spend a token on less than a byte), BOS, the answer."""
         text = self.template.render([(question, None)], image=True)
-        bound = int(self.manifest.tokens_per_image["square"]) + len(text.encode("utf-8")) + 1 + max_tokens
+        bound = self.manifest.tokens_per_image.square + len(text.encode("utf-8")) + 1 + max_tokens
         return -(-bound // 256) * 256
 
     def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None, image_turn: int = 0,

@@ -57,6 +57,7 @@ class PreprocessConfig:
     rescale_factor: float = 1 / 255
     resample: int = PIL_BICUBIC
     stride: int = TOTAL_STRIDE  # output H and W must be multiples of this
+    aspect: Aspect = "pad"  # the bundle's default mode (ConvLLaVA's training: pad; LLaVA-Mini's: crop)
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -106,6 +107,7 @@ class PreprocessConfig:
             "image_size": self.image_size, "crop_size": list(self.crop_size),
             "image_mean": list(self.image_mean), "image_std": list(self.image_std),
             "rescale_factor": self.rescale_factor, "resample": self.resample, "stride": self.stride,
+            "aspect": self.aspect,
         }
 
     @classmethod
@@ -126,7 +128,8 @@ class PreprocessConfig:
                   image_std=_triple("manifest preprocess image_std", d["image_std"]),
                   rescale_factor=_number("manifest preprocess rescale_factor", d["rescale_factor"]),
                   resample=_integer("manifest preprocess resample", d["resample"]),
-                  stride=_integer("manifest preprocess stride", d["stride"]))
+                  stride=_integer("manifest preprocess stride", d["stride"]),
+                  aspect=d.get("aspect", "pad"))  # older manifests name none: pad, as ConvLLaVA trained
         out.validate()
         return out
 
@@ -156,6 +159,8 @@ class PreprocessConfig:
             raise ConfigError(f"preprocessor rescale_factor must be in (0, 1], got {self.rescale_factor}")
         if isinstance(self.resample, bool) or self.resample not in RESAMPLE_FILTERS:
             raise unknown_choice("preprocessor resample filter", self.resample, RESAMPLE_FILTERS)
+        if not isinstance(self.aspect, str) or self.aspect not in ASPECTS:
+            raise unknown_choice("preprocess aspect", self.aspect, ASPECTS)
 
 
 def _integer(what: str, value: Any) -> int:

@@ -196,9 +196,7 @@ def cached_choice(manifest: Manifest, device: str = "auto", threads: int | None 
 
 
 def _calibrate(bundle, manifest: Manifest, pairs, device: str, threads: int | None, progress, timer):
-    from .preprocess import PreprocessConfig
-
-    config = PreprocessConfig.from_manifest(manifest.preprocess)
+    config = manifest.preprocess
     h, w = (max(config.stride, min(side, CALIBRATION_SIDE) // config.stride * config.stride) for side in config.crop_size)
     pixels = np.random.default_rng(0).normal(0, 1, size=(1, 3, h, w)).astype(np.float32)  # cost is content-blind
     seconds: dict[str, float] = {}

@@ -15,7 +15,8 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError
-from ..manifest import FileRecord, LlmEntry, LlmHfEntry, Manifest, SCHEMA_VERSION, VisionEntry, write_manifest
+from ..manifest import (FileRecord, LlmEntry, LlmHfEntry, Manifest, SCHEMA_VERSION, TokensPerImage, VisionEntry,
+                        write_manifest)
 from ..quantize.gguf_quant import DEFAULT_QUANT, QUANT_FTYPES, QuantReport
 from ..quantize.onnx_variants import VARIANTS
 from .checkpoint import TensorStore
@@ -176,7 +177,8 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
     return Manifest(
         schema_version=SCHEMA_VERSION, family=family.name, name=name, created_with=f"convllava-edge {__version__}",
         files=tuple(records), preprocess=vision.preprocess, n_embd=vision.n_embd,
-        tokens_per_image=vision.tokens_per_image, vision=tuple(entries), tower=vision.tower,
+        tokens_per_image=TokensPerImage.from_dict(vision.tokens_per_image, "export"), vision=tuple(entries),
+        tower=vision.tower,
         llm=None if llm_path is None else LlmEntry(
             file=llm_path.name, type=report.requested if report else conversion.out_type,
             tensor_types=report.tensor_types if report else conversion.tensor_types,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..preprocess import PreprocessConfig
 from ..prompt import ChatTemplate, Template
 
 BUILTIN_MODULES = ("family_convllava", "family_llava_mini")
@@ -39,7 +40,7 @@ class VisionResult:
 
     vision: list[ShippedVision]  # in the order the user asked for
     unshipped: list[Path]  # made but not asked for (the fp32 reference graph): removed before the manifest
-    preprocess: dict  # PreprocessConfig.to_dict() plus "aspect", the default mode
+    preprocess: PreprocessConfig  # with the bundle's default aspect mode
     n_embd: int
     tokens_per_image: dict
     tower: dict

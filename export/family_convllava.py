@@ -6,6 +6,7 @@ bundle's own default graph: the positions where a user meets the quantized model
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ class ConvLlavaExport(ExportFamily):
         h, w = vision.preprocess.crop_size
         fp32 = next(g for g in vision.graphs if g.variant == "fp32")
         return VisionResult(
-            vision=shipped, unshipped=unshipped, preprocess={**vision.preprocess.to_dict(), "aspect": "pad"},
+            vision=shipped, unshipped=unshipped, preprocess=replace(vision.preprocess, aspect="pad"),
             n_embd=vision.n_embd,
             tokens_per_image={"stride": vision.stride, "rule": f"(H / {vision.stride}) * (W / {vision.stride})",
                               "square": (h // vision.stride) * (w // vision.stride)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -79,7 +80,7 @@ class LlavaMiniExport(ExportFamily):
         n_clip = (ckpt.clip_config.image_size // ckpt.clip_config.patch_size) ** 2
         fp32_shipped = "fp32" in order or "bf16" in order  # bf16 runs the fp32 graphs
         return VisionResult(
-            vision=shipped, unshipped=unshipped, preprocess={**pre.to_dict(), "aspect": "crop"},
+            vision=shipped, unshipped=unshipped, preprocess=replace(pre, aspect="crop"),
             n_embd=ckpt.config.llm.hidden_size,
             tokens_per_image={"rule": f"{c2} compressed token(s) per image or video frame", "compressed": c2,
                               "clip_tokens": n_clip, "stride": ckpt.clip_config.patch_size, "square": c2},

@@ -112,7 +112,7 @@ class LlavaMini(Family):
     def slot_size(self, manifest, vision: np.ndarray) -> int:
         """C*C positions per image or video frame."""
         frames = vision.shape[0] if vision.ndim == 3 else 1
-        return frames * int(manifest.tokens_per_image["compressed"])
+        return frames * manifest.tokens_per_image.compressed
 
     def llm_rows(self, encoder, items, vision_by_key):
         """The whole prompt as rows (fused text, compressed token(s)); a prompt without an image skips
@@ -123,7 +123,7 @@ class LlavaMini(Family):
 
     def validate(self, manifest, where: str) -> None:
         super().validate(manifest, where)
-        if "compressed" not in manifest.tokens_per_image:
+        if manifest.tokens_per_image.compressed is None:
             raise BundleError(f"{where}: a llava-mini manifest needs tokens_per_image.compressed")
 
 

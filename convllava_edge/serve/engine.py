@@ -74,13 +74,13 @@ def image_token_rule(m) -> dict:
     """The manifest's rule, and what a client needs to count an image's positions before sending it:
     ``per_image`` when every image takes the same number (padded or cropped to a square; LLaVA-Mini's
     compression), else the native-aspect resize's pixel budget and stride (preprocess.native_size)."""
-    rule = dict(m.tokens_per_image)
-    aspect = m.preprocess.get("aspect", "pad")
-    fixed = rule.get("compressed") or (rule.get("square") if aspect != "native" else None)
+    tokens, aspect = m.tokens_per_image, m.preprocess.aspect
+    rule = tokens.to_dict()
+    fixed = tokens.compressed or (tokens.square if aspect != "native" else None)
     if fixed is not None:
-        return {**rule, "aspect": aspect, "per_image": int(fixed)}
-    height, width = m.preprocess["crop_size"]
-    return {**rule, "aspect": aspect, "budget": int(height) * int(width)}
+        return {**rule, "aspect": aspect, "per_image": fixed}
+    height, width = m.preprocess.crop_size
+    return {**rule, "aspect": aspect, "budget": height * width}
 
 
 def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: str, threads: int | None,

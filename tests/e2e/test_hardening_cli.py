@@ -331,3 +331,17 @@ def test_chat_with_stdin_closed_is_one_line(cache_dir):
                           env={**os.environ, "CONVLLAVA_EDGE_CACHE": str(cache_dir)})
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "standard input is closed" in lines[0], proc.stderr
+
+
+# -- issue 33: a valid manifest that names no default aspect, square count or rule ----------------------------
+@pytest.mark.timeout(120)
+def test_encode_and_info_read_a_manifest_without_its_optional_parts(tmp_path, capsys):
+    bundle = copy_demo(tmp_path / "b")
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    del data["preprocess"]["aspect"]  # optional: pad, as ConvLLaVA trained
+    data["tokens_per_image"] = {"stride": data["tokens_per_image"]["stride"]}  # square and rule are optional too
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+    assert main(["info", str(bundle), "--no-verify"]) == 0, capsys.readouterr().err  # was "unexpected KeyError"
+    assert "pad ->" in capsys.readouterr().out
+    assert main(["encode", str(EXAMPLE), "--model", str(bundle), "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["n_tokens"] > 0

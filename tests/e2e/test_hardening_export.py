@@ -29,8 +29,9 @@ from convllava_edge.export.bundle import ExportOptions, export_bundle, staging_f
 from convllava_edge.export.checkpoint import TensorStore
 from convllava_edge.export.config import LlavaConfig, TowerConfig
 from convllava_edge.export.llava_mini import LlavaMiniConfig, read_clip_config
-from convllava_edge.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileRecord, Manifest, VisionEntry,
-                                     write_manifest)
+from convllava_edge.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileRecord, Manifest, TokensPerImage,
+                                     VisionEntry, write_manifest)
+from convllava_edge.preprocess import PreprocessConfig
 
 from support import synthetic as S
 from support.synthetic_mini import TINY_CLIP
@@ -83,7 +84,8 @@ def fake_bundle(folder: Path, extra: dict[str, bytes] | None = None) -> Path:
     graph = VisionEntry("fp32", "vision-fp32.onnx", ("vision-fp32.onnx",), "test", True)
     manifest = Manifest(schema_version=SCHEMA_VERSION, family="convllava", name="x",
                         created_with="convllava-edge 0.1.0", files=(FileRecord.of(folder, folder / graph.graph),),
-                        preprocess={}, n_embd=256, tokens_per_image={}, vision=(graph,))
+                        preprocess=PreprocessConfig(image_size=256, crop_size=(256, 256)), n_embd=256,
+                        tokens_per_image=TokensPerImage(), vision=(graph,))
     write_manifest(folder, manifest)
     for name, data in (extra or {}).items():
         (folder / name).write_bytes(data)

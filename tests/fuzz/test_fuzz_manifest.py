@@ -39,7 +39,8 @@ PATHS = [p for p in _paths(VALID) if p]
 
 def _usable(manifest: Manifest) -> None:
     """What the runtime reads from a manifest, read the way it reads it: no exception may escape."""
-    PreprocessConfig.from_manifest(manifest.preprocess)
+    PreprocessConfig.from_manifest(manifest.preprocess.to_dict())  # what the manifest would write back
+    manifest.tokens_per_image.to_dict()
     manifest.vision_entry()
     if manifest.llm is None or manifest.template is None:
         return  # a vision-only bundle: Model refuses it with a BundleError of its own

@@ -61,7 +61,7 @@ def reference(tiny):
 
 @pytest.fixture(scope="module")
 def config(tiny_bundle):
-    return PreprocessConfig.from_manifest(load_manifest(tiny_bundle).preprocess)
+    return load_manifest(tiny_bundle).preprocess
 
 
 def _graph(bundle, variant):
@@ -174,5 +174,5 @@ def test_manifest_records_accuracy_and_validation(tiny_bundle):
     assert [v.variant for v in manifest.vision] == ["fp32", "fp16", "int8"]
     fp16 = manifest.vision_entry("fp16").accuracy
     assert fp16["cosine_min"] >= 0.999 and 0 < fp16["rel_l2"] < 0.01
-    assert manifest.tokens_per_image["square"] == 16 and manifest.n_embd == 256
+    assert manifest.tokens_per_image.square == 16 and manifest.n_embd == 256
     assert all(err <= 1e-4 for err in manifest.accuracy["vision_fp32_vs_pytorch"].values())

@@ -71,7 +71,7 @@ class ToyExport(ExportFamily):
         unshipped = [] if "fp32" in options.vision_types else [fp32]
         return VisionResult(
             vision=shipped, unshipped=unshipped,
-            preprocess={**PreprocessConfig(image_size=SIZE, crop_size=(SIZE, SIZE), stride=STRIDE).to_dict(), "aspect": "pad"},
+            preprocess=PreprocessConfig(image_size=SIZE, crop_size=(SIZE, SIZE), stride=STRIDE, aspect="pad"),
             n_embd=llm.hidden_size, tokens_per_image={"rule": "4 rows", "square": 4, "stride": STRIDE},
             tower={"kind": "toy"}, template=TEMPLATE, accuracy={}, notes=["a toy family"])
 

@@ -481,7 +481,11 @@ def test_bad_manifest_preprocess_values_are_one_config_error(manifest):
 @pytest.mark.timeout(30)
 def test_good_manifest_values_round_trip():
     assert PreprocessConfig.from_manifest(GOOD).to_dict() == GOOD
-    assert PreprocessConfig.from_manifest({**GOOD, "aspect": "crop", "unknown": [1]}).to_dict() == GOOD
+    # the default aspect mode is part of the config now (issue 33); unknown keys are still dropped
+    assert PreprocessConfig.from_manifest({**GOOD, "aspect": "crop", "unknown": [1]}).to_dict() == {**GOOD, "aspect": "crop"}
+    assert PreprocessConfig.from_manifest({k: v for k, v in GOOD.items() if k != "aspect"}).aspect == "pad"
+    with pytest.raises(ConfigError, match="unknown preprocess aspect 'wide'"):
+        PreprocessConfig.from_manifest({**GOOD, "aspect": "wide"})
     as_floats = PreprocessConfig.from_manifest(_with(image_size=336.0, stride=14.0))  # integral floats are sizes
     assert as_floats.image_size == 336 and type(as_floats.image_size) is int
 

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from convllava_edge.manifest import TokensPerImage
+from convllava_edge.preprocess import PreprocessConfig
 from convllava_edge.serve import ollama
 from convllava_edge.serve.engine import image_token_rule
 from convllava_edge.serve.wire import ApiError
@@ -61,7 +63,8 @@ def test_bad_ollama_bodies_are_errors_naming_the_field(kind, body, needle):
 
 def test_the_published_image_token_rule():
     def manifest(aspect, **rule):
-        return SimpleNamespace(tokens_per_image=rule, preprocess={"aspect": aspect, "crop_size": [768, 768]})
+        return SimpleNamespace(tokens_per_image=TokensPerImage(**rule),
+                               preprocess=PreprocessConfig(image_size=768, crop_size=(768, 768), aspect=aspect))
     assert image_token_rule(manifest("pad", stride=64, square=144))["per_image"] == 144
     assert image_token_rule(manifest("crop", stride=14, square=576, compressed=1))["per_image"] == 1
     native = image_token_rule(manifest("native", stride=64, square=144))
