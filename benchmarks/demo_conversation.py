@@ -32,7 +32,7 @@ from convllava_edge import load  # noqa: E402
 from convllava_edge.backends.base import SamplingOptions  # noqa: E402
 from convllava_edge.cli.main import main as cli  # noqa: E402
 from convllava_edge.model import AskOptions  # noqa: E402
-from convllava_edge.native import cpu_info  # noqa: E402
+from convllava_edge.machine import cpu_info  # noqa: E402
 from convllava_edge.shapes_task import is_correct  # noqa: E402
 
 SEED = 2121  # never used by the training generator (it draws from demo/train.py's TRAIN_SEED_BASE + step)

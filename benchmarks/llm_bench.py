@@ -154,7 +154,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     import llama_cpp
 
-    from convllava_edge.native import cpu_info
+    from convllava_edge.machine import cpu_info
 
     cpu, build = cpu_info()["model"], llama_cpp.llama_print_system_info().decode().strip()
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "llama_cpp_build": build,

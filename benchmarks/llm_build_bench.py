@@ -84,7 +84,7 @@ SWEEP = {
 
 
 def cpu_model() -> str:
-    from convllava_edge.native import cpu_info
+    from convllava_edge.machine import cpu_info
 
     return cpu_info()["model"]
 

@@ -198,7 +198,7 @@ def main() -> None:
         torch_child(Path(args.torch_child[0]), Path(args.torch_child[1]), 8, args.threads)
         return
 
-    from convllava_edge.native import cpu_info
+    from convllava_edge.machine import cpu_info
 
     if SMALL:
         args.work, args.out = args.work.with_name(args.work.name + "-small"), args.out.with_name("memory-small.json")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 import serve_bench  # noqa: E402
 
-from convllava_edge.native import cpu_info  # noqa: E402
+from convllava_edge.machine import cpu_info  # noqa: E402
 from convllava_edge.shapes_task import random_scene  # noqa: E402
 
 QUESTION = "How many shapes are there?"

@@ -209,7 +209,7 @@ def main() -> None:
     # left turns a new image into a hit, and the user's cache is not filled with test images
     cache = tempfile.TemporaryDirectory(prefix="serve-bench-cache-")
     os.environ["CONVLLAVA_EDGE_CACHE"] = cache.name
-    from convllava_edge.native import cpu_info
+    from convllava_edge.machine import cpu_info
 
     images = Images(args.distinct_images)
     rows, pair = [], None

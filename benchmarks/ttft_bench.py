@@ -165,7 +165,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     # auto's calibration is part of this run (a cache of its own: no record from an earlier run is read)
     os.environ["CONVLLAVA_EDGE_CACHE"] = tempfile.mkdtemp(prefix="ttft-bench-cache-")
-    from convllava_edge.native import cpu_info
+    from convllava_edge.machine import cpu_info
     from convllava_edge.shapes_task import random_scene
 
     cpu = cpu_info()["model"]

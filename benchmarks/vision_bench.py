@@ -38,7 +38,7 @@ from convllava_edge.quantize.onnx_variants import make_variant
 from convllava_edge.backends import open_vision_backend
 from convllava_edge.backends.vision_openvino import openvino_available
 from convllava_edge.errors import ConfigError
-from convllava_edge.native import cpu_info
+from convllava_edge.machine import cpu_info
 from convllava_edge.families.convllava import CONVLLAVA, ConvLlavaEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints

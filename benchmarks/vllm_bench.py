@@ -35,7 +35,7 @@ import serve_bench  # noqa: E402
 from convllava_edge.backends.base import SamplingOptions  # noqa: E402
 from convllava_edge.export.bundle import ExportOptions, export_bundle  # noqa: E402
 from convllava_edge.model import AskOptions, Model  # noqa: E402
-from convllava_edge.native import cpu_info  # noqa: E402
+from convllava_edge.machine import cpu_info  # noqa: E402
 
 QUESTION = serve_bench.QUESTION
 

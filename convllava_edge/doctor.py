@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .native import installed_version
+from .machine import installed_version
 
 # The flags that decide which kernels the libraries pick (x86); others are listed in full by --json.
 NOTABLE_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -26,7 +26,7 @@ PACKAGES = ("convllava-edge", "numpy", "pillow", "onnxruntime", "onnxruntime-gpu
 
 
 def cpu_section() -> dict[str, Any]:
-    from .native import cpu_info
+    from .machine import cpu_info
     from .threads import default_threads
 
     info = cpu_info()
@@ -36,7 +36,7 @@ def cpu_section() -> dict[str, Any]:
 
 
 def llama_section(run_probe: bool = True) -> dict[str, Any]:
-    from . import native
+    from . import machine, native
 
     out: dict[str, Any] = {"version": installed_version("llama_cpp_python")}
     try:
@@ -44,16 +44,16 @@ def llama_section(run_probe: bool = True) -> dict[str, Any]:
 
         out["system_info"] = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
         out["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
-        out["libraries"] = [p.name for p in native.library_files()]
-        out["library_sha256"] = native.library_digest()
+        out["libraries"] = [p.name for p in machine.library_files()]
+        out["library_sha256"] = machine.library_digest()
     except Exception as e:  # a broken install is exactly what doctor is for: report it, do not die
         out["error"] = f"{type(e).__name__}: {e}"
         out["ok"] = False
         return out
     # llama.cpp's CPU backend lists the features it was built for, e.g. "AVX512 = 1 | AMX_INT8 = 1"
-    out["build_features"] = sorted(native.build_features())
+    out["build_features"] = sorted(machine.build_features())
     # the load settings chosen from the benchmarks for this build (native.load_plan)
-    out["extra_buffer_types_off_for"] = sorted(t for t, f in native.EXTRA_BUFTS_OFF.items() if f in native.build_features())
+    out["extra_buffer_types_off_for"] = sorted(t for t, f in native.EXTRA_BUFTS_OFF.items() if f in machine.build_features())
     from .buildflags import cmake_args, cpu_flags, missing_from_build
 
     flags = cpu_flags()
@@ -96,7 +96,7 @@ def gpu_section() -> dict[str, Any]:
 def vision_section() -> dict[str, Any]:
     """The vision backends installed, what each runs here, and what ``--vision-backend auto`` chose per bundle."""
     from .backends.vision_openvino import openvino_available
-    from .native import read_record, state_dir
+    from .records import read_record, state_dir
     from .vision import cpu_has_bf16, default_backend
 
     out: dict[str, Any] = {"default": default_backend(), "onnxruntime": {"precisions": ["fp32"]},

@@ -22,20 +22,20 @@ backtrace to stdout when it aborts) and reduced to one line.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .backends.llama_batch import batch_slot
 from .errors import BundleError, ConvLlavaEdgeError
+from .machine import build_features, cpu_digest, library_digest
+from .records import read_record, write_record
 
 # Test-only fault injection: the probe child raises this signal (a name, e.g. "SIGILL") itself, right
 # where llama.cpp's risky kernels would run. CI's portable build never traps, so this is how a test
@@ -68,110 +68,6 @@ def notice(text: str) -> None:
             return
         _notices.add(text)
     print(f"note: {text}", file=sys.stderr, flush=True)
-
-
-# -- identities --------------------------------------------------------------------------------------
-def library_dir() -> Path:
-    """Where llama-cpp-python loads llama.cpp from: ``$LLAMA_CPP_LIB_PATH`` (its own override) or its lib/."""
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if override:
-        return Path(override)
-    import llama_cpp
-
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-def library_files() -> list[Path]:
-    """llama.cpp's shared libraries (libllama, libggml*, ...), which decide what runs; each real file once
-    (libfoo.so and libfoo.so.0 are links to one file)."""
-    found = {p.resolve() for p in library_dir().glob("*")
-             if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll"))}
-    return sorted(found)
-
-
-@functools.lru_cache(maxsize=1)
-def library_digest() -> str:
-    h = hashlib.sha256()
-    for path in library_files():
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_info() -> dict:
-    """Model name and feature flags from /proc/cpuinfo (Linux); the platform's words elsewhere."""
-    import platform
-
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = value.split()
-                if key == "" and flags:  # the first processor's block is enough
-                    break
-    except OSError:
-        pass
-    return {"model": model, "flags": sorted(flags), "machine": platform.machine()}
-
-
-def cpu_digest() -> str:
-    info = cpu_info()
-    return hashlib.sha256(json.dumps([info["model"], info["flags"], info["machine"]]).encode()).hexdigest()
-
-
-def installed_version(name: str) -> str | None:
-    """An installed distribution's version (records are keyed by them; ``doctor`` lists them)."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-# -- the on-disk record ------------------------------------------------------------------------------
-RECORDS = "native-checks"
-
-
-def state_dir() -> Path:
-    """Where verdicts are kept: inside the embedding cache's own marked folder (``$CONVLLAVA_EDGE_CACHE`` moves
-    both), never beside it: that variable may name a folder of the user's (``/``, a home), where the tool writes
-    nothing but its one tagged subfolder (cache.py)."""
-    from .cache import DiskCache
-
-    return DiskCache().root / RECORDS
-
-
-def read_record(name: str) -> dict | None:
-    try:
-        data = json.loads((state_dir() / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("version") == VERDICT_VERSION else None
-
-
-def write_record(name: str, data: dict) -> None:
-    """Atomic write; an unwritable cache, or a folder under the cache's name that is not ours, only means the
-    check runs again next time."""
-    from .cache import DiskCache
-
-    if not DiskCache().ensure_root():
-        return
-    folder = state_dir()
-    try:
-        folder.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**data, "version": VERDICT_VERSION}, f)
-        os.replace(tmp, folder / name)
-    except OSError:
-        pass
 
 
 # -- running a child ---------------------------------------------------------------------------------
@@ -232,7 +128,7 @@ def cpu_paths_verdict(run: bool = True) -> Verdict | None:
     with _lock:
         if _verdict:
             return _verdict[0]
-    record = read_record(_probe_record_name())
+    record = read_record(_probe_record_name(), VERDICT_VERSION)
     if record is not None:
         verdict = Verdict(bool(record["extra_bufts"]), str(record["reason"]), record.get("signal"), cached=True,
                           seconds=float(record.get("seconds", 0.0)))
@@ -241,7 +137,8 @@ def cpu_paths_verdict(run: bool = True) -> Verdict | None:
     else:
         verdict = _probe()
         if verdict.signal is not None or verdict.extra_bufts:  # a child that could not start proves nothing
-            write_record(_probe_record_name(), {k: v for k, v in asdict(verdict).items() if k != "cached"})
+            write_record(_probe_record_name(), {k: v for k, v in asdict(verdict).items() if k != "cached"},
+                         VERDICT_VERSION)
     with _lock:
         if not _verdict:
             _verdict.append(verdict)
@@ -272,16 +169,6 @@ def _probe() -> Verdict:
 # (repacked 1.8x prompt processing; AMX 2.4x, and 2.2x decode) and every type not named keeps
 # llama.cpp's own default (on).
 EXTRA_BUFTS_OFF = {"Q4_K": "AVX512"}
-
-
-@functools.lru_cache(maxsize=1)
-def build_features() -> frozenset[str]:
-    """The instruction sets llama.cpp's CPU backend was built with ("AVX512", "AMX_INT8", ...), from
-    its own ``llama_print_system_info`` ("AVX512 = 1 | ...")."""
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
-    return frozenset(part.split("=")[0].split(":")[-1].strip() for part in info.split("|") if part.strip().endswith("= 1"))
 
 
 @dataclass(frozen=True)
@@ -323,7 +210,7 @@ def trial_load(path: Path, *, extra_bufts: bool, n_gpu_layers: int = 0, sha256: 
     """
     key = hashlib.sha256(f"{file_identity(path, sha256)}|{library_digest()}|{cpu_digest()}|{n_gpu_layers}".encode())
     name = f"trial-{key.hexdigest()[:40]}.json"
-    record = read_record(name)
+    record = read_record(name, VERDICT_VERSION)
     if record is not None and isinstance(record.get("extra_bufts"), bool):
         return record["extra_bufts"] if extra_bufts else False
     result = _run_child(["trial", str(path), str(int(extra_bufts)), str(n_gpu_layers)], TRIAL_TIMEOUT_S)
@@ -332,12 +219,12 @@ def trial_load(path: Path, *, extra_bufts: bool, n_gpu_layers: int = 0, sha256: 
         if retry.returncode == 0:
             notice(f"{path.name}: llama.cpp's extra buffer types crashed a trial load with {result.signal_name}; "
                    "loading it without them")
-            write_record(name, {"extra_bufts": False})
+            write_record(name, {"extra_bufts": False}, VERDICT_VERSION)
             return False
         result = retry
     if result.returncode != 0:
         raise BundleError(f"{path}: llama.cpp cannot load this GGUF ({_describe(result)})")
-    write_record(name, {"extra_bufts": extra_bufts})
+    write_record(name, {"extra_bufts": extra_bufts}, VERDICT_VERSION)
     return extra_bufts
 
 
@@ -349,14 +236,6 @@ def _describe(result: ChildResult) -> str:
     if result.returncode == 124:
         return f"a trial load {result.message}"
     return result.message or f"a trial load exited with code {result.returncode}"
-
-
-def batch_slot(batch, i: int, pos: int, last: bool) -> None:
-    """Entry ``i`` of a llama_batch: position ``pos`` of sequence 0, logits kept when ``last``."""
-    batch.pos[i] = pos
-    batch.n_seq_id[i] = 1
-    batch.seq_id[i][0] = 0
-    batch.logits[i] = last
 
 
 # -- the child's side --------------------------------------------------------------------------------

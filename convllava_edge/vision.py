@@ -67,7 +67,7 @@ def open_encoder(bundle: str | os.PathLike, manifest: Manifest, entry: VisionEnt
 
 # -- which backend can run what ----------------------------------------------------------------------
 def cpu_has_bf16() -> bool:
-    from .native import cpu_info
+    from .machine import cpu_info
 
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
 
@@ -171,7 +171,7 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
         entry, chosen = pairs[0]
         return VisionChoice(entry, chosen, "only candidate"), open_encoder(bundle, manifest, entry, device, threads,
                                                                            kind=chosen)
-    from .native import read_record, write_record
+    from .records import read_record, write_record
 
     name = _record_name(manifest, pairs, device, threads)
     record = read_record(name)
@@ -189,7 +189,7 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
 
 def cached_choice(manifest: Manifest, device: str = "auto", threads: int | None = None) -> dict | None:
     """The calibration ``auto`` recorded for this bundle here, if any (``info`` shows it; nothing runs)."""
-    from .native import read_record
+    from .records import read_record
 
     pairs = candidates(manifest, None, device)
     return None if len(pairs) == 1 else read_record(_record_name(manifest, pairs, device, threads))
@@ -242,7 +242,7 @@ def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray, best: f
 
 def _record_name(manifest: Manifest, pairs, device: str, threads: int | None) -> str:
     from . import __version__
-    from .native import cpu_digest, installed_version as installed
+    from .machine import cpu_digest, installed_version as installed
     from .threads import default_threads
 
     shas = {f.path: f.sha256 for f in manifest.files}

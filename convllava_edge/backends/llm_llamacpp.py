@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import BundleError, ConfigError, ConvLlavaEdgeError
-from ..native import batch_slot
+from .llama_batch import batch_slot
 from ..threads import check_threads, default_threads
 from .base import ContextOverflowError, LlmCapabilities, SamplingOptions, Step
 

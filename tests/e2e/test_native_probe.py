@@ -14,9 +14,9 @@ import subprocess
 
 import pytest
 
-from convllava_edge import native
+from convllava_edge import machine, native
 from convllava_edge.cache import ROOT_NAME
-from convllava_edge.native import RECORDS
+from convllava_edge.records import RECORDS
 from convllava_edge.errors import BundleError
 
 from support.hardening_util import EXAMPLE, cli, copy_demo, gguf_of, patch_gguf_scalar
@@ -63,7 +63,7 @@ def test_a_clean_probe_leaves_the_choice_to_the_measured_plan(tmp_path):
     # the demo's Q4_K_M file: extra buffer types off with an AVX-512 build (measured slower), on otherwise
     answer = json.loads(run.stdout)
     settings = answer["llm_settings"]
-    expected = "AVX512" not in native.build_features()
+    expected = "AVX512" not in machine.build_features()
     assert settings["weight_type"] == "Q4_K" and answer["llm_extra_buffer_types"] is expected
     assert settings["extra_bufts"] is expected and settings["kv_type"] == "f16" and settings["n_ubatch"] > 0
     # one question: the context holds this prompt and the longest answer (512 by default), and no more
@@ -125,7 +125,7 @@ def test_doctor_json_reports_this_machine(tmp_path):
     r = json.loads(run.stdout)
     assert r["ok"] is True
     cpu = r["cpu"]
-    assert cpu["model"] and cpu["cores"] >= 1 and set(native.cpu_info()["flags"]) == set(cpu["flags"])
+    assert cpu["model"] and cpu["cores"] >= 1 and set(machine.cpu_info()["flags"]) == set(cpu["flags"])
     assert cpu["features"]["avx2"] is ("avx2" in cpu["flags"])
     llm = r["llama_cpp"]
     assert llm["ok"] is True and llm["version"] == "0.3.36" and "CPU" in llm["system_info"]

@@ -13,7 +13,7 @@ import os
 import pytest
 from PIL import Image, WebPImagePlugin
 
-from convllava_edge import native, preprocess
+from convllava_edge import preprocess, records
 from convllava_edge.cache import ROOT_NAME
 from convllava_edge.check.inputs import load_inputs
 from convllava_edge.errors import ConfigError, ImageError
@@ -75,17 +75,17 @@ def test_the_command_lines_precheck_uses_the_bundles_preprocessing(monkeypatch, 
 def test_native_records_stay_inside_the_caches_tagged_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(tmp_path))  # the sweep's CONVLLAVA_EDGE_CACHE=/ at a safe place
     (tmp_path / "mine.txt").write_text("the user's")
-    native.write_record("probe-test.json", {"ok": True})
+    records.write_record("probe-test.json", {"ok": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == [ROOT_NAME, "mine.txt"]
     assert (tmp_path / ROOT_NAME / "CACHEDIR.TAG").is_file()
-    assert (tmp_path / ROOT_NAME / native.RECORDS / "probe-test.json").is_file()
-    assert native.read_record("probe-test.json")["ok"] is True
+    assert (tmp_path / ROOT_NAME / records.RECORDS / "probe-test.json").is_file()
+    assert records.read_record("probe-test.json")["ok"] is True
     theirs = tmp_path / "theirs"
     (theirs / ROOT_NAME).mkdir(parents=True)  # a folder under our name without our tag: never written into
     monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(theirs))
-    native.write_record("probe-test.json", {"ok": True})
+    records.write_record("probe-test.json", {"ok": True})
     assert [p.name for p in theirs.iterdir()] == [ROOT_NAME] and list((theirs / ROOT_NAME).iterdir()) == []
-    assert native.read_record("probe-test.json") is None
+    assert records.read_record("probe-test.json") is None
 
 
 # -- 7, 8: request bodies walked for text and depth ---------------------------------------------------------------
