@@ -23,18 +23,11 @@ from rich.markup import escape
 
 from ..errors import ConfigError, ConvLlavaEdgeError
 from ..prompt import checked_text
-from .render import StageProgress, bench_tables, check_tables, doctor_table, files_table, info_lines, stats_line
+from .options import (AsJson, Aspect, Device, LlmBackend, LlmModel, LlmUrl, MaxTokens, ModelPath, NoCache, Seed,
+                      Temperature, Threads, TopP, VisionBackend, VisionType, VisionUrl, ask_options, runtime_options)
+from .render import (StageProgress, bench_tables, check_tables, doctor_table, files_table, info_lines, stage_bars,
+                     stats_line)
 
-VISION_BACKEND_HELP = ("What runs the vision graphs: auto (the default, or $CONVLLAVA_EDGE_VISION_BACKEND: times the "
-                       "bundle's vision types on the backends here once and keeps the fastest within the accuracy "
-                       "gate), onnxruntime (CPU, CUDA, TensorRT) or openvino (CPU; the 'openvino' extra; the only "
-                       "one that runs the bf16 vision type).")
-LLM_BACKEND_HELP = ("llama.cpp (the bundle's GGUF, here) or vllm (a vLLM server at --llm-url, from the bundle's llm-hf/; "
-                    "README: \"The vLLM backend\").")
-LLM_URL_HELP = "The vLLM server, e.g. http://127.0.0.1:8000 (with --llm-backend vllm)."
-LLM_MODEL_HELP = "The model's name on the vLLM server (default: the one it serves)."
-VISION_URL_HELP = ("A Triton server running the bundle's vision graphs, http://HOST:PORT (models named by `deploy "
-                   "triton`; the 'triton' extra).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run ConvLLaVA-style multimodal models on the edge: export bundles, ask questions about images.")
 out = Console(highlight=False, soft_wrap=True)
@@ -126,14 +119,14 @@ def lint_cmd(
 def encode_cmd(
     image: Path = typer.Argument(..., help="Image file."),
     model: Path = typer.Option(..., "--model", help="Bundle folder."),
-    vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph (default: the bundle's first)."),
-    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
-    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    vision_type: VisionType = None,
+    aspect: Aspect = None,
+    device: Device = "auto",
+    vision_backend: VisionBackend = None,
+    vision_url: VisionUrl = None,
+    threads: Threads = None,
     save: Optional[Path] = typer.Option(None, "--save", help="Write the embeddings to this file, under exactly this name (NumPy's .npy format)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: AsJson = False,
 ) -> None:
     """Encode an image to LLM-ready embeddings with the bundle's vision graph."""
     import numpy as np
@@ -144,6 +137,7 @@ def encode_cmd(
     from ..preprocess import preprocess, size_check
     from ..vision import choose_vision
 
+    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url)
     if save is not None:
         check_output_file(save, "--save")  # a folder, a device, a FIFO: refused before any work
     manifest = load_manifest(model)
@@ -153,8 +147,9 @@ def encode_cmd(
     aspect = aspect or config.aspect
     pixels = preprocess(open_image(image, fits=size_check(config, aspect)), config, aspect)
     t1 = time.perf_counter()
-    choice, encoder = choose_vision(model, manifest, vision_type, device, threads, vision_backend,
-                                    lambda line: err.print(line, markup=False), url=vision_url)
+    choice, encoder = choose_vision(model, manifest, runtime.vision_type, runtime.device, runtime.threads,
+                                    runtime.vision_backend, lambda line: err.print(line, markup=False),
+                                    url=runtime.vision_url)
     entry = choice.entry
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
@@ -189,30 +184,17 @@ def check_cmd(
     gate: List[str] = typer.Option([], "--gate", help="NAME=VALUE, e.g. llm.kl_mean=0.1 (repeatable; see README for the defaults)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md and chart.png into this folder."),
     nf4: bool = typer.Option(True, "--nf4/--no-nf4", help="With a checkpoint reference, also measure bitsandbytes NF4."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help="llama.cpp only: check reads the LLM's logits."),
+    threads: Threads = None,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (vision, llm, answers, passed)."),
 ) -> None:
-    """Measure what each quantization costs, stage by stage; exit 1 when a gate fails."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    """Measure what each quantization costs, stage by stage, on the bundle's GGUF (it reads the LLM's logits);
+    exit 1 when a gate fails."""
     from ..check import load_inputs, parse_gates, run_check, write_report
 
-    if llm_backend != "llama.cpp":
-        raise ConfigError(f"check compares the LLM's next-token distributions, which the {llm_backend} backend does not "
-                          "give (no full logits): run check with --llm-backend llama.cpp, on the bundle's GGUF")
 
     gates = parse_gates(gate)
     inputs = load_inputs(images, questions, text)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done + 1)
-
+    with stage_bars(err, elapsed=True) as progress:
         result = run_check(bundle, inputs, reference, gates, threads, nf4=nf4, progress=progress, vision_tower=vision_tower)
     if report is not None:
         md, chart = write_report(result, report)
@@ -234,35 +216,25 @@ def bench_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Image (default: the README's example picture)."),
     question: str = typer.Option("Describe the image.", "--question"),
     runs: int = typer.Option(5, "--runs", min=1, help="Measured runs after one warm-up (each series)."),
-    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens to decode per run."),
-    device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    vision_type: Optional[str] = typer.Option(None, "--vision-type"),
-    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
-    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
-    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
-    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    max_tokens: MaxTokens = 32,
+    device: Device = "cpu",
+    threads: Threads = None,
+    vision_type: VisionType = None,
+    vision_backend: VisionBackend = None,
+    vision_url: VisionUrl = None,
+    llm_backend: LlmBackend = "llama.cpp",
+    llm_url: LlmUrl = None,
+    llm_model: LlmModel = None,
+    as_json: AsJson = False,
 ) -> None:
     """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from ..bench import default_image, run_bench
 
+    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model)
     image_path = image or default_image()
     data = _checked_image(image_path, bundle)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done + 1)
-
-        result = run_bench(bundle, data, question, runs, max_tokens, device, threads, vision_type, progress,
-                           vision_backend=vision_backend,
-                           llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model, vision_url=vision_url))
+    with stage_bars(err) as progress:
+        result = run_bench(bundle, data, question, runs, max_tokens, runtime, progress)
     result["image"] = str(image_path)
     if as_json:
         print(json.dumps(result))
@@ -272,35 +244,19 @@ def bench_cmd(
     out.print(summary)
 
 
-def _ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, aspect: Optional[str]):
-    from ..backends.base import SamplingOptions
-    from ..model import AskOptions
-
-    options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature, top_p, seed), aspect=aspect)
-    options.validate()
-    return options
-
-
-def _load_model(model: Optional[Path], device: str, threads: Optional[int], vision_type: Optional[str], no_cache: bool,
-                context_for: Optional[tuple[str, int]] = None, vision_backend: Optional[str] = None,
-                llm: Optional[dict] = None, vision_url: Optional[str] = None):
-    """``llm``: llm_backend, llm_url, llm_model (Model's), from the command's options."""
+def _load_model(model: Optional[Path], runtime, context_for: Optional[tuple[str, int]] = None):
+    """The bundle (default: the demo model, said in one line) loaded as ``runtime`` says. ``context_for``: the
+    one question it answers: the LLM loads once the image is encoded and the graphs are freed (ask_once)."""
     from ..default_model import default_bundle
     from ..model import Model
-    from ..threads import check_threads
-
-    check_threads(threads)  # before the demo's notice: a bad value is the only line
 
     bundle = model
     if bundle is None:
         bundle = default_bundle()
         err.print(f"using the demo model shipped with convllava-edge ({bundle.name}); pass --model for another",
                   markup=False)
-    # one question (context_for): the LLM loads once the image is encoded and the graphs are freed (ask_once)
-    loaded = Model(bundle, device=device, threads=threads, vision_type=vision_type, cache=not no_cache,
-                   context_for=context_for, defer_llm=context_for is not None, vision_backend=vision_backend,
-                   progress=lambda line: err.print(line, markup=False), vision_url=vision_url, **(llm or {}))
-    return loaded
+    return Model(bundle, runtime, context_for=context_for, defer_llm=context_for is not None,
+                 progress=lambda line: err.print(line, markup=False))
 
 
 def _checked_image(path: Path, model: Optional[Path] = None, aspect: Optional[str] = None) -> bytes:
@@ -341,9 +297,6 @@ def _named(path: str):
         raise ImageError(f"{path}: {e}") from e
 
 
-MODEL_HELP = "Bundle folder (default: the demo model shipped with the package)."
-
-
 @app.command("ask")
 def ask_cmd(
     image_or_question: str = typer.Argument(..., metavar="IMAGE QUESTION", help="Image file, then the question "
@@ -351,25 +304,27 @@ def ask_cmd(
     question: Optional[str] = typer.Argument(None, hidden=True),
     video: Optional[Path] = typer.Option(None, "--video", help="A video (GIF; MP4 with PyAV or OpenCV) instead of an "
                                          "image: LLaVA-Mini bundles, ~1 frame per second, one token per frame."),
-    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer, in tokens."),
-    temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy and deterministic (official default 0.2)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all available)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad (as trained, ConvLLaVA's default), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."),
-    vision_type: Optional[str] = typer.Option(None, "--vision-type", help="Which vision graph of the bundle (default: its first)."),
-    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
-    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
-    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
-    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the image-embedding cache."),
+    model: ModelPath = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.2,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+    threads: Threads = None,
+    device: Device = "auto",
+    aspect: Aspect = None,
+    vision_type: VisionType = None,
+    vision_backend: VisionBackend = None,
+    vision_url: VisionUrl = None,
+    llm_backend: LlmBackend = "llama.cpp",
+    llm_url: LlmUrl = None,
+    llm_model: LlmModel = None,
+    no_cache: NoCache = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
     """Ask a question about an image (or a video); the answer streams as it is generated."""
-    options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
+    options = ask_options(max_tokens, temperature, top_p, seed, aspect)
+    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
+                              no_cache)
     if video is not None:
         if question is not None:
             raise ConvLlavaEdgeError("with --video, give only the question (got an image too)")
@@ -383,9 +338,7 @@ def ask_cmd(
         image_data = _checked_image(Path(image_or_question), model, aspect)
     checked_text(question, "the question")
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
-    loaded = _load_model(model, device, threads, vision_type, no_cache,
-                         context_for=None if video is not None else (question, max_tokens), vision_backend=vision_backend,
-                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model), vision_url=vision_url)
+    loaded = _load_model(model, runtime, context_for=None if video is not None else (question, max_tokens))
     if video is not None:
         stream = loaded.ask_video_stream(video, question, options)
     else:
@@ -411,29 +364,30 @@ def ask_cmd(
 @app.command("chat")
 def chat_cmd(
     image: Path = typer.Argument(..., help="Image file."),
-    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
-    temperature: float = typer.Option(0.2, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    device: str = typer.Option("auto", "--device"),
-    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
-    vision_type: Optional[str] = typer.Option(None, "--vision-type"),
-    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
-    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
-    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
-    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
-    no_cache: bool = typer.Option(False, "--no-cache"),
+    model: ModelPath = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.2,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+    threads: Threads = None,
+    device: Device = "auto",
+    aspect: Aspect = None,
+    vision_type: VisionType = None,
+    vision_backend: VisionBackend = None,
+    vision_url: VisionUrl = None,
+    llm_backend: LlmBackend = "llama.cpp",
+    llm_url: LlmUrl = None,
+    llm_model: LlmModel = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Talk about an image over several turns (an empty line or end of input quits)."""
     if sys.stdin is None:  # Python's stdin when fd 0 is not open (`<&-`): checked before the model loads
         raise ConvLlavaEdgeError("chat needs a terminal or input on stdin (standard input is closed)")
-    options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
+    options = ask_options(max_tokens, temperature, top_p, seed, aspect)
+    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
+                              no_cache)
     image_data = _checked_image(image, model, aspect)
-    loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend,
-                         llm=dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model), vision_url=vision_url)
+    loaded = _load_model(model, runtime)
     err.print(loaded.note, markup=False)
     with _named(str(image)):
         conversation = loaded.chat(image_data, options)
@@ -465,41 +419,40 @@ def batch_cmd(
                                              '{"image": ..., "question": ...} asks that one.'),
     out_path: Path = typer.Option(..., "--out", help="The answers, one JSON line per (image, question); a rerun "
                                   "skips what it holds."),
-    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    model: ModelPath = None,
     workers: int = typer.Option(1, "--workers", min=1, help="With --ray: actors, one loaded model each."),
     ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (the 'ray' extra): a local cluster, or --address."),
     address: Optional[str] = typer.Option(None, "--address", help="With --ray: a running cluster (ray://HOST:10001 or HOST:6379)."),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
-    temperature: float = typer.Option(0.2, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.2,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (with --ray: per actor; default: "
                                           "the node's cores shared out)."),
-    device: str = typer.Option("auto", "--device"),
-    aspect: Optional[str] = typer.Option(None, "--aspect", help="pad, native or crop (see ask --help)."),
-    vision_type: Optional[str] = typer.Option(None, "--vision-type"),
-    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
-    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
-    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
-    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
-    no_cache: bool = typer.Option(False, "--no-cache"),
+    device: Device = "auto",
+    aspect: Aspect = None,
+    vision_type: VisionType = None,
+    vision_backend: VisionBackend = None,
+    vision_url: VisionUrl = None,
+    llm_backend: LlmBackend = "llama.cpp",
+    llm_url: LlmUrl = None,
+    llm_model: LlmModel = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Answer questions about many images into a JSONL file: resumable, unreadable images as error lines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..batch import AnswerLog, expand_images, make_items, read_questions, run_local
     from ..files import shown
-    from ..threads import check_threads
 
-    check_threads(threads)
+    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
+                              no_cache)
     if (workers > 1 or address) and not ray:
         raise ConfigError("--workers and --address run Ray actors: add --ray (locally the loop uses every core)")
-    options = _ask_options(max_tokens, temperature, top_p, seed, aspect)
+    options = ask_options(max_tokens, temperature, top_p, seed, aspect)
     for q in question:
         checked_text(q, "the question")
     items = make_items(expand_images(inputs or []), question, read_questions(questions) if questions else [])
-    llm = dict(llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model)
     with AnswerLog(out_path) as log:
         left = sum(1 for i in items if i.key not in log.done)
         if log.repaired:
@@ -529,14 +482,9 @@ def batch_cmd(
                     from ..default_model import default_bundle
 
                     bundle = default_bundle()
-                run_on_ray(bundle, items, log, options, dict(device=device, threads=threads, vision_type=vision_type,
-                                                            vision_backend=vision_backend, cache=not no_cache,
-                                                            vision_url=vision_url, **llm),
-                           workers, address, advance)
+                run_on_ray(bundle, items, log, options, runtime, workers, address, advance)
             else:
-                loaded = _load_model(model, device, threads, vision_type, no_cache, vision_backend=vision_backend, llm=llm,
-                                     vision_url=vision_url)
-                run_local(loaded, items, log, options, advance)
+                run_local(_load_model(model, runtime), items, log, options, advance)
     err.print(f"{shown(out_path)}: {left - errors} answered, {errors} error line(s)", markup=False)
 
 
@@ -617,14 +565,14 @@ def serve_cmd(
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per request, queue included (504 past it)."),
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request's headers, and each part of "
                                        "its body, may take to arrive (408 past it; a half-sent request holds nothing)."),
-    device: str = typer.Option("auto", "--device"),
+    device: Device = "auto",
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Decoding threads per slot (default: the cores shared out)."),
     threads_batch: Optional[int] = typer.Option(None, "--threads-batch", min=1, help="Threads for the image's encoding and the prefill, one slot at a time (default: every core)."),
-    vision_backend: Optional[str] = typer.Option(None, "--vision-backend", help=VISION_BACKEND_HELP),
-    vision_url: Optional[str] = typer.Option(None, "--vision-url", envvar="CONVLLAVA_EDGE_VISION_URL", help=VISION_URL_HELP),
-    llm_backend: str = typer.Option("llama.cpp", "--llm-backend", help=LLM_BACKEND_HELP),
-    llm_url: Optional[str] = typer.Option(None, "--llm-url", envvar="CONVLLAVA_EDGE_LLM_URL", help=LLM_URL_HELP),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help=LLM_MODEL_HELP),
+    vision_backend: VisionBackend = None,
+    vision_url: VisionUrl = None,
+    llm_backend: LlmBackend = "llama.cpp",
+    llm_url: LlmUrl = None,
+    llm_model: LlmModel = None,
     grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."),
     ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (the 'ray' extra): --replicas copies."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas, each with its own models."),
@@ -645,16 +593,11 @@ def serve_cmd(
         from ..serve.server import app as serve_app, run
     except ImportError as e:
         raise ConvLlavaEdgeError(f"serve needs the serve extra (pip install 'convllava-edge[serve]'): {e}") from None
-    from ..threads import check_threads
-
-    check_threads(threads)
-    check_threads(threads_batch)
+    runtime = runtime_options(device, threads, None, vision_backend, vision_url, llm_backend, llm_url, llm_model,
+                              threads_batch=threads_batch, n_ctx=ctx)
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
-                           max_image_bytes=max_image_bytes, media_dir=media_dir, device=device, threads=threads,
-                           threads_batch=threads_batch, llm_backend=llm_backend, llm_url=llm_url, llm_model=llm_model,
-                           n_ctx=ctx, request_timeout=request_timeout, read_timeout=read_timeout,
-                           vision_backend=vision_backend,
-                           vision_url=vision_url, bind_host=host, allowed_hosts=parse_list(allowed_hosts),
+                           max_image_bytes=max_image_bytes, media_dir=media_dir, runtime=runtime,
+                           request_timeout=request_timeout, read_timeout=read_timeout, bind_host=host, allowed_hosts=parse_list(allowed_hosts),
                            allowed_origins=parse_list(allowed_origins) or ())
     for line in options.policy.describe():
         err.print(f"warning: {line}", markup=False)

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+
+@contextlib.contextmanager
+def stage_bars(console: Console, elapsed: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """``progress(stage, done, total)`` for the library's long loops (check, bench): a bar per stage while the
+    block runs, gone after it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()] + ([TimeElapsedColumn()] if elapsed else [])
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done + 1)
+
+        yield progress
 
 
 class StageProgress:

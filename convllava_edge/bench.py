@@ -18,6 +18,7 @@ from .cache import DiskCache
 from .errors import ConvLlavaEdgeError
 from .backends.base import SamplingOptions
 from .model import AskOptions, Model
+from .runtime import RuntimeOptions
 
 FIGURES = ("preprocess_ms", "encode_ms", "prefill_ms", "prefill_tokens_per_s", "time_to_first_token_ms",
            "decode_ms", "decode_tokens_per_s")
@@ -30,14 +31,11 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", runs: int = 5, max_tokens: int = 32,
-              device: str = "cpu", threads: int | None = None, vision_type: str | None = None,
-              progress: Callable[[str, int, int], None] = lambda *a: None,
-              vision_backend: str | None = None, llm: dict | None = None) -> dict[str, Any]:
-    """``llm``: Model's llm_backend, llm_url, llm_model (default: llama.cpp on the bundle's GGUF), and vision_url
-    (a Triton server for the graphs)."""
+              runtime: RuntimeOptions = RuntimeOptions(device="cpu"),
+              progress: Callable[[str, int, int], None] = lambda *a: None) -> dict[str, Any]:
+    """``runtime``: how the bundle runs; its cache is replaced by a fresh one of the bench's own."""
     with tempfile.TemporaryDirectory(prefix="convllava-bench-cache-") as cache_dir:
-        model = Model(bundle, device=device, threads=threads, vision_type=vision_type,
-                      cache=DiskCache(cache_dir), vision_backend=vision_backend, **(llm or {}))
+        model = Model(bundle, runtime.with_(cache=DiskCache(cache_dir)))
         options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature=0.0))
         store, model.cache = model.cache, None  # the cold series reads and writes no cache
         model.ask(image, question, options)  # warm-up: first-call allocations, page cache

@@ -5,7 +5,7 @@ the official multi-turn format. A Model composes named pieces, each replaceable:
 (families/), the vision encoder and the LLM (backends/, chosen once), the prompt (template + the
 checkpoint's tokenization: tokenizer.py), the image embeddings and their cache (embedding.py), the KV
 cache's record and disk states (kv_cache.py), decoding (decoding.py). ``Model(cache=...)`` is the one
-switch for every cache on disk.
+switch for every cache on disk; ``Model(bundle, RuntimeOptions(...))`` takes how to run it (runtime.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
-from .backends import LLM_BACKENDS, open_llm, open_vllm
+from .backends import open_llm, open_vllm
 from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
 from .cache import DiskCache
 from .decoding import Decoder
@@ -27,6 +27,7 @@ from .kv_cache import KvCache
 from .manifest import Manifest, load_manifest, resolve_inside
 from .preprocess import ASPECTS
 from .prompt import ImageSlot, Item, positions, template_from_dict
+from .runtime import RuntimeOptions
 from .tokenizer import PromptTokenizer
 from .vision import choose_vision, precision_of
 
@@ -84,75 +85,81 @@ class AnswerStream:
         return self._answer
 
 
+def check_runnable(bundle: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+    """BundleError unless the bundle holds an LLM the options' backend runs, and a template."""
+    if manifest.llm is None and manifest.llm_hf is not None and options.llm_backend != "vllm":
+        raise BundleError(f"{bundle}: the bundle holds its LLM in Hugging Face form only "
+                          f"({manifest.llm_hf.folder}/), which llama.cpp cannot run: use --llm-backend vllm "
+                          "--llm-url URL, or export it with a GGUF --llm-type too (e.g. --llm-type Q4_K_M)")
+    if (manifest.llm is None and manifest.llm_hf is None) or manifest.template is None:
+        raise BundleError(f"{bundle}: bundle has no LLM (exported by an older version?)")
+
+
 class Model:
     """A loaded bundle. Not thread-safe: one conversation at a time per Model."""
 
-    def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-                 vision_type: str | None = None, n_ctx: int | None = None, cache: DiskCache | None | bool = True,
-                 kv_f32: bool = False, verify: bool = True, context_for: tuple[str, int] | None = None,
-                 llm: LlmBackend | None = None, defer_llm: bool = False, vision_backend: str | None = None,
-                 progress: Callable[[str], None] | None = None, llm_options: dict | None = None,
-                 llm_backend: str | None = None, llm_url: str | None = None, llm_model: str | None = None,
-                 vision_url: str | None = None):
-        """``cache``: True (the default folder), a DiskCache, or False/None (no disk cache).
+    def __init__(self, bundle: str | os.PathLike, options: RuntimeOptions | None = None, *,
+                 llm: LlmBackend | None = None, defer_llm: bool = False, context_for: tuple[str, int] | None = None,
+                 progress: Callable[[str], None] | None = None, verify: bool = True, **changes):
+        """``options``: how to run (runtime.RuntimeOptions; ``changes``: its fields over it, for Python callers:
+        ``Model(bundle, device="cpu", cache=False)``).
+        ``llm``: an LLM backend already open on this bundle's LLM (default: the one ``options`` name).
+        ``defer_llm``: load the LLM when a prompt first needs it, not now: a one-shot ``ask`` encodes its
+        image and frees the graphs (``release_vision``) before the LLM takes its memory.
         ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
         ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
         image's token budget, one position per byte of the rendered text, the answer) instead of the
         model's trained context (a 7B Llama's 4096 positions hold 2 GB of f16 keys and values).
-        ``llm``: an LLM backend already open on this bundle's LLM (default: llama.cpp on its GGUF).
-        ``defer_llm``: load the LLM when a prompt first needs it, not now: a one-shot ``ask`` encodes its
-        image and frees the graphs (``release_vision``) before the LLM takes its memory.
-        ``vision_backend``: what runs the graphs, "onnxruntime", "openvino" or "auto" (None: $CONVLLAVA_EDGE_VISION_BACKEND,
-        else auto): auto times the bundle's types on the backends here once and keeps the fastest within the
-        accuracy gate (vision.choose_vision; ``progress`` hears about the timing).
-        ``llm_options``: the LLM backend's own options over these (``serve``: the slots' decoding threads apart
-        from ``threads``, which the vision graphs and the prompt's batches get).
-        ``llm_backend``: "llama.cpp" (the default: the bundle's GGUF) or "vllm" (a vLLM server at ``llm_url``
-        generating from the bundle's llm-hf/ weights; ``llm_model``: its served name, if it serves several).
-        ``vision_url``: a Triton server running the bundle's graphs (``deploy triton``), instead of a backend here."""
+        ``progress`` hears about vision's auto choice timing the bundle's types (vision.choose_vision)."""
+        self.options = options = (options or RuntimeOptions()).with_(**changes).validate()
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
-        llm_backend = llm_backend or "llama.cpp"
-        if llm_backend not in LLM_BACKENDS:
-            raise unknown_choice("LLM backend", llm_backend, LLM_BACKENDS)
-        if self.manifest.llm is None and self.manifest.llm_hf is not None and llm_backend != "vllm":
-            raise BundleError(f"{self.bundle}: the bundle holds its LLM in Hugging Face form only "
-                              f"({self.manifest.llm_hf.folder}/), which llama.cpp cannot run: use --llm-backend vllm "
-                              "--llm-url URL, or export it with a GGUF --llm-type too (e.g. --llm-type Q4_K_M)")
-        if (self.manifest.llm is None and self.manifest.llm_hf is None) or self.manifest.template is None:
-            raise BundleError(f"{self.bundle}: bundle has no LLM (exported by an older version?)")
+        check_runnable(self.bundle, self.manifest, options)
         self.family = family_for(self.manifest.family)
         self.template = template_from_dict(self.manifest.template)
-        self.vision_choice, self.vision = choose_vision(self.bundle, self.manifest, vision_type, device, threads,
-                                                        vision_backend, progress, url=vision_url)
+        self.vision_choice, self.vision = choose_vision(self.bundle, self.manifest, options.vision_type, options.device,
+                                                        options.batch_threads, options.vision_backend, progress,
+                                                        url=options.vision_url)
         self.vision_entry, self.vision_backend = self.vision_choice.entry, self.vision_choice.kind
         self.images_note = self.vision.note
-        self._shas = shas = {f.path: f.sha256 for f in self.manifest.files}
-        # what a cached KV state was computed by: the GGUF, or (vLLM) the HF weights
-        hf_files = self.manifest.llm_hf.files if self.manifest.llm_hf else ()
-        self._llm_sha = shas[self.manifest.llm.file] if llm_backend != "vllm" else \
-            "+".join(shas[f] for f in hf_files if f.endswith(".safetensors"))
-        store = DiskCache() if cache is True else (cache or None)
-        graph_sha = "+".join(shas[f] for f in self.vision_entry.files)  # every graph that shapes the cached rows
-        precision = precision_of(self.vision_entry)
-        if (self.vision_backend, precision) != ("onnxruntime", "fp32"):  # what ran them, where the result differs by it
-            graph_sha += f"|{self.vision_backend}|{precision}"
-        self.images = ImageEmbedder(self.manifest, self.family, self.vision, graph_sha, store)
+        store = DiskCache() if options.cache is True else (options.cache or None)
+        self.images = ImageEmbedder(self.manifest, self.family, self.vision, self._vision_identity(), store)
         self.vision_providers = list(self.vision.providers)
-        fitted = context_for is not None and n_ctx is None and self.family.fit_context \
-            and self.manifest.tokens_per_image.square is not None
-        if llm_backend == "vllm":
-            self._open_llm = lambda: open_vllm(self.bundle, self.manifest, llm_url, llm_model)
-        else:
-            self._open_llm = lambda: open_llm(
-                resolve_inside(self.bundle, self.manifest.llm.file), device, **{
-                    "threads": threads, "kv_f32": kv_f32, "n_ctx": None if fitted else n_ctx,
-                    "n_ctx_max": self.context_bound(*context_for) if fitted else None,
-                    "sha256": shas[self.manifest.llm.file] if verify else None,
-                    **(llm_options or {})})
+        self._llm_sha = self._llm_identity()
+        self._open_llm = self._llm_opener(context_for, verify)
         self.llm: LlmBackend | None = None
         if llm is not None or not defer_llm:
             self._attach(llm or self._open_llm())
+
+    def _vision_identity(self) -> str:
+        """What the cached embeddings were computed by: every graph that shapes them, and what ran them where
+        the result differs by it."""
+        shas = {f.path: f.sha256 for f in self.manifest.files}
+        identity = "+".join(shas[f] for f in self.vision_entry.files)
+        precision = precision_of(self.vision_entry)
+        if (self.vision_backend, precision) != ("onnxruntime", "fp32"):
+            identity += f"|{self.vision_backend}|{precision}"
+        return identity
+
+    def _llm_identity(self) -> str:
+        """What a cached KV state was computed by: the GGUF, or (vLLM) the HF weights."""
+        shas = {f.path: f.sha256 for f in self.manifest.files}
+        if self.options.llm_backend == "vllm":
+            return "+".join(shas[f] for f in self.manifest.llm_hf.files if f.endswith(".safetensors"))
+        return shas[self.manifest.llm.file]
+
+    def _llm_opener(self, context_for: tuple[str, int] | None, verify: bool) -> Callable[[], LlmBackend]:
+        """How to open the LLM the options name, now or when first needed."""
+        o = self.options
+        if o.llm_backend == "vllm":
+            return lambda: open_vllm(self.bundle, self.manifest, o.llm_url, o.llm_model)
+        fitted = context_for is not None and o.n_ctx is None and self.family.fit_context \
+            and self.manifest.tokens_per_image.square is not None
+        sha = next(f.sha256 for f in self.manifest.files if f.path == self.manifest.llm.file) if verify else None
+        return lambda: open_llm(
+            resolve_inside(self.bundle, self.manifest.llm.file), o.device, threads=o.threads, kv_f32=o.kv_f32,
+            n_ctx=None if fitted else o.n_ctx, n_ctx_max=self.context_bound(*context_for) if fitted else None,
+            sha256=sha, **({"threads_batch": o.threads_batch} if o.threads_batch else {}))
 
     def _attach(self, llm: LlmBackend) -> None:
         if llm.n_embd != self.manifest.n_embd:

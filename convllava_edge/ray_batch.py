@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .batch import AnswerLog, Item, answer_line
+from .runtime import RuntimeOptions
 from .threads import default_threads
 
 LOCAL_OBJECT_STORE = 256 << 20  # the items and answers are small: no need for Ray's default (30% of memory)
@@ -29,11 +30,11 @@ LOCAL_OBJECT_STORE = 256 << 20  # the items and answers are small: no need for R
 class Answerer:
     """A Ray Data actor: one loaded Model, answering a batch of items into their JSON lines."""
 
-    def __init__(self, bundle: str, options, model: dict, workers: int):
+    def __init__(self, bundle: str, options, runtime: RuntimeOptions, workers: int):
         from .model import Model
 
-        threads = model.pop("threads", None) or max(1, default_threads() // workers)
-        self.model, self.options = Model(bundle, threads=threads, **model), options
+        threads = runtime.threads or max(1, default_threads() // workers)  # this node's cores shared out
+        self.model, self.options = Model(bundle, runtime.with_(threads=threads)), options
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -59,10 +60,10 @@ def start_ray(address: str | None, cpus: int | None = None) -> bool:
     return True
 
 
-def run_on_ray(bundle: Path, items: list[Item], log: AnswerLog, options, model: dict, workers: int,
+def run_on_ray(bundle: Path, items: list[Item], log: AnswerLog, options, runtime: RuntimeOptions, workers: int,
                address: str | None, advance: Callable[[dict], None], cpus_per_worker: float | None = None) -> None:
-    """Answer the items not yet in ``log`` on a pool of ``workers`` actors; ``model``: Model's keyword arguments
-    (device, threads, vision_type, vision_backend, llm_backend, ...)."""
+    """Answer the items not yet in ``log`` on a pool of ``workers`` actors, each running the bundle as ``runtime``
+    says (its threads, when unset, are each node's cores shared out among its actors)."""
     import ray
 
     todo = [{"image": i.image, "question": i.question} for i in items if i.key not in log.done]
@@ -75,7 +76,7 @@ def run_on_ray(bundle: Path, items: list[Item], log: AnswerLog, options, model: 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset on the user's terminal
         cpus = cpus_per_worker or min(1.0, max(0.1, (ray.cluster_resources().get("CPU", 1) - 0.5) / workers))
         dataset = ray.data.from_items(todo).map_batches(
-            Answerer, fn_constructor_kwargs={"bundle": str(bundle), "options": options, "model": dict(model),
+            Answerer, fn_constructor_kwargs={"bundle": str(bundle), "options": options, "runtime": runtime,
                                              "workers": workers},
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
             max_restarts=0)  # a failing actor (out of memory) fails the job; a rerun resumes it

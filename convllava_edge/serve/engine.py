@@ -25,6 +25,7 @@ from ..backends.base import ContextOverflowError
 from ..errors import ConvLlavaEdgeError
 from ..model import Answer, AskOptions, Model
 from ..prompt import positions
+from ..runtime import RuntimeOptions
 from ..threads import default_threads
 from .wire import ApiError, ChatRequest
 
@@ -83,22 +84,20 @@ def image_token_rule(m) -> dict:
     return {**rule, "aspect": aspect, "budget": height * width}
 
 
-def load_served(name: str, path: Path, parallel: int, queue_limit: int, device: str, threads: int | None,
-                n_ctx: int | None, vision_backend: str | None, threads_batch: int | None = None,
-                llm: dict | None = None) -> Served:
-    """``threads``: each slot's decoding threads (default: the cores shared out); ``threads_batch``: the vision
-    graphs' and the prefill's (default: every core; they run one slot at a time)."""
+def load_served(name: str, path: Path, parallel: int, queue_limit: int, runtime: RuntimeOptions) -> Served:
+    """``runtime.threads``: each slot's decoding threads (default: the cores shared out); ``threads_batch``: the
+    vision graphs' and the prefill's (default: every core; they run one slot at a time); ``n_ctx``: positions
+    per slot (default: the LLM's trained context, at most DEFAULT_CONTEXT)."""
     from ..manifest import load_manifest
 
-    per_slot = threads or max(1, default_threads() // parallel)
-    batch = threads_batch or default_threads()
+    per_slot = runtime.threads or max(1, default_threads() // parallel)
+    batch = runtime.threads_batch or default_threads()
     trained = load_manifest(path, verify=False).llm_n_ctx_train
-    n_ctx = n_ctx or min(trained, DEFAULT_CONTEXT) if trained else n_ctx or DEFAULT_CONTEXT
-    if llm and llm.get("llm_backend") == "vllm":  # the server's threads, its context: nothing to share out here
-        first = Model(path, device=device, threads=batch, vision_backend=vision_backend, **llm)
+    n_ctx = runtime.n_ctx or min(trained, DEFAULT_CONTEXT) if trained else runtime.n_ctx or DEFAULT_CONTEXT
+    if runtime.llm_backend == "vllm":  # the server's threads, its context: nothing to share out here
+        first = Model(path, runtime.with_(threads=batch, threads_batch=None))
     else:
-        first = Model(path, device=device, threads=batch, n_ctx=n_ctx, vision_backend=vision_backend,
-                      llm_options={"threads": per_slot, "threads_batch": batch}, vision_url=(llm or {}).get("vision_url"))
+        first = Model(path, runtime.with_(threads=per_slot, threads_batch=batch, n_ctx=n_ctx))
     slots = [Slot(first, 0)] + [Slot(first.fork(threads=per_slot, threads_batch=batch), i) for i in range(1, parallel)]
     return Served(name, path, slots, queue_limit)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConvLlavaEdgeError
+from ..runtime import RuntimeOptions
 
 MiB = 1 << 20
 
@@ -19,17 +20,12 @@ class ServeOptions:
     max_tokens_cap: int = 1024
     max_image_bytes: int = 20 * MiB
     media_dir: Path | None = None
-    device: str = "auto"
-    threads: int | None = None  # decoding, per slot (default: the cores shared out between the slots)
-    threads_batch: int | None = None  # vision graphs and prefill, one slot at a time (default: every core)
-    n_ctx: int | None = None  # per slot (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
+    # How each bundle runs: threads are each slot's decoding (default: the cores shared out between the slots),
+    # threads_batch the vision graphs' and prefill's, one slot at a time (default: every core); n_ctx per slot
+    # (default: the LLM's trained context, at most engine.DEFAULT_CONTEXT)
+    runtime: RuntimeOptions = RuntimeOptions()
     request_timeout: float = 300.0
     read_timeout: float = 30.0  # --read-timeout: seconds a request's head, and each part of its body, may take
-    vision_backend: str | None = None
-    vision_url: str | None = None  # a Triton server running the graphs (--vision-url)
-    llm_backend: str = "llama.cpp"  # or "vllm": a vLLM server at llm_url generates (its slots batched there)
-    llm_url: str | None = None
-    llm_model: str | None = None
     bind_host: str = "127.0.0.1"  # the address served on: loopback turns the Host check on (guard.py)
     allowed_hosts: tuple[str, ...] | None = None  # --allowed-hosts: more names for Host ("*": any); None: not given
     allowed_origins: tuple[str, ...] = ()  # --allowed-origins: pages that may call the server ("*": any)
@@ -41,6 +37,7 @@ class ServeOptions:
         for name in ("request_timeout", "read_timeout"):
             if not getattr(self, name) > 0:
                 raise ConvLlavaEdgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        self.runtime.validate()
         if self.media_dir is not None and not Path(self.media_dir).is_dir():
             raise ConvLlavaEdgeError(f"--media-dir {self.media_dir}: not a folder")
 

@@ -44,8 +44,9 @@ def replica_options(options: ServeOptions, replicas: int, local: bool) -> ServeO
     if not local:
         return options
     share = max(1, default_threads() // replicas)
-    return dataclasses.replace(options, threads_batch=options.threads_batch or share,
-                               threads=options.threads or max(1, share // options.parallel))
+    runtime = options.runtime
+    return dataclasses.replace(options, runtime=runtime.with_(threads_batch=runtime.threads_batch or share,
+                                                              threads=runtime.threads or max(1, share // options.parallel)))
 
 
 def serve_on_ray(models: list[Path] | None, options: ServeOptions, host: str, port: int, replicas: int,

@@ -52,10 +52,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
 
     def load() -> None:
         try:
-            served = {name: load_served(name, path, options.parallel, options.queue, options.device, options.threads,
-                                        options.n_ctx, options.vision_backend, options.threads_batch,
-                                        dict(llm_backend=options.llm_backend, llm_url=options.llm_url,
-                                             llm_model=options.llm_model, vision_url=options.vision_url))
+            served = {name: load_served(name, path, options.parallel, options.queue, options.runtime)
                       for name, path in names.items()}
             state["served"] = served
         except Exception as e:  # noqa: BLE001: reported by /health and every request, the server stays up
