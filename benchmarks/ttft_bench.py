@@ -49,7 +49,7 @@ PINNED = (("fp32", "onnxruntime"), ("fp32", "openvino"), ("bf16", "openvino"), (
 def vision_types() -> tuple[str, ...]:
     """bf16 where this CPU and OpenVINO can run it (export measures it by running it), int8, fp32."""
     from convllava_edge.backends.vision_openvino import openvino_available
-    from convllava_edge.vision import cpu_has_bf16
+    from convllava_edge.backends import cpu_has_bf16
 
     return ("bf16", "int8", "fp32") if openvino_available() and cpu_has_bf16() else ("int8", "fp32")
 

@@ -78,12 +78,12 @@ def info_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's SHA-256."),
 ) -> None:
     """Show a bundle's manifest and verify its files."""
-    from ..backends import VISION_BACKENDS
+    from ..backends import vision_kinds
     from ..manifest import load_manifest
     from ..vision import cached_choice, can_run
 
     manifest = load_manifest(bundle, verify=verify)
-    runs_on = {e.variant: [k for k in VISION_BACKENDS if can_run(k, e)] for e in manifest.vision}
+    runs_on = {e.variant: [k.name for k in vision_kinds() if can_run(k.name, e)] for e in manifest.vision}
     choice = cached_choice(manifest)  # what --vision-backend auto measured here, if it ran
     if as_json:
         out.print_json(json.dumps({**manifest.to_dict(), "verified": verify, "vision_runs_on": runs_on,

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .backends import llm_kind
 from .cache import DiskCache
 from .errors import ConvLlavaEdgeError
 from .backends.base import SamplingOptions
@@ -61,8 +62,7 @@ def run_bench(bundle: Path, image: Any, question: str = "Describe the image.", r
             "vision": {"graph": model.vision_entry.variant, "backend": model.vision_backend,
                        "choice": model.vision_choice.to_dict(), "providers": model.vision_providers,
                        "threads": model.vision.threads},
-            "llm": {"backend": model.llm.name, "type": f"hf ({model.manifest.llm_hf.dtype}) on {model.llm.where}"
-                    if getattr(model.llm, "where", None) else model.manifest.llm.type,
+            "llm": {"backend": model.llm.name, "type": llm_kind(model.options.llm_backend).weights(model.manifest, model.llm),
                     "threads": model.llm.threads, "gpu_offload": model.llm.gpu_offload},
             "cold": {k: summarize([r[k] for r in series["cold"]]) for k in FIGURES},
             "cache_hit": {k: summarize([r[k] for r in series["cache_hit"]]) for k in FIGURES},

@@ -97,7 +97,8 @@ def vision_section() -> dict[str, Any]:
     """The vision backends installed, what each runs here, and what ``--vision-backend auto`` chose per bundle."""
     from .backends.vision_openvino import openvino_available
     from .records import read_record, state_dir
-    from .vision import cpu_has_bf16, default_backend
+    from .backends import cpu_has_bf16
+    from .vision import default_backend
 
     out: dict[str, Any] = {"default": default_backend(), "onnxruntime": {"precisions": ["fp32"]},
                            "openvino": {"installed": openvino_available(), "version": installed_version("openvino")}}

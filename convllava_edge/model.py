@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
-from .backends import open_llm, open_vllm
+from .backends import llm_kind, vision_kind
 from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
 from .cache import DiskCache
 from .decoding import Decoder
@@ -86,13 +86,10 @@ class AnswerStream:
 
 
 def check_runnable(bundle: Path, manifest: Manifest, options: RuntimeOptions) -> None:
-    """BundleError unless the bundle holds an LLM the options' backend runs, and a template."""
-    if manifest.llm is None and manifest.llm_hf is not None and options.llm_backend != "vllm":
-        raise BundleError(f"{bundle}: the bundle holds its LLM in Hugging Face form only "
-                          f"({manifest.llm_hf.folder}/), which llama.cpp cannot run: use --llm-backend vllm "
-                          "--llm-url URL, or export it with a GGUF --llm-type too (e.g. --llm-type Q4_K_M)")
+    """BundleError unless the bundle holds a template and its LLM in a form the options' backend runs."""
     if (manifest.llm is None and manifest.llm_hf is None) or manifest.template is None:
         raise BundleError(f"{bundle}: bundle has no LLM (exported by an older version?)")
+    llm_kind(options.llm_backend).check(bundle, manifest)
 
 
 class Model:
@@ -136,30 +133,20 @@ class Model:
         the result differs by it."""
         shas = {f.path: f.sha256 for f in self.manifest.files}
         identity = "+".join(shas[f] for f in self.vision_entry.files)
-        precision = precision_of(self.vision_entry)
-        if (self.vision_backend, precision) != ("onnxruntime", "fp32"):
-            identity += f"|{self.vision_backend}|{precision}"
-        return identity
+        return identity + vision_kind(self.vision_backend).identity(precision_of(self.vision_entry))
 
     def _llm_identity(self) -> str:
-        """What a cached KV state was computed by: the GGUF, or (vLLM) the HF weights."""
-        shas = {f.path: f.sha256 for f in self.manifest.files}
-        if self.options.llm_backend == "vllm":
-            return "+".join(shas[f] for f in self.manifest.llm_hf.files if f.endswith(".safetensors"))
-        return shas[self.manifest.llm.file]
+        """What a cached KV state was computed by: the weights the backend runs (the GGUF, the HF files)."""
+        return llm_kind(self.options.llm_backend).identity(self.manifest)
 
     def _llm_opener(self, context_for: tuple[str, int] | None, verify: bool) -> Callable[[], LlmBackend]:
         """How to open the LLM the options name, now or when first needed."""
-        o = self.options
-        if o.llm_backend == "vllm":
-            return lambda: open_vllm(self.bundle, self.manifest, o.llm_url, o.llm_model)
+        kind, o = llm_kind(self.options.llm_backend), self.options
         fitted = context_for is not None and o.n_ctx is None and self.family.fit_context \
             and self.manifest.tokens_per_image.square is not None
-        sha = next(f.sha256 for f in self.manifest.files if f.path == self.manifest.llm.file) if verify else None
-        return lambda: open_llm(
-            resolve_inside(self.bundle, self.manifest.llm.file), o.device, threads=o.threads, kv_f32=o.kv_f32,
-            n_ctx=None if fitted else o.n_ctx, n_ctx_max=self.context_bound(*context_for) if fitted else None,
-            sha256=sha, **({"threads_batch": o.threads_batch} if o.threads_batch else {}))
+        sha = kind.identity(self.manifest) if verify else None
+        return lambda: kind.open(self.bundle, self.manifest, o, n_ctx=None if fitted else o.n_ctx,
+                                 n_ctx_max=self.context_bound(*context_for) if fitted else None, sha256=sha)
 
     def _attach(self, llm: LlmBackend) -> None:
         if llm.n_embd != self.manifest.n_embd:
@@ -182,8 +169,7 @@ class Model:
     def note(self) -> str:
         """Where the graphs and the LLM run, in one line (loads a deferred LLM)."""
         llm = self._need_llm()
-        where = getattr(llm, "where", None) or ("GPU" if llm.gpu_offload else "CPU")
-        return f"{self.images_note}; LLM on {where} ({llm.name})"
+        return f"{self.images_note}; LLM on {llm.where} ({llm.name})"
 
     @property
     def preprocess_config(self):
@@ -221,7 +207,7 @@ class Model:
         """Another conversation slot on the same bundle: the vision graphs and embeddings shared, the LLM's
         weights shared, a KV cache of its own (``serve --parallel``). Needs an LLM backend with ``fork``."""
         llm = self._need_llm()
-        if not hasattr(llm, "fork"):
+        if not llm.capabilities.fork:
             raise ConfigError(f"the {llm.name} backend holds one context: it cannot serve parallel slots")
         other = object.__new__(Model)
         other.__dict__.update(self.__dict__)
@@ -265,7 +251,7 @@ class Model:
         return Answer(
             text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=embedded.slot.n_tokens,
             n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=embedded.hit,
-            cached_tokens=getattr(self.llm, "server_cached_tokens", needed - evaluated),
+            cached_tokens=self.llm.server_cached_tokens if self.llm.capabilities.server_cache else needed - evaluated,
             timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
                      "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
                      "time_to_first_token_ms": embedded.preprocess_ms + embedded.encode_ms + (first_token_at - t0) * 1e3,

@@ -31,7 +31,7 @@ class RuntimeOptions:
     kv_f32: bool = False  # llama.cpp's KV cache in f32 (the parity runs'); default f16
 
     def validate(self) -> "RuntimeOptions":
-        from .backends import LLM_BACKENDS
+        from .backends import llm_kind
         from .backends.base import DEVICES
         from .threads import check_threads
 
@@ -39,8 +39,7 @@ class RuntimeOptions:
             raise unknown_choice("device", self.device, DEVICES)
         check_threads(self.threads)
         check_threads(self.threads_batch)
-        if self.llm_backend not in LLM_BACKENDS:
-            raise unknown_choice("LLM backend", self.llm_backend, LLM_BACKENDS)
+        llm_kind(self.llm_backend)  # a registered one (backends/__init__.py), or the one-line list of them
         if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1):
             raise ConfigError(f"n_ctx must be a positive integer, got {self.n_ctx!r}")
         return self

@@ -19,14 +19,13 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import VISION_BACKENDS, open_vision_backend
+from .backends import open_vision_backend, remote_vision_kind, vision_kind, vision_kinds
 from .backends.base import VisionBackend
 from .errors import ConfigError, ConvLlavaEdgeError, unknown_choice
 from .families import VisionEncoder, family_for
 from .manifest import Manifest, VisionEntry, resolve_inside
 
 AUTO = "auto"
-BACKEND_CHOICES = (AUTO,) + VISION_BACKENDS
 ENV_BACKEND = "CONVLLAVA_EDGE_VISION_BACKEND"  # the default of --vision-backend (tests pin it)
 # A vision type auto may pick: check's vision gates (check/stages.py reads them from here).
 VISION_GATE = {"cosine_mean": 0.99, "cosine_min": 0.95}
@@ -44,10 +43,15 @@ def precision_of(entry: VisionEntry) -> str:
     return "bf16" if entry.variant == "bf16" else "fp32"
 
 
+def backend_choices() -> tuple[str, ...]:
+    """What --vision-backend takes: auto, or a registered backend that runs here."""
+    return (AUTO,) + tuple(k.name for k in vision_kinds())
+
+
 def default_backend() -> str:
     kind = os.environ.get(ENV_BACKEND) or AUTO
-    if kind not in BACKEND_CHOICES:
-        raise ConfigError(f"${ENV_BACKEND}={kind!r}: expected one of {', '.join(BACKEND_CHOICES)}")
+    if kind not in backend_choices():
+        raise ConfigError(f"${ENV_BACKEND}={kind!r}: expected one of {', '.join(backend_choices())}")
     return kind
 
 
@@ -65,31 +69,10 @@ def open_encoder(bundle: str | os.PathLike, manifest: Manifest, entry: VisionEnt
     return family.encoder(graphs, backend)
 
 
-# -- which backend can run what ----------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    from .machine import cpu_info
-
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
-
-
-def _gpu_visible(device: str) -> bool:
-    if device == "cpu":
-        return False
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
+# -- which backend can run what (each backend says: backends/__init__.py) ------------------------------
 def can_run(kind: str, entry: VisionEntry, device: str = "auto") -> bool:
     """Whether backend ``kind`` runs ``entry`` here as it is meant to (a cheap test: no graph is opened)."""
-    if kind == "onnxruntime":
-        return precision_of(entry) == "fp32"  # no bf16 CPU kernels for these graphs
-    if kind == "openvino":
-        from .backends.vision_openvino import openvino_available
-
-        return (device != "cuda" and not _gpu_visible(device) and openvino_available()
-                and (precision_of(entry) != "bf16" or cpu_has_bf16()))
-    return False
+    return vision_kind(kind).can_run(precision_of(entry), device)
 
 
 def runnable_kind(entry: VisionEntry, device: str = "auto", preferred: str = "onnxruntime") -> str:
@@ -97,7 +80,7 @@ def runnable_kind(entry: VisionEntry, device: str = "auto", preferred: str = "on
     every type, bf16 included); ``preferred`` when none can, so that its refusal is the message."""
     if can_run(preferred, entry, device):
         return preferred
-    return next((k for k in VISION_BACKENDS if can_run(k, entry, device)), preferred)
+    return next((k.name for k in vision_kinds() if k.can_run(precision_of(entry), device)), preferred)
 
 
 def cosines(entry: VisionEntry) -> tuple[float, float]:
@@ -122,7 +105,7 @@ def within_gate(entry: VisionEntry) -> bool:
 @dataclass
 class VisionChoice:
     entry: VisionEntry
-    kind: str  # the backend: onnxruntime | openvino | triton (--vision-url)
+    kind: str  # the backend's registered name (backends/__init__.py)
     how: str  # asked | only candidate | calibrated | cached
     seconds: dict[str, float] = field(default_factory=dict)  # "variant/backend" -> encode seconds (calibration)
 
@@ -137,7 +120,7 @@ def candidates(manifest: Manifest, variant: str | None, device: str) -> list[tup
     entries = [manifest.vision_entry(variant)] if variant is not None else \
         [e for i, e in enumerate(manifest.vision) if i == 0 or within_gate(e)]
     entries.sort(key=lambda e: LIKELY_FASTEST.index(e.variant) if e.variant in LIKELY_FASTEST else len(LIKELY_FASTEST))
-    pairs = [(e, k) for e in entries for k in VISION_BACKENDS if can_run(k, e, device)]
+    pairs = [(e, k.name) for e in entries for k in vision_kinds() if k.can_run(precision_of(e), device)]
     if not pairs:  # e.g. a bf16-only bundle on a CPU without bf16: the backend's refusal says why
         pairs = [(entries[0], runnable_kind(entries[0], device))]
     return pairs
@@ -153,16 +136,15 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
     seconds per image (label "variant/backend"; best: the fastest so far, or None; tests inject theirs).
     ``url``: a Triton server that runs the graphs (``--vision-url``), in place of a backend here."""
     if url is not None:
-        from .backends.vision_triton import open_triton
-
+        remote = remote_vision_kind()
         if kind not in (None, AUTO):
-            raise ConfigError(f"--vision-url runs the graphs on Triton: leave out --vision-backend {kind}")
+            raise ConfigError(f"--vision-url runs the graphs on a {remote.name} server: leave out --vision-backend {kind}")
         entry = manifest.vision_entry(variant)
-        return VisionChoice(entry, "triton", "asked"), open_encoder(bundle, manifest, entry,
-                                                                    backend=open_triton(bundle, manifest, entry, url))
+        return VisionChoice(entry, remote.name, "asked"), open_encoder(
+            bundle, manifest, entry, backend=remote.open_remote(Path(bundle), manifest, entry, url))
     kind = kind or default_backend()
-    if kind not in BACKEND_CHOICES:
-        raise unknown_choice("vision backend", kind, BACKEND_CHOICES)
+    if kind not in backend_choices():
+        raise unknown_choice("vision backend", kind, backend_choices())
     if kind != AUTO:
         entry = manifest.vision_entry(variant)
         return VisionChoice(entry, kind, "asked"), open_encoder(bundle, manifest, entry, device, threads, kind=kind)
@@ -252,4 +234,4 @@ def _record_name(manifest: Manifest, pairs, device: str, threads: int | None) ->
     return f"vision-choice-{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
 
 
-__all__ = ["AUTO", "BACKEND_CHOICES", "VisionChoice", "VisionEncoder", "choose_vision", "open_encoder"]
+__all__ = ["AUTO", "VisionChoice", "VisionEncoder", "backend_choices", "choose_vision", "open_encoder"]

@@ -3,6 +3,9 @@
 - no import cycle between the product's modules (every ``import``, at module level or inside a function);
 - no branching on a model family outside the family modules (families/ and export's family modules): no
   comparison against a family's name, a manifest's ``.family`` or a ``*_MODEL_TYPES`` table;
+- no branching on a backend outside backends/ (the vision and LLM registries): no comparison against a
+  backend's name or an ``.llm_backend`` / ``.vision_backend`` setting; exempt by name only what is not a choice
+  of ours (BACKEND_EXEMPT);
 - no module over MAX_LINES lines without a line "Long module: <reason>" in its docstring;
 - README's Development map lists every product module, and nothing that is not one.
 
@@ -25,6 +28,12 @@ FAMILY_NAMES = {"convllava", "llava-mini", "llava_mini"}
 # family-specific readers they call (each reads one family's checkpoint layout and nothing else)
 FAMILY_MODULES = ("convllava_edge/families/", "export/families.py", "export/family_", "export/config.py",
                   "export/llava_mini.py", "export/llava_mini_export.py", "export/vision_model.py")
+BACKEND_NAMES = {"onnxruntime", "openvino", "triton", "llama.cpp", "vllm"}
+BACKEND_SETTINGS = {"llm_backend", "vision_backend"}
+BACKEND_MODULES = ("convllava_edge/backends/",)
+# Not choices of ours: doctor reports each backend by name (its section of the report), and deploy_triton
+# compares Triton's own config fields (platform "onnxruntime_onnx", backend "onnxruntime": Triton's names).
+BACKEND_EXEMPT = ("convllava_edge/doctor.py", "convllava_edge/deploy_triton.py")
 MAX_LINES = 450
 LONG_MARK = "Long module:"
 
@@ -126,6 +135,26 @@ def family_branches() -> list[str]:
     return found
 
 
+def backend_branches() -> list[str]:
+    """Comparisons outside backends/ against a backend's name (also inside a tuple or list compared) or a setting
+    that holds one."""
+    found = []
+    for path in product_files():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(BACKEND_MODULES) or rel in BACKEND_EXEMPT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Compare):
+                continue
+            named = any((isinstance(part, ast.Constant) and part.value in BACKEND_NAMES)
+                        or (isinstance(part, ast.Attribute) and part.attr in BACKEND_SETTINGS)
+                        or (isinstance(part, ast.Name) and part.id in BACKEND_SETTINGS)
+                        for side in [node.left, *node.comparators] for part in ast.walk(side))
+            if named:
+                found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
 def long_modules(paths) -> list[str]:
     out = []
     for path in paths:
@@ -156,6 +185,7 @@ def main() -> int:
                                      for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
     problems = [f"import cycle: {' -> '.join(c)}" for c in cycles()] + \
         [f"family branch outside the family modules: {b}" for b in family_branches()] + \
+        [f"backend branch outside backends/: {b}" for b in backend_branches()] + \
         long_modules(every) + map_mismatches()
     for p in problems:
         print(p)

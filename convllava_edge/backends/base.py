@@ -113,12 +113,19 @@ class LlmCapabilities:
       (``Answer.token_ids`` is empty) and ``check`` compares answer text instead of ids.
     - ``kv_reuse``: the KV cache persists between requests, so a prompt sharing a prefix with the last
       one evaluates only the rest (``truncate`` keeps a prefix). Without it every request starts at 0.
+    - ``fork``: ``fork(threads, n_ctx, threads_batch)`` gives another sequence on the same weights (serve's
+      --parallel slots). Without it a server serves one request at a time.
+    - ``server_cache``: the backend reports how many of the last prompt's positions its server did not compute
+      (``server_cached_tokens``, None when it gave no figure). Without it that figure is ours: the positions our
+      KV cache reused.
     """
 
     save_state: bool = False
     logits: bool = False
     token_ids: bool = False
     kv_reuse: bool = False
+    fork: bool = False
+    server_cache: bool = False
 
 
 class Step(NamedTuple):
@@ -139,6 +146,8 @@ class LlmBackend(Protocol):
     n_past: int
     threads: int
     gpu_offload: bool
+    where: str  # where it computes, for the user: "CPU", "GPU", a server's address
+    server_cached_tokens: int | None  # with capabilities.server_cache: the server's figure for the last prompt
     settings: dict  # what ran, for --json and benchmarks
 
     def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]: ...

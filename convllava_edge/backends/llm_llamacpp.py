@@ -162,7 +162,8 @@ class LlamaCppBackend(LlamaVocab):
     """One model, one context, one sequence (seq 0): every capability of the LLM-backend interface."""
 
     name = "llama.cpp"
-    capabilities = LlmCapabilities(save_state=True, logits=True, token_ids=True, kv_reuse=True)
+    capabilities = LlmCapabilities(save_state=True, logits=True, token_ids=True, kv_reuse=True, fork=True)
+    server_cached_tokens = None  # no server: Model counts what its KV cache reused
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, kv_f32: bool = False, quiet: bool = True,
@@ -261,6 +262,10 @@ class LlamaCppBackend(LlamaVocab):
         self.n_past = 0
         self._batch_tokens = lib.llama_batch_init(self.n_batch, 0, 1)
         self._batch_embd = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+
+    @property
+    def where(self) -> str:
+        return "GPU" if self.gpu_offload else "CPU"
 
     def fork(self, threads: int | None = None, n_ctx: int | None = None,
              threads_batch: int | None = None) -> "LlamaCppBackend":

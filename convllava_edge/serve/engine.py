@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..backends import llm_kind
 from ..backends.base import ContextOverflowError
 from ..errors import ConvLlavaEdgeError
 from ..model import Answer, AskOptions, Model
@@ -68,7 +69,7 @@ class Served:
                 "vision": {"type": self.model.vision_entry.variant, "backend": self.model.vision_backend},
                 "image_tokens": image_token_rule(m), "context": self.model.llm.n_ctx, "parallel": len(self.slots),
                 "threads": {"decode_per_slot": self.model.llm.threads,
-                            "batch": getattr(self.model.llm, "settings", {}).get("threads_batch")}}
+                            "batch": self.model.llm.settings.get("threads_batch")}}
 
 
 def image_token_rule(m) -> dict:
@@ -94,7 +95,7 @@ def load_served(name: str, path: Path, parallel: int, queue_limit: int, runtime:
     batch = runtime.threads_batch or default_threads()
     trained = load_manifest(path, verify=False).llm_n_ctx_train
     n_ctx = runtime.n_ctx or min(trained, DEFAULT_CONTEXT) if trained else runtime.n_ctx or DEFAULT_CONTEXT
-    if runtime.llm_backend == "vllm":  # the server's threads, its context: nothing to share out here
+    if not llm_kind(runtime.llm_backend).shares_cores:  # a server's threads, its context: nothing to share out here
         first = Model(path, runtime.with_(threads=batch, threads_batch=None))
     else:
         first = Model(path, runtime.with_(threads=per_slot, threads_batch=batch, n_ctx=n_ctx))

@@ -28,6 +28,7 @@ class FakeLlm:
         self.script = list(script)  # the next answer's pieces: token texts, "</s>" ends it
         self.space_prefix = space_prefix
         self.bos, self.threads, self.gpu_offload = BOS, 1, False
+        self.where, self.server_cached_tokens = "CPU", None
         self.settings = {"kv_type": "f16"}
         self.n_past = 0
         self.evaluated: list = []  # everything evaluated into the sequence: ids, ("rows", n) for embeddings

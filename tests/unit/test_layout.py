@@ -32,6 +32,24 @@ def test_no_family_branch_outside_the_family_modules():
     assert layout.family_branches() == []
 
 
+def test_no_backend_branch_outside_backends():
+    assert layout.backend_branches() == []
+
+
+def test_the_checker_finds_a_backend_branch_where_there_is_one(tmp_path, monkeypatch):
+    pkg = tmp_path / "convllava_edge"
+    (pkg / "backends").mkdir(parents=True)
+    (pkg / "a.py").write_text("def f(o, kind):\n    if o.llm_backend == x:\n        pass\n"
+                              "    return (kind, 'fp32') != ('onnxruntime', 'fp32')\n")
+    (pkg / "b.py").write_text("def g(name):\n    return name in ('vllm',)\n")
+    (pkg / "backends" / "c.py").write_text("def h(name):\n    return name == 'vllm'\n")  # the registry may
+    (pkg / "doctor.py").write_text("def h(name):\n    return name == 'openvino'\n")  # exempt by name
+    monkeypatch.setattr(layout, "ROOT", tmp_path)
+    monkeypatch.setattr(layout, "PACKAGES", {"convllava_edge": "convllava_edge"})
+    found = layout.backend_branches()
+    assert [b.split(": ")[0] for b in found] == ["convllava_edge/a.py:2", "convllava_edge/a.py:4", "convllava_edge/b.py:2"]
+
+
 def test_long_modules_state_why():
     every = layout.product_files() + sorted(p for folder in ("tests", "benchmarks", "demo", "tools")
                                             for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
