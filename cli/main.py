@@ -118,7 +118,7 @@ def lint_cmd(
 @app.command("encode")
 def encode_cmd(
     image: Path = typer.Argument(..., help="Image file."),
-    model: Path = typer.Option(..., "--model", help="Bundle folder."),
+    model: ModelPath = None,
     vision_type: VisionType = None,
     aspect: Aspect = None,
     device: Device = "auto",
@@ -140,6 +140,7 @@ def encode_cmd(
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url)
     if save is not None:
         check_output_file(save, "--save")  # a folder, a device, a FIFO: refused before any work
+    model = _bundle_or_demo(model)
     manifest = load_manifest(model)
     manifest.vision_entry(vision_type)  # an unknown type fails before any work
     config = manifest.preprocess
@@ -244,18 +245,23 @@ def bench_cmd(
     out.print(summary)
 
 
+def _bundle_or_demo(model: Optional[Path]) -> Path:
+    """``--model``, or the demo model shipped with the package (said in one line), as every command defaults."""
+    if model is not None:
+        return model
+    from ..default_model import default_bundle
+
+    bundle = default_bundle()
+    err.print(f"using the demo model shipped with convllava-edge ({bundle.name}); pass --model for another", markup=False)
+    return bundle
+
+
 def _load_model(model: Optional[Path], runtime, context_for: Optional[tuple[str, int]] = None):
     """The bundle (default: the demo model, said in one line) loaded as ``runtime`` says. ``context_for``: the
     one question it answers: the LLM loads once the image is encoded and the graphs are freed (ask_once)."""
-    from ..default_model import default_bundle
     from ..model import Model
 
-    bundle = model
-    if bundle is None:
-        bundle = default_bundle()
-        err.print(f"using the demo model shipped with convllava-edge ({bundle.name}); pass --model for another",
-                  markup=False)
-    return Model(bundle, runtime, context_for=context_for, defer_llm=context_for is not None,
+    return Model(_bundle_or_demo(model), runtime, context_for=context_for, defer_llm=context_for is not None,
                  progress=lambda line: err.print(line, markup=False))
 
 
@@ -477,12 +483,7 @@ def batch_cmd(
                 _need_ray()
                 from ..ray_batch import run_on_ray
 
-                bundle = model
-                if bundle is None:
-                    from ..default_model import default_bundle
-
-                    bundle = default_bundle()
-                run_on_ray(bundle, items, log, options, runtime, workers, address, advance)
+                run_on_ray(_bundle_or_demo(model), items, log, options, runtime, workers, address, advance)
             else:
                 run_local(_load_model(model, runtime), items, log, options, advance)
     err.print(f"{shown(out_path)}: {left - errors} answered, {errors} error line(s)", markup=False)

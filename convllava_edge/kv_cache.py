@@ -23,23 +23,28 @@ from .prompt import ImageSlot, Item, common_prefix, image_end, positions
 
 
 def evaluate_items(llm: LlmBackend, items: Sequence[Item], rows_by_key: dict[str, np.ndarray],
-                   on_item: Callable[[Item], None] = lambda item: None) -> int:
+                   on_item: Callable[[Item], None] = lambda item: None,
+                   on_logits: Callable[[np.ndarray], None] | None = None) -> int:
     """Evaluate ``items`` at the next positions: runs of tokens batched, image slots injected.
 
-    Returns the number of positions evaluated; ``on_item`` sees each item once it is in the KV cache.
+    Returns the number of positions evaluated; ``on_item`` sees each item once it is in the KV cache;
+    ``on_logits`` (quantize/accuracy.py) the logits of every text position after the first image, run by run.
     """
-    evaluated, i = 0, 0
+    evaluated, i, seen_image = 0, 0, False
     while i < len(items):
         if isinstance(items[i], ImageSlot):
             llm.eval_embeddings(rows_by_key[items[i].key])
             evaluated += items[i].n_tokens
             on_item(items[i])
-            i += 1
+            i, seen_image = i + 1, True
             continue
         j = i
         while j < len(items) and not isinstance(items[j], ImageSlot):
             j += 1
-        llm.eval_tokens(items[i:j])
+        wanted = on_logits is not None and seen_image
+        logits = llm.eval_tokens(list(items[i:j]), all_logits=wanted)
+        if wanted:
+            on_logits(logits)
         evaluated += j - i
         for token in items[i:j]:
             on_item(token)

@@ -8,13 +8,12 @@ as an entry point of the group ``convllava_edge.export_families``.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..registry import Registry
 from ..preprocess import PreprocessConfig
 from ..prompt import ChatTemplate, Template
 
@@ -70,8 +69,8 @@ class ExportFamily:
         raise NotImplementedError
 
     def tokenizer_info(self, vocab) -> dict:
-        """The manifest's ``tokenizer`` entry (how prompts are tokenized at run time)."""
-        raise NotImplementedError
+        """The manifest's ``tokenizer`` entry (how prompts are tokenized at run time): the vocabulary's own."""
+        return vocab.runtime_entry()
 
     def llm_agreement(self, vision: VisionResult, llm_path: Path, conversion, options) -> dict | None:
         """Quantized against unquantized LLM on image prompts (None: not measured for this family)."""
@@ -86,35 +85,22 @@ class ExportFamily:
                           "exported with --vision-type fp32 and --llm-type F16 or F32")
 
 
-_FAMILIES: dict[str, ExportFamily] = {}
-_loaded: list[bool] = []
+_FAMILIES: Registry[ExportFamily] = Registry(__package__, BUILTIN_MODULES, ENTRY_POINT_GROUP)
 
 
 def register(family: ExportFamily) -> ExportFamily:
-    _FAMILIES[family.name] = family
-    return family
+    return _FAMILIES.register(family)
 
 
 def unregister(name: str) -> None:
     """Forget the export family of this name (a test's, when it is done with it)."""
-    _FAMILIES.pop(name, None)
-
-
-def _load() -> None:
-    if _loaded:
-        return
-    _loaded.append(True)
-    for module in BUILTIN_MODULES:
-        register(importlib.import_module(f"{__package__}.{module}").FAMILY)
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        register(point.load())
+    _FAMILIES.unregister(name)
 
 
 def export_family_for(checkpoint: Path) -> ExportFamily:
     """The family whose model_type config.json names."""
     from .config import read_json
 
-    _load()
     config = read_json(Path(checkpoint) / "config.json")
     for family in _FAMILIES.values():
         if family.detect(config):
@@ -125,8 +111,8 @@ def export_family_for(checkpoint: Path) -> ExportFamily:
 
 
 def export_family_named(name: str) -> ExportFamily:
-    _load()
-    if name not in _FAMILIES:
-        raise CheckpointError(f"no export family {name!r} (known: {', '.join(_FAMILIES)})")
-    return _FAMILIES[name]
+    family = _FAMILIES.get(name)
+    if family is None:
+        raise CheckpointError(f"no export family {name!r} (known: {', '.join(_FAMILIES.names())})")
+    return family
 

@@ -65,9 +65,6 @@ class ConvLlavaExport(ExportFamily):
         llava = LlavaConfig.load(checkpoint)
         return llava.llm, llava.mm.max_length, NOT_LLM_PREFIXES
 
-    def tokenizer_info(self, vocab) -> dict:
-        return {"kind": "sentencepiece", "add_space_prefix": vocab.add_space_prefix, "space_after_special": vocab.legacy}
-
     def llm_agreement(self, vision: VisionResult, llm_path: Path, conversion, options) -> dict | None:
         return _llm_agreement(vision.state, llm_path, conversion, options)
 
@@ -133,8 +130,7 @@ def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:
     ref = LlamaCppBackend(conversion.path, n_ctx=1024, threads=options.threads, kv_f32=True, trial=False,
                           extra_bufts=False)
     vocab = conversion.vocab
-    tokenizer = PromptTokenizer(ref, {"kind": "sentencepiece", "add_space_prefix": vocab.add_space_prefix,
-                                      "space_after_special": vocab.legacy})
+    tokenizer = PromptTokenizer(ref, vocab.runtime_entry())
     sequences, ref_logits = [], []
     for n, embeds in enumerate(images):
         slot = ImageSlot(f"probe{n}", len(embeds))

@@ -94,8 +94,5 @@ class LlavaMiniExport(ExportFamily):
         mini = LlavaMiniConfig.load(checkpoint)
         return mini.llm, mini.mm.max_length, NOT_LLM_PREFIXES
 
-    def tokenizer_info(self, vocab) -> dict:
-        return {"kind": "bpe", "stop_ids": vocab.stop_ids}
-
 
 FAMILY = LlavaMiniExport()

@@ -19,6 +19,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import ExportError
+from ..families.llava_mini import GRAPH_IO
 from ..metrics import compare_embeddings, relative_max_error
 from .llava_mini import Compress, LlavaMiniCheckpoint, PreFusion, load_modules
 from ..quantize.onnx_variants import fold_constants
@@ -32,9 +33,7 @@ GRAPHS = ("clip", "compress", "prefusion")
 OPSET = 18
 MAX_TEXT = 8192  # longest prompt the pre-fusion graph accepts (tokenizer_model_max_length is 4096)
 # Names of the graphs' inputs and outputs (the runtime in convllava_edge/families/llava_mini.py uses the same)
-IO = {"clip": (["pixel_values"], ["image_features"]),
-      "compress": (["image_features"], ["global_tokens", "compressed_tokens"]),
-      "prefusion": (["vision_tokens", "input_ids"], ["fused_text", "compressed_fused"])}
+IO = GRAPH_IO  # the runtime family's names for the graphs' inputs and outputs: one table, the runtime's
 
 
 @dataclass

@@ -48,6 +48,12 @@ class Vocab:
     add_space_prefix: bool = False  # SentencePiece's add_dummy_prefix
     legacy: bool = True  # HF's "legacy": a space is prefixed after special tokens too (SentencePiece)
 
+    def runtime_entry(self) -> dict:
+        """The manifest's ``tokenizer`` entry: how prompts are tokenized at run time (tokenizer.py reads it)."""
+        if self.kind == "llama":  # SentencePiece
+            return {"kind": "sentencepiece", "add_space_prefix": self.add_space_prefix, "space_after_special": self.legacy}
+        return {"kind": "bpe", "stop_ids": self.stop_ids}
+
     def add_to(self, writer: gguf.GGUFWriter, pad_override: int | None = None) -> None:
         writer.add_tokenizer_model(self.kind)
         writer.add_tokenizer_pre("default" if self.kind == "llama" else "llama-bpe")

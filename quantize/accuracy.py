@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..prompt import ImageSlot, Item
+from ..kv_cache import evaluate_items
+from ..prompt import Item
 
 
 @dataclass(frozen=True)
@@ -54,18 +55,6 @@ def sequence_logits(backend, items: Sequence[Item], embeds: dict[str, np.ndarray
     eval_embeddings of the same meaning will do).
     """
     backend.truncate(0)
-    rows, seen_image, i = [], False, 0
-    while i < len(items):
-        item = items[i]
-        if isinstance(item, ImageSlot):
-            backend.eval_embeddings(embeds[item.key])
-            seen_image, i = True, i + 1
-            continue
-        j = i
-        while j < len(items) and not isinstance(items[j], ImageSlot):
-            j += 1
-        logits = backend.eval_tokens(list(items[i:j]), all_logits=seen_image)
-        if seen_image:
-            rows.append(logits)
-        i = j
+    rows: list[np.ndarray] = []
+    evaluate_items(backend, items, embeds, on_logits=rows.append)
     return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)

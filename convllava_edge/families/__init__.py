@@ -7,52 +7,35 @@ object is a Family; its bundles are made by an export family module (export/fami
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
 from ..errors import BundleError
+from ..registry import Registry
 from .base import Family, VisionEncoder
 
 BUILTIN_MODULES = ("convllava", "llava_mini")
 ENTRY_POINT_GROUP = "convllava_edge.families"
-_FAMILIES: dict[str, Family] = {}
-_loaded = False
+_FAMILIES: Registry[Family] = Registry(__name__, BUILTIN_MODULES, ENTRY_POINT_GROUP)
 
 
 def register(family: Family) -> Family:
     """Make ``family`` known by its name (replacing one of the same name)."""
     if not family.name or not family.graphs:
         raise ValueError(f"{type(family).__name__}: a family needs a name and its graphs")
-    _FAMILIES[family.name] = family
-    return family
+    return _FAMILIES.register(family)
 
 
 def unregister(name: str) -> None:
     """Forget the family of this name (a test's, when it is done with it); nothing if none is registered."""
-    _FAMILIES.pop(name, None)
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in BUILTIN_MODULES:
-        register(importlib.import_module(f"{__name__}.{module}").FAMILY)
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        register(point.load())
+    _FAMILIES.unregister(name)
 
 
 def known() -> tuple[str, ...]:
-    _load()
-    return tuple(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def family_for(name: str, where: str = "manifest.json") -> Family:
-    _load()
     family = _FAMILIES.get(name)
     if family is None:
-        raise BundleError(f"{where}: unknown family {name!r} (known: {', '.join(_FAMILIES)})")
+        raise BundleError(f"{where}: unknown family {name!r} (known: {', '.join(_FAMILIES.names())})")
     return family
 
 

@@ -345,3 +345,12 @@ def test_encode_and_info_read_a_manifest_without_its_optional_parts(tmp_path, ca
     assert "pad ->" in capsys.readouterr().out
     assert main(["encode", str(EXAMPLE), "--model", str(bundle), "--json"]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["n_tokens"] > 0
+
+
+# -- issue 34: one default everywhere ------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_encode_takes_the_demo_model_without_model(capsys):
+    assert main(["encode", str(EXAMPLE), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "using the demo model shipped with convllava-edge" in captured.err
+    assert json.loads(captured.out)["n_tokens"] == 36  # the demo's 384 px: 6 x 6

@@ -79,9 +79,6 @@ class ToyExport(ExportFamily):
         cfg = read_json(Path(checkpoint) / "config.json")
         return LlmConfig.from_dict(cfg, Path(checkpoint) / "config.json"), 2048, (PREFIX,)
 
-    def tokenizer_info(self, vocab) -> dict:
-        return {"kind": "sentencepiece", "add_space_prefix": vocab.add_space_prefix, "space_after_special": vocab.legacy}
-
 
 FAMILY = ToyExport()
 
