@@ -175,14 +175,14 @@ def encode_cmd(
 
 @app.command("check")
 def check_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle to check."),
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle to check (default: the demo model shipped with the package)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint folder or bundle (fp32 vision, F16/F32 LLM) to compare against."),
     vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="With --reference CHECKPOINT: its ConvNeXt tower folder "
                                                 "(default: the one the bundle was exported from, if it still exists)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (default: the demo task's scenes)."),
     questions: Optional[Path] = typer.Option(None, "--questions", help='JSONL: {"image": ..., "question": ..., "answer": ...} per line.'),
     text: Optional[Path] = typer.Option(None, "--text", help="Text file for a perplexity comparison."),
-    gate: List[str] = typer.Option([], "--gate", help="NAME=VALUE, e.g. llm.kl_mean=0.1 (repeatable; see README for the defaults)."),
+    gate: List[str] = typer.Option([], "--gate", help="NAME=VALUE, e.g. llm.kl_mean=0.1 (repeatable; the defaults: docs/models.md)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md and chart.png into this folder."),
     nf4: bool = typer.Option(True, "--nf4/--no-nf4", help="With a checkpoint reference, also measure bitsandbytes NF4."),
     threads: Threads = None,
@@ -196,7 +196,7 @@ def check_cmd(
     gates = parse_gates(gate)
     inputs = load_inputs(images, questions, text)
     with stage_bars(err, elapsed=True) as progress:
-        result = run_check(bundle, inputs, reference, gates, threads, nf4=nf4, progress=progress, vision_tower=vision_tower)
+        result = run_check(_bundle_or_demo(bundle), inputs, reference, gates, threads, nf4=nf4, progress=progress, vision_tower=vision_tower)
     if report is not None:
         md, chart = write_report(result, report)
         err.print(f"report: {md}, chart: {chart}", markup=False)
@@ -214,7 +214,7 @@ def check_cmd(
 @app.command("bench")
 def bench_cmd(
     bundle: Path = typer.Argument(..., help="Bundle to measure."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Image (default: the README's example picture)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image (default: examples/shapes-1.png)."),
     question: str = typer.Option("Describe the image.", "--question"),
     runs: int = typer.Option(5, "--runs", min=1, help="Measured runs after one warm-up (each series)."),
     max_tokens: MaxTokens = 32,

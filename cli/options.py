@@ -15,7 +15,7 @@ VISION_BACKEND_HELP = ("What runs the vision graphs: auto (the default, or $CONV
                        "gate), onnxruntime (CPU, CUDA, TensorRT) or openvino (CPU; the 'openvino' extra; the only "
                        "one that runs the bf16 vision type).")
 LLM_BACKEND_HELP = ("llama.cpp (the bundle's GGUF, here) or vllm (a vLLM server at --llm-url, from the bundle's llm-hf/; "
-                    "README: \"The vLLM backend\").")
+                    "docs/scale-out.md).")
 LLM_URL_HELP = "The vLLM server, e.g. http://127.0.0.1:8000 (with --llm-backend vllm)."
 LLM_MODEL_HELP = "The model's name on the vLLM server (default: the one it serves)."
 VISION_URL_HELP = ("A Triton server running the bundle's vision graphs, http://HOST:PORT (models named by `deploy "

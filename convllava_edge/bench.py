@@ -82,7 +82,7 @@ def _figures(answer) -> dict[str, float]:
 
 
 def default_image() -> Path:
-    """The README's example picture, next to the package in a checkout; else a generated scene."""
+    """examples/shapes-1.png, next to the package in a checkout; else a generated scene."""
     example = Path(__file__).resolve().parents[1] / "examples" / "shapes-1.png"
     if example.is_file():
         return example

@@ -7,7 +7,7 @@
   backend's name or an ``.llm_backend`` / ``.vision_backend`` setting; exempt by name only what is not a choice
   of ours (BACKEND_EXEMPT);
 - no module over MAX_LINES lines without a line "Long module: <reason>" in its docstring;
-- README's Development map lists every product module, and nothing that is not one.
+- the docs' module map (docs/architecture.md) lists every product module, and nothing that is not one.
 
     python tools/layout.py        # prints each broken rule; exit 1 when one is
 """
@@ -166,18 +166,22 @@ def long_modules(paths) -> list[str]:
     return out
 
 
+MODULE_MAP = "docs/architecture.md"  # its "## Module map" section
+
+
 def readme_map() -> set[str]:
-    """The files README's Development map names: lines "- `path/to/module.py`: ..." after "### Layout"."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Layout", 1)[1].split("\n## ", 1)[0] if "### Layout" in text else ""
+    """The files the docs' module map names: lines "- `path/to/module.py`: ..." in MODULE_MAP's "## Module map"."""
+    path = ROOT / MODULE_MAP
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    section = text.split("## Module map", 1)[1].split("\n## ", 1)[0] if "## Module map" in text else ""
     return set(re.findall(r"^- `([\w/]+\.py)`", section, flags=re.M))
 
 
 def map_mismatches() -> list[str]:
     listed = readme_map()
     real = {p.relative_to(ROOT).as_posix() for p in product_files()}
-    return [f"README map lacks {p}" for p in sorted(real - listed)] + \
-        [f"README map names {p}, which does not exist" for p in sorted(listed - real)]
+    return [f"{MODULE_MAP}'s map lacks {p}" for p in sorted(real - listed)] + \
+        [f"{MODULE_MAP}'s map names {p}, which does not exist" for p in sorted(listed - real)]
 
 
 def main() -> int:

@@ -271,7 +271,7 @@ def open_llm(path: str | os.PathLike, device: str = "auto", kind: str = "llama.c
 def open_vllm(bundle, manifest, url: str | None, model: str | None = None) -> LlmBackend:
     """A running vLLM server as the bundle's LLM (its llm-hf/ weights, prompt embeddings: llm_vllm.py)."""
     if not url:
-        raise ConfigError("--llm-backend vllm needs --llm-url URL: the vLLM server (README: \"The vLLM backend\")")
+        raise ConfigError("--llm-backend vllm needs --llm-url URL: the vLLM server (docs/scale-out.md)")
     from .llm_vllm import VllmBackend
 
     return VllmBackend(bundle, manifest, url, model)

@@ -129,7 +129,7 @@ class VllmBackend:
             raise VllmError(f"vLLM at {self.url} answered {e.code}: {_message(e.read())}") from None
         except urllib.error.URLError as e:
             raise VllmError(f"cannot reach vLLM at {self.url} ({e.reason}): is the server running? "
-                            "(README: \"The vLLM backend\")") from None
+                            "(docs/scale-out.md)") from None
         except (TimeoutError, socket.timeout):
             raise VllmError(f"vLLM at {self.url} did not answer in {self.timeout:g} s") from None
         if stream:
