@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ from convllava_edge.model import AskOptions, Model
 from convllava_edge.preprocess import PreprocessConfig
 from convllava_edge.shapes_task import random_scene
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
-from support import synthetic as S  # noqa: E402
+from convllava_edge.export import synthetic as S  # noqa: E402
 
 LLM = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                   num_key_value_heads=4, vocab_size=32000)

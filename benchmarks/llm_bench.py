@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +32,7 @@ from convllava_edge.export.gguf_convert import convert_llm
 from convllava_edge.quantize.gguf_quant import quantize_gguf
 from llama_timing import llama_cpp_speed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
-from support import synthetic as S  # noqa: E402
+from convllava_edge.export import synthetic as S  # noqa: E402
 
 SPEC = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                    num_key_value_heads=4, vocab_size=32000)

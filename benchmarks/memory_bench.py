@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # support: the synthetic checkpoints
 QUESTION = "What is in the image?"
 IMAGE_SIZE = 1536
 DISK_NEEDED = 40 * 10**9  # shards ~15 GB + F16 GGUF ~13.5 GB + Q4_K_M ~4 GB + ONNX fp32 while exporting ~2.7 GB
@@ -44,7 +43,7 @@ SMALL = os.environ.get("MEMORY_BENCH_SMALL") == "1"  # --small: the same steps o
 
 
 def spec():
-    from support import synthetic as S
+    from convllava_edge.export import synthetic as S
 
     if SMALL:
         return S.LlamaSpec(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -54,7 +53,7 @@ def spec():
 
 
 def tower_config():
-    from support import synthetic as S
+    from convllava_edge.export import synthetic as S
 
     return S.TowerConfig(depths=S.TINY_TOWER.depths, hidden_sizes=S.TINY_TOWER.hidden_sizes, image_size=IMAGE_SIZE) \
         if SMALL else S.convllava_tower(IMAGE_SIZE)
@@ -81,7 +80,7 @@ def write_checkpoint(folder: Path, shard_bytes: int = 2 * 10**9) -> Path:
 
     from convllava_edge.export.checkpoint import BIN_INDEX, write_index
     from convllava_edge.export.vision_model import TOWER_PREFIX
-    from support import synthetic as S
+    from convllava_edge.export import synthetic as S
 
     s, tower = spec(), tower_config()
     folder.mkdir(parents=True, exist_ok=True)

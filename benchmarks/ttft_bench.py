@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # support: the synthetic checkpoints
 sys.path.insert(0, str(HERE))
 
 from e2e_bench import LLM, QUESTION, make_bundle  # noqa: E402  e2e_bench's ~1B Llama, checkpoint, question

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,8 +40,7 @@ from convllava_edge.errors import ConfigError
 from convllava_edge.machine import cpu_info
 from convllava_edge.families.convllava import CONVLLAVA, ConvLlavaEncoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the synthetic checkpoints
-from support.synthetic import convllava_tower, random_vision_state  # noqa: E402
+from convllava_edge.export.synthetic import convllava_tower, random_vision_state  # noqa: E402
 
 N_EMBD = 4096  # Vicuna-7B's width: the projector's output
 

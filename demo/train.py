@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +53,7 @@ from convllava_edge.export.vision_model import ConvLlavaVision
 from convllava_edge.preprocess import PreprocessConfig, preprocess
 from convllava_edge.prompt import VICUNA_V1
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support: the checkpoint writer
-from support import synthetic as S  # noqa: E402
+from convllava_edge.export import synthetic as S  # noqa: E402
 
 def demo_tower(image_size: int = 256) -> TowerConfig:
     """The demo's tower at ``image_size`` px, a multiple of its total stride (64): 256 px -> 4 x 4 tokens (the

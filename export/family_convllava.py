@@ -17,7 +17,6 @@ from .families import ExportFamily, ShippedVision, VisionResult
 AGREEMENT_QUESTIONS = ("Describe the image.", "What is in the picture?", "How many objects are there?")
 AGREEMENT_IMAGES = 3  # generated pictures (export/probe_images.py) whose rows the LLM sees at export
 AGREEMENT_ANSWER_TOKENS = 24  # per answer: enough positions to see where 4 bits change a choice
-TOWER_NOTE = "vision tower from --vision-tower "  # export/vision_model.py's note
 
 
 class ConvLlavaExport(ExportFamily):
@@ -95,12 +94,8 @@ class TorchVision:
 
 def recorded_tower(manifest) -> Path | None:
     """The tower folder the bundle was exported from (``--vision-tower``), when it still exists here."""
-    path = manifest.source.get("vision_tower")
-    if not isinstance(path, str):  # bundles from before it was recorded: the export's note names it
-        note = next((n for n in manifest.source.get("notes", []) if isinstance(n, str)
-                     and n.startswith(TOWER_NOTE)), None)
-        path = note[len(TOWER_NOTE):] if note else None
-    return Path(path) if path and Path(path).is_dir() else None
+    path = manifest.source.get("vision_tower")  # what export records (bundle.py)
+    return Path(path) if isinstance(path, str) and path and Path(path).is_dir() else None
 
 
 def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:

@@ -15,7 +15,7 @@ from convllava_edge.errors import ConfigError
 from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.check import default_inputs, parse_gates, run_check, write_report
 
-from support import synthetic as S
+from convllava_edge.export import synthetic as S
 from support.tiny import SPEC
 
 SMALL = dict(n_images=2)  # 2 demo scenes x 3 questions keep the suite fast

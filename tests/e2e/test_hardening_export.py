@@ -33,7 +33,7 @@ from convllava_edge.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileRecord, 
                                      VisionEntry, write_manifest)
 from convllava_edge.preprocess import PreprocessConfig
 
-from support import synthetic as S
+from convllava_edge.export import synthetic as S
 from support.synthetic_mini import TINY_CLIP
 from support.tiny import SPEC
 

@@ -15,7 +15,7 @@ from convllava_edge.export.checkpoint import TensorStore
 from convllava_edge.export.vision_model import (TOWER_PREFIX, infer_tower_config, load_vision_model,
                                                 open_vision_checkpoint)
 
-from support import synthetic as S
+from convllava_edge.export import synthetic as S
 from support.tiny import SPEC
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from convllava_edge.preprocess import CLIP_MEAN, CLIP_STD
-from .synthetic import LlamaSpec, _normal, _randomize, random_llama_state, save_tensors, write_json
+from convllava_edge.export.synthetic import LlamaSpec, _normal, _randomize, random_llama_state, save_tensors, write_json
 
 # head size 64 as in ViT-L/14 (1024 wide, 16 heads): the shard copy carries no config, and heads are
 # inferred as width / 64
