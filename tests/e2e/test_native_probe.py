@@ -19,7 +19,7 @@ from convllava_edge.cache import ROOT_NAME
 from convllava_edge.records import RECORDS
 from convllava_edge.errors import BundleError
 
-from support.hardening_util import EXAMPLE, cli, copy_demo, gguf_of, patch_gguf_scalar
+from support.cli_runs import EXAMPLE, cli, copy_demo, gguf_of, patch_gguf_scalar
 
 QUESTION = "How many shapes are there?"
 NOTICE = "crashed a probe with SIGILL"

@@ -1,7 +1,7 @@
 """Cache keys (every input that changes the embeddings changes the key) and the cache's size bound.
 
-The cache's hardening (hostile folders, damaged entries of every kind, concurrency) is in
-test_hardening_cache_image.py; here the contract a caller relies on.
+The cache's guards (hostile folders, damaged entries of every kind, concurrency) is in
+test_cache_entries.py; here the contract a caller relies on.
 """
 
 from __future__ import annotations

@@ -87,3 +87,19 @@ def test_openvino_without_its_extra_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     with pytest.raises(ConfigError, match=r"--vision-backend openvino needs OpenVINO \(pip install 'convllava-edge\[openvino\]'\)"):
         open_vision_backend("cpu", kind="openvino")
+
+
+def test_encoder_outputs_own_their_memory():
+    """ORT's output arrays are views of its buffers: one kept alive (the cache, the pipeline's recent images,
+    an export's reference embeddings) kept the whole session's memory (2 GB for the 1536 px tower) after
+    the session was gone, and an export of a real ConvLLaVA-1536 was killed for memory. Outputs are copies."""
+    from convllava_edge.default_model import DEMO_BUNDLE
+    from convllava_edge.families.convllava import ConvLlavaEncoder
+
+    encoder = ConvLlavaEncoder.from_file(next(DEMO_BUNDLE.glob("*.onnx")), "cpu", 1)
+    for out in (encoder.encode(np.zeros((1, 3, 256, 256), np.float32)),
+                *encoder.encode_both(np.zeros((1, 3, 256, 256), np.float32))):
+        root = out
+        while root.base is not None:
+            root = root.base
+        assert isinstance(root, np.ndarray) and root.flags.owndata, type(root)

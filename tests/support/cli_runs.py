@@ -1,4 +1,4 @@
-"""Helpers for the hardening tests: run the CLI as a user does, bounded in memory and time; craft bundles."""
+"""Run the CLI as a user does, bounded in memory and time, and craft damaged bundles (the CLI's and export's error tests)."""
 
 from __future__ import annotations
 

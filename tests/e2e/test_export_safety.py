@@ -1,8 +1,8 @@
-"""Export hardening (issue 12): --force replaces only bundles, leftovers of killed exports are cleaned,
+"""What export refuses and cleans up: --force replaces only bundles, leftovers of killed exports are removed,
 bundles get the usual file modes, hostile configs and corrupt shards are refused in one line, early.
 
-Long module: the five guards of one issue, one section each, share the helpers at the top that damage a
-tiny checkpoint or bundle in place.
+Long module: five guards on what export writes and reads, one section each, sharing the helpers at the top that
+damage a tiny checkpoint or bundle in place.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def umask():
     os.umask(previous)
 
 
-# -- 1. --force replaces bundles only, never an input -------------------------------------------------
+# -- --force replaces bundles only, never an input -------------------------------------------------
 @pytest.mark.timeout(60)
 def test_force_leaves_a_plain_folder_and_its_files_alone(tiny, tmp_path, capsys):
     out = tmp_path / "my-folder"
@@ -289,7 +289,7 @@ def test_a_symbolic_link_loop_as_out(tiny, tmp_path, capsys):
     assert line.startswith(f"error: --out {tmp_path / 'loop' / 'b'}: cannot resolve the path")
 
 
-# -- 2. leftovers of killed exports ------------------------------------------------------------------
+# -- leftovers of killed exports ------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_leftovers_of_dead_exports_are_removed_and_no_others(tmp_path):
     out = tmp_path / "b"
@@ -336,7 +336,7 @@ def test_owner_records():
     assert not B.owner_alive(record)
 
 
-# -- 3. file modes -----------------------------------------------------------------------------------
+# -- file modes -----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
 def test_staged_bundle_gets_the_modes_of_the_umask(tmp_path, umask, mask, dir_mode, file_mode):
@@ -374,7 +374,7 @@ def test_force_replaces_a_real_bundle_with_usual_modes(tiny, tiny_bundle, tmp_pa
     assert not dead.exists() and staging_leftovers(tmp_path) == []
 
 
-# -- 4. config checks before anything native runs ----------------------------------------------------
+# -- config checks before anything native runs ----------------------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("key,value,expected", [
     ("rms_norm_eps", -1.0, "key 'rms_norm_eps' = -1.0, expected a finite number with 0 < rms_norm_eps < 1"),
@@ -487,7 +487,7 @@ def test_bad_clip_config(tmp_path, change, expected):
     assert str(info.value).startswith(f"{path}: ") and expected in str(info.value)
 
 
-# -- 5. shard integrity ------------------------------------------------------------------------------
+# -- shard integrity ------------------------------------------------------------------------------
 def _poison(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     flat = tensor.view(-1)

@@ -1,7 +1,7 @@
 """Hostile and careless input through the CLI: one line on stderr, exit 1, never a traceback or a signal.
 
 Cases that could abort or exhaust memory run as a real ``convllava-edge`` process with an
-address-space limit and a timeout (hardening_util.cli); the rest call ``main`` in process.
+address-space limit and a timeout (cli_runs.cli); the rest call ``main`` in process.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.model import AskOptions, Model
 from convllava_edge.prompt import ChatTemplate, render_bounded, _jinja
 
-from support.hardening_util import EXAMPLE, GiB, cli, copy_demo, gguf_of, patch_gguf_scalar, rehash
+from support.cli_runs import EXAMPLE, GiB, cli, copy_demo, gguf_of, patch_gguf_scalar, rehash
 
 GREEDY = AskOptions(max_tokens=8, sampling=SamplingOptions(temperature=0.0))
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hardening-cache")
+    return tmp_path_factory.mktemp("cli-errors-cache")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def one_line(capsys, code, *needles):
     return err[0]
 
 
-# -- 4. crafted GGUFs in a re-hashed bundle --------------------------------------------------------
+# -- crafted GGUFs in a re-hashed bundle --------------------------------------------------------
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("key, fmt, value, needle", [
     ("llama.block_count", "I", 0, "block_count"),
@@ -81,7 +81,7 @@ def test_duplicated_vocabulary_token_is_one_line(tmp_path, cache_dir):
     run.assert_one_line_error("duplicate")
 
 
-# -- 5. memory: a 256-byte PNG that pads to 3.6 gigapixels ---------------------------------------
+# -- memory: a 256-byte PNG that pads to 3.6 gigapixels ---------------------------------------
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("aspect", ["pad", "crop", "native"])
 def test_thin_image_does_not_exhaust_memory(tmp_path, cache_dir, aspect):
@@ -107,11 +107,11 @@ def test_manifest_preprocess_sizes_are_bounded(demo_copy, tmp_path, capsys):
     one_line(capsys, main(["info", str(bundle)]), str(bundle / MANIFEST_NAME))
 
 
-# -- 6. the cache is not trusted -------------------------------------------------------------------
+# -- the cache is not trusted -------------------------------------------------------------------
 @pytest.mark.timeout(300)
 def test_cached_embeddings_of_the_wrong_shape_are_misses(tmp_path):
     """Entries with a valid checksum but a shape this bundle never makes (the cache itself refuses
-    NaN and damaged entries: tests/unit/test_hardening_cache_image.py)."""
+    NaN and damaged entries: tests/unit/test_cache_entries.py)."""
     cache = DiskCache(tmp_path / "cache")
     model = Model(DEMO := copy_demo(tmp_path / "b"), cache=cache, device="cpu")
     truth = model.ask(EXAMPLE, "How many shapes are there?", GREEDY)
@@ -128,7 +128,7 @@ def test_cached_embeddings_of_the_wrong_shape_are_misses(tmp_path):
     model.close()
 
 
-# -- 7. a chat template that never ends -------------------------------------------------------------
+# -- a chat template that never ends -------------------------------------------------------------
 NESTED = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}x"
 
 
@@ -172,7 +172,7 @@ def test_hostile_template_in_a_manifest_is_one_line(tmp_path, capsys):
     one_line(capsys, main(["info", str(bundle)]), "does not compile")
 
 
-# -- 8. sampling values and thread counts --------------------------------------------------------------
+# -- sampling values and thread counts --------------------------------------------------------------
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("args, needle", [
     (["--temperature", "nan"], "temperature"), (["--temperature", "inf"], "temperature"),
@@ -182,7 +182,7 @@ def test_nonsense_numbers_are_refused(capsys, args, needle):
     one_line(capsys, main(["ask", str(EXAMPLE), "How many shapes are there?", *args]), needle)
 
 
-# -- 9. one line for every error ---------------------------------------------------------------------
+# -- one line for every error ---------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_invalid_utf8_question_is_one_line(cache_dir):
     run = cli("ask", str(EXAMPLE), b"How many \xff shapes?", env={"CONVLLAVA_EDGE_CACHE": str(cache_dir)})
@@ -275,7 +275,7 @@ def test_lint_on_a_non_onnx_file_and_encode_into_a_missing_folder(tmp_path, caps
     assert not target.parent.exists()
 
 
-# -- 11. markup in a bundle's name is text --------------------------------------------------------------
+# -- markup in a bundle's name is text --------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_rich_markup_in_a_bundle_name_is_printed_as_text(tmp_path, capsys):
     bundle = copy_demo(tmp_path / "b")
@@ -286,7 +286,7 @@ def test_rich_markup_in_a_bundle_name_is_printed_as_text(tmp_path, capsys):
     assert "[red]evil[/red] [link=file:///etc/passwd]x[/link]" in capsys.readouterr().out
 
 
-# -- 12. first contact: a stats line with only meaningful figures -------------------------------------
+# -- a stats line with only meaningful figures -------------------------------------
 @pytest.mark.timeout(120)
 def test_stats_line_has_no_rate_for_a_one_token_answer(cache_dir):
     run = cli("ask", str(EXAMPLE), "How many shapes are there?", "--temperature", "0",
@@ -297,7 +297,7 @@ def test_stats_line_has_no_rate_for_a_one_token_answer(cache_dir):
     assert re.search(r"; [1-7] tokens?$", stats), stats  # the count, not a rate, below 8 tokens
 
 
-# -- issue 32, defect 5: encode --save writes exactly the path given, atomically -----------------------------
+# -- encode --save writes exactly the path given, atomically -----------------------------
 @pytest.mark.timeout(120)
 def test_encode_save_writes_exactly_its_path(tmp_path, capsys):
     target = tmp_path / "embeddings"  # no .npy: np.save(name) wrote embeddings.npy
@@ -323,7 +323,7 @@ def test_encode_save_refuses_devices_folders_and_fifos_before_any_work(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
 
 
-# -- issue 32, defect 13: chat with standard input closed -------------------------------------------------------
+# -- chat with standard input closed -------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_chat_with_stdin_closed_is_one_line(cache_dir):
     proc = subprocess.run(["bash", "-c", 'exec "$0" -m convllava_edge.cli.main chat "$1" <&-', sys.executable,
@@ -333,7 +333,7 @@ def test_chat_with_stdin_closed_is_one_line(cache_dir):
     assert proc.returncode == 1 and len(lines) == 1 and "standard input is closed" in lines[0], proc.stderr
 
 
-# -- issue 33: a valid manifest that names no default aspect, square count or rule ----------------------------
+# -- a valid manifest that names no default aspect, square count or rule ----------------------------
 @pytest.mark.timeout(120)
 def test_encode_and_info_read_a_manifest_without_its_optional_parts(tmp_path, capsys):
     bundle = copy_demo(tmp_path / "b")
@@ -347,7 +347,7 @@ def test_encode_and_info_read_a_manifest_without_its_optional_parts(tmp_path, ca
     assert json.loads(capsys.readouterr().out)["n_tokens"] > 0
 
 
-# -- issue 34: one default everywhere ------------------------------------------------------------------------------
+# -- one default everywhere: the demo model without --model ------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_encode_takes_the_demo_model_without_model(capsys):
     assert main(["encode", str(EXAMPLE), "--json"]) == 0

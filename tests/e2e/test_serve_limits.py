@@ -1,8 +1,7 @@
-"""What the second hostile sweep found against `serve` (issue 32), each driven over HTTP against one real server on
-loopback, stopped by its PID: lone surrogates and deep nesting are 400s naming the field (defects 7, 8), /api/show
-checks its name (10), a streamed request that fails before its stream opens answers with its real status (11), a
-client that leaves mid-request is a counted disconnect, not a traceback, and a half-sent request times out (12).
-The server's log holds no traceback at the end."""
+"""What `serve` refuses and how, driven over HTTP against one real server on loopback, stopped by its PID: lone
+surrogates and deep nesting are 400s naming the field, /api/show checks its name, a streamed request that fails
+before its stream opens answers with its real status, a client that leaves mid-request is a counted disconnect,
+not a traceback, and a half-sent request times out (--read-timeout). The server's log holds no traceback at the end."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ LONG = "Describe every shape you see, one by one. " * 40  # ~400 tokens: over th
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve-hardening"), "--read-timeout", str(READ_TIMEOUT), "--ctx", str(CTX),
+    s = Server(tmp_path_factory.mktemp("serve-limits"), "--read-timeout", str(READ_TIMEOUT), "--ctx", str(CTX),
                "--max-tokens-cap", "16")
     yield s
     assert s.stop() == 0

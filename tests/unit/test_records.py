@@ -1,0 +1,25 @@
+"""The records kept between runs (records.py) stay inside the cache's tagged folder: $CONVLLAVA_EDGE_CACHE may
+name any folder of the user's, and a folder under the cache's name that is not ours gets nothing."""
+
+from __future__ import annotations
+
+
+from convllava_edge import records
+from convllava_edge.cache import ROOT_NAME
+
+
+# -- records inside the tagged folder only -------------------------------------------------------------------
+def test_native_records_stay_inside_the_caches_tagged_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(tmp_path))  # the sweep's CONVLLAVA_EDGE_CACHE=/ at a safe place
+    (tmp_path / "mine.txt").write_text("the user's")
+    records.write_record("probe-test.json", {"ok": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ROOT_NAME, "mine.txt"]
+    assert (tmp_path / ROOT_NAME / "CACHEDIR.TAG").is_file()
+    assert (tmp_path / ROOT_NAME / records.RECORDS / "probe-test.json").is_file()
+    assert records.read_record("probe-test.json")["ok"] is True
+    theirs = tmp_path / "theirs"
+    (theirs / ROOT_NAME).mkdir(parents=True)  # a folder under our name without our tag: never written into
+    monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(theirs))
+    records.write_record("probe-test.json", {"ok": True})
+    assert [p.name for p in theirs.iterdir()] == [ROOT_NAME] and list((theirs / ROOT_NAME).iterdir()) == []
+    assert records.read_record("probe-test.json") is None
