@@ -41,10 +41,26 @@ def mini(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny, tmp_path_factory) -> Path:
+def tiny_bundle(tiny, exported) -> Path:
     """fp32 + fp16 + dynamic int8 vision graphs exported from the sharded .bin checkpoint."""
+    return exported(tiny.bin_ckpt, vision_types=("fp32", "fp16", "int8"))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """``exported(checkpoint, **ExportOptions fields)``: the bundle, exported once per distinct checkpoint and
+    options in the whole run (modules that need the same bundle share one export). What it returns is shared:
+    a test that damages a bundle copies it first."""
     from convllava_edge.export.bundle import ExportOptions, export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(tiny.bin_ckpt, out, ExportOptions(vision_types=("fp32", "fp16", "int8")))
-    return out
+    made: dict = {}
+
+    def export(checkpoint, vision_tower=None, **options):
+        key = (str(checkpoint), str(vision_tower), tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("exported") / "tiny"
+            export_bundle(checkpoint, out, ExportOptions(**options), vision_tower=vision_tower)
+            made[key] = out
+        return made[key]
+
+    return export

@@ -36,10 +36,8 @@ QUESTIONS = ["What is in the image?", "How many shapes are there?", "Is the red 
 
 
 @pytest.fixture(scope="module")
-def f32_bundle(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "f32"
-    export_bundle(tiny.bin_ckpt, out, ExportOptions(vision_types=("fp32",), llm_type="F32"))
-    return out
+def f32_bundle(tiny, exported):
+    return exported(tiny.bin_ckpt, vision_types=("fp32",), llm_type="F32")  # shared with test_triton.py
 
 
 @pytest.fixture(scope="module")

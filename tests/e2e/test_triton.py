@@ -21,7 +21,7 @@ from support.serving import Server, free_port
 
 from convllava_edge.cli.main import main
 from convllava_edge.deploy_triton import deploy_triton
-from convllava_edge.export.bundle import ExportOptions, export_bundle
+
 from convllava_edge.export.probe_images import probe_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,10 +37,8 @@ def triton_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("triton") / "tiny"
-    export_bundle(tiny.bin_ckpt, out, ExportOptions(vision_types=("fp32",), llm_type="F32"))
-    return out
+def bundle(tiny, exported):
+    return exported(tiny.bin_ckpt, vision_types=("fp32",), llm_type="F32")  # shared with test_e2e.py
 
 
 @pytest.fixture(scope="module")
