@@ -29,7 +29,7 @@ from convllava_edge.model import AskOptions, Model
 from convllava_edge.preprocess import PreprocessConfig
 from convllava_edge.shapes_task import random_scene
 
-from convllava_edge.export import synthetic as S  # noqa: E402
+from convllava_edge.export.convllava import synthetic as S  # noqa: E402
 
 LLM = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                   num_key_value_heads=4, vocab_size=32000)

@@ -32,7 +32,7 @@ from convllava_edge.export.gguf_convert import convert_llm
 from convllava_edge.quantize.gguf_quant import quantize_gguf
 from llama_timing import llama_cpp_speed
 
-from convllava_edge.export import synthetic as S  # noqa: E402
+from convllava_edge.export.convllava import synthetic as S  # noqa: E402
 
 SPEC = S.LlamaSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                    num_key_value_heads=4, vocab_size=32000)

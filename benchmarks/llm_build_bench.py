@@ -117,7 +117,7 @@ def main() -> None:
 
     from convllava_edge.export.gguf_convert import convert_llm
     from convllava_edge.quantize.gguf_quant import quantize_gguf
-    from convllava_edge.export import synthetic as S
+    from convllava_edge.export.convllava import synthetic as S
 
     libs = [(spec.split("=", 1) if "=" in spec else (spec, None)) for spec in (args.lib or ["installed"])]
     work = args.work or Path(tempfile.mkdtemp(prefix="llm-builds-"))

@@ -30,7 +30,7 @@ from convllava_edge.backends.llm_llamacpp import LlamaCppBackend
 from convllava_edge.quantize.accuracy import compare_logits
 from convllava_edge.quantize.gguf_quant import QUANT_FTYPES, quantize_gguf
 
-from convllava_edge.export import synthetic as S  # noqa: E402
+from convllava_edge.export.convllava import synthetic as S  # noqa: E402
 
 SPECS = {
     "tiny": (S.LlamaSpec(logit_scale=4.0), 2),

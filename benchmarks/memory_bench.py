@@ -43,7 +43,7 @@ SMALL = os.environ.get("MEMORY_BENCH_SMALL") == "1"  # --small: the same steps o
 
 
 def spec():
-    from convllava_edge.export import synthetic as S
+    from convllava_edge.export.convllava import synthetic as S
 
     if SMALL:
         return S.LlamaSpec(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -53,7 +53,7 @@ def spec():
 
 
 def tower_config():
-    from convllava_edge.export import synthetic as S
+    from convllava_edge.export.convllava import synthetic as S
 
     return S.TowerConfig(depths=S.TINY_TOWER.depths, hidden_sizes=S.TINY_TOWER.hidden_sizes, image_size=IMAGE_SIZE) \
         if SMALL else S.convllava_tower(IMAGE_SIZE)
@@ -79,8 +79,8 @@ def write_checkpoint(folder: Path, shard_bytes: int = 2 * 10**9) -> Path:
     import torch
 
     from convllava_edge.export.checkpoint import BIN_INDEX, write_index
-    from convllava_edge.export.vision_model import TOWER_PREFIX
-    from convllava_edge.export import synthetic as S
+    from convllava_edge.export.convllava.vision_model import TOWER_PREFIX
+    from convllava_edge.export.convllava import synthetic as S
 
     s, tower = spec(), tower_config()
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def torch_child(ckpt: Path, image: Path, n_decode: int, threads: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, logging
 
     from convllava_edge.export.config import LlavaConfig
-    from convllava_edge.export.vision_model import load_vision_model, open_vision_checkpoint
+    from convllava_edge.export.convllava.vision_model import load_vision_model, open_vision_checkpoint
     from convllava_edge.preprocess import PreprocessConfig, preprocess
 
     logging.set_verbosity_error()  # the vision keys are "unexpected" for a plain Llama: expected here

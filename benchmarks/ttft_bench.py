@@ -97,7 +97,7 @@ class Transformers:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM, logging
 
-        from convllava_edge.export.vision_model import load_vision_model, open_vision_checkpoint
+        from convllava_edge.export.convllava.vision_model import load_vision_model, open_vision_checkpoint
         from convllava_edge.preprocess import PreprocessConfig
 
         logging.set_verbosity_error()  # the vision keys are "unexpected" for a plain Llama: expected here

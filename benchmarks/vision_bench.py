@@ -28,9 +28,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from convllava_edge.export.onnx_export import export_onnx
+from convllava_edge.export.convllava.onnx_export import export_onnx
 from convllava_edge.export.probe_images import probe_images
-from convllava_edge.export.vision_model import ConvLlavaVision
+from convllava_edge.export.convllava.vision_model import ConvLlavaVision
 from convllava_edge.metrics import compare_embeddings, convllava_vision_macs
 from convllava_edge.preprocess import PreprocessConfig, preprocess
 from convllava_edge.quantize.onnx_variants import make_variant
@@ -40,7 +40,7 @@ from convllava_edge.errors import ConfigError
 from convllava_edge.machine import cpu_info
 from convllava_edge.families.convllava import CONVLLAVA, ConvLlavaEncoder
 
-from convllava_edge.export.synthetic import convllava_tower, random_vision_state  # noqa: E402
+from convllava_edge.export.convllava.synthetic import convllava_tower, random_vision_state  # noqa: E402
 
 N_EMBD = 4096  # Vicuna-7B's width: the projector's output
 

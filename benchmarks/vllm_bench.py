@@ -27,7 +27,6 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
 import e2e_bench  # noqa: E402
 import serve_bench  # noqa: E402

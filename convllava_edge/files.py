@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .errors import ConfigError, ConvLlavaEdgeError
+from .errors import ConfigError
 
 DIR_MODE, FILE_MODE = 0o777, 0o666  # what mkdir(2) and open(2) ask for by default; the umask takes from these
 

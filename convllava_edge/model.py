@@ -21,10 +21,10 @@ from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
 from .cache import DiskCache
 from .decoding import Decoder
 from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput
-from .errors import BundleError, ConfigError, unknown_choice
+from .errors import BundleError, ConfigError
 from .families import family_for
 from .kv_cache import KvCache
-from .manifest import Manifest, load_manifest, resolve_inside
+from .manifest import Manifest, load_manifest
 from .preprocess import ASPECTS
 from .prompt import ImageSlot, Item, positions, template_from_dict
 from .runtime import RuntimeOptions

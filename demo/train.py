@@ -48,12 +48,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from convllava_edge import shapes_task as task
-from convllava_edge.export.config import TowerConfig
-from convllava_edge.export.vision_model import ConvLlavaVision
+from convllava_edge.export.convllava.tower import TowerConfig
+from convllava_edge.export.convllava.vision_model import ConvLlavaVision
 from convllava_edge.preprocess import PreprocessConfig, preprocess
 from convllava_edge.prompt import VICUNA_V1
 
-from convllava_edge.export import synthetic as S  # noqa: E402
+from convllava_edge.export.convllava import synthetic as S  # noqa: E402
 
 def demo_tower(image_size: int = 256) -> TowerConfig:
     """The demo's tower at ``image_size`` px, a multiple of its total stride (64): 256 px -> 4 x 4 tokens (the
@@ -589,7 +589,7 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[DemoModel, Batcher]:
     import sentencepiece as spm
 
     from convllava_edge.export.checkpoint import TensorStore
-    from convllava_edge.export.vision_model import load_vision_model, open_vision_checkpoint
+    from convllava_edge.export.convllava.vision_model import load_vision_model, open_vision_checkpoint
 
     sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
     vision = open_vision_checkpoint(checkpoint)

@@ -2,7 +2,7 @@
 
 The assembler (bundle.py) asks ``export_family_for(checkpoint)`` once, from config.json, and then
 calls the family's steps; the runtime side of the same family lives in convllava_edge/families/.
-Built in: family_convllava.py, family_llava_mini.py. Another family registers with ``register`` or
+Built in: one sub-package per family (convllava/, llava_mini/), whose __init__ holds its steps. Another family registers with ``register`` or
 as an entry point of the group ``convllava_edge.export_families``.
 """
 
@@ -17,7 +17,7 @@ from ..registry import Registry
 from ..preprocess import PreprocessConfig
 from ..prompt import ChatTemplate, Template
 
-BUILTIN_MODULES = ("family_convllava", "family_llava_mini")
+BUILTIN_MODULES = ("convllava", "llava_mini")
 ENTRY_POINT_GROUP = "convllava_edge.export_families"
 
 

@@ -26,8 +26,8 @@ PACKAGES = {"convllava_edge": "convllava_edge", "export": "convllava_edge.export
 FAMILY_NAMES = {"convllava", "llava-mini", "llava_mini"}
 # where a family may be named: the runtime family modules, export's family registry and modules, and the
 # family-specific readers they call (each reads one family's checkpoint layout and nothing else)
-FAMILY_MODULES = ("convllava_edge/families/", "export/families.py", "export/family_", "export/config.py",
-                  "export/llava_mini.py", "export/llava_mini_export.py", "export/vision_model.py")
+FAMILY_MODULES = ("convllava_edge/families/", "export/families.py", "export/config.py", "export/convllava/",
+                  "export/llava_mini/")
 BACKEND_NAMES = {"onnxruntime", "openvino", "triton", "llama.cpp", "vllm"}
 BACKEND_SETTINGS = {"llm_backend", "vision_backend"}
 BACKEND_MODULES = ("convllava_edge/backends/",)

@@ -1,6 +1,6 @@
 """LLaVA-Mini: three graphs (CLIP, compressor, pre-fusion) and the prompt they fuse.
 
-The data flow of the official code (see export/llava_mini.py): CLIP's penultimate features are
+The data flow of the official code (see export/llava_mini/modules.py): CLIP's penultimate features are
 projected (the global tokens) and compressed to C*C tokens; the pre-fusion layers run over
 [global | compressed | prompt embeddings]; the LLM then receives the fused prompt with the
 compressed token(s) where the image was. The compressed token never sees the text (the mask is

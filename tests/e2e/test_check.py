@@ -15,17 +15,15 @@ from convllava_edge.errors import ConfigError
 from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.check import default_inputs, parse_gates, run_check, write_report
 
-from convllava_edge.export import synthetic as S
+from convllava_edge.export.convllava import synthetic as S
 from support.tiny import SPEC
 
 SMALL = dict(n_images=2)  # 2 demo scenes x 3 questions keep the suite fast
 
 
 @pytest.fixture(scope="module")
-def reference_bundle(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("check") / "f32"
-    export_bundle(tiny.bin_ckpt, out, ExportOptions(vision_types=("fp32", "fp16"), llm_type="F32"))
-    return out
+def reference_bundle(tiny, exported):
+    return exported(tiny.bin_ckpt, vision_types=("fp32", "fp16"), llm_type="F32")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 from convllava_edge.cache import DiskCache
 from convllava_edge.default_model import DEMO_BUNDLE
 from convllava_edge.cli.main import main
-from convllava_edge.errors import BundleError, ConfigError
+from convllava_edge.errors import ConfigError
 from convllava_edge.manifest import MANIFEST_NAME
 from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.model import AskOptions, Model

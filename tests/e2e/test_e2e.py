@@ -23,7 +23,6 @@ from PIL import Image
 import convllava_edge
 from convllava_edge.cache import DiskCache
 from convllava_edge.cli.main import main
-from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.export.probe_images import probe_images
 from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.manifest import MANIFEST_NAME
@@ -41,10 +40,8 @@ def f32_bundle(tiny, exported):
 
 
 @pytest.fixture(scope="module")
-def q4_bundle(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "q4"
-    export_bundle(tiny.bin_ckpt, out, ExportOptions(vision_types=("int8", "fp32"), llm_type="Q4_K_M"))
-    return out
+def q4_bundle(tiny, exported):
+    return exported(tiny.bin_ckpt, vision_types=("int8", "fp32"), llm_type="Q4_K_M")
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +337,7 @@ def test_bench_reports_every_figure_and_the_cache_hit(f32_bundle, images, capsys
 def test_export_time_llm_agreement_is_measured_on_answers(q4_bundle):
     """The manifest's export-time figure is taken where users meet the LLM: the unquantized model's own greedy
     answers (the last prompt position and each answer token), labelled so; not every question position."""
-    from convllava_edge.export.family_convllava import AGREEMENT_ANSWER_TOKENS, AGREEMENT_IMAGES, AGREEMENT_QUESTIONS
+    from convllava_edge.export.convllava import AGREEMENT_ANSWER_TOKENS, AGREEMENT_IMAGES, AGREEMENT_QUESTIONS
 
     agree = json.loads((q4_bundle / MANIFEST_NAME).read_text())["accuracy"]["llm_vs_unquantized"]
     prompts = AGREEMENT_IMAGES * len(AGREEMENT_QUESTIONS)

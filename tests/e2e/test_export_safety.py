@@ -27,13 +27,14 @@ from convllava_edge.errors import CheckpointError, ExportError
 from convllava_edge.export import staging as B
 from convllava_edge.export.bundle import ExportOptions, export_bundle, staging_folder
 from convllava_edge.export.checkpoint import TensorStore
-from convllava_edge.export.config import LlavaConfig, TowerConfig
-from convllava_edge.export.llava_mini import LlavaMiniConfig, read_clip_config
+from convllava_edge.export.config import LlavaConfig
+from convllava_edge.export.convllava.tower import TowerConfig
+from convllava_edge.export.llava_mini.modules import LlavaMiniConfig, read_clip_config
 from convllava_edge.manifest import (MANIFEST_NAME, SCHEMA_VERSION, FileRecord, Manifest, TokensPerImage,
                                      VisionEntry, write_manifest)
 from convllava_edge.preprocess import PreprocessConfig
 
-from convllava_edge.export import synthetic as S
+from convllava_edge.export.convllava import synthetic as S
 from support.synthetic_mini import TINY_CLIP
 from support.tiny import SPEC
 

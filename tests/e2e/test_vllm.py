@@ -34,10 +34,8 @@ NOT_ENABLED = {"error": {"message": "You must set `--enable-prompt-embeds` to in
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vllm") / "tiny"
-    export_bundle(tiny.bin_ckpt, out, ExportOptions(vision_types=("fp32",), llm_type="F32", hf=True))
-    return out
+def bundle(tiny, exported):
+    return exported(tiny.bin_ckpt, vision_types=("fp32",), llm_type="F32", hf=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from support.vllm_server import VllmServer
 
 import convllava_edge
 from convllava_edge.backends.base import SamplingOptions
-from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.export.probe_images import probe_images
 from convllava_edge.model import AskOptions
 
@@ -19,11 +18,9 @@ QUESTIONS = ["What is in the picture?", "How many shapes are there?"]
 
 
 @pytest.fixture(scope="module")
-def bundle(mini, tmp_path_factory):
+def bundle(mini, exported):
     sft, clip = mini
-    out = tmp_path_factory.mktemp("mini-vllm") / "mini"
-    export_bundle(sft, out, ExportOptions(vision_types=("fp32",), llm_type="F32", hf=True), vision_tower=clip)
-    return out
+    return exported(sft, clip, vision_types=("fp32",), llm_type="F32", hf=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import torch
 
 from convllava_edge.errors import CheckpointError
 from convllava_edge.export.checkpoint import TensorStore
-from convllava_edge.export.vision_model import (TOWER_PREFIX, infer_tower_config, load_vision_model,
+from convllava_edge.export.convllava.vision_model import (TOWER_PREFIX, infer_tower_config, load_vision_model,
                                                 open_vision_checkpoint)
 
-from convllava_edge.export import synthetic as S
+from convllava_edge.export.convllava import synthetic as S
 from support.tiny import SPEC
 
 

@@ -24,7 +24,7 @@ from convllava_edge.errors import CheckpointError
 from convllava_edge.export.gguf_convert import convert_llm
 from convllava_edge.quantize.gguf_quant import quantize_gguf, tensor_types
 
-from convllava_edge.export import synthetic as S
+from convllava_edge.export.convllava import synthetic as S
 
 F32_KV_TOLERANCE = 1e-4
 F16_KV_TOLERANCE = 2e-3

@@ -17,18 +17,15 @@ import convllava_edge
 from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.cli.main import main
 from convllava_edge.errors import BundleError
-from convllava_edge.export.bundle import ExportOptions, export_bundle
 from convllava_edge.manifest import load_manifest
 
 TEXT = "A chat about shapes: how many are there? Three, 3 circles."
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny, tmp_path_factory):
+def bundle(tiny, exported):
     """ConvLLaVA, bf16 safetensors shards: hf beside an F32 GGUF."""
-    out = tmp_path_factory.mktemp("hf") / "b"
-    export_bundle(tiny.st_ckpt, out, ExportOptions(vision_types=("fp32",), llm_type="F32", hf=True))
-    return out
+    return exported(tiny.st_ckpt, vision_types=("fp32",), llm_type="F32", hf=True)
 
 
 def load_hf(folder: Path) -> LlamaForCausalLM:

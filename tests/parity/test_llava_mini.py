@@ -14,7 +14,6 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer
 
 import convllava_edge
@@ -48,11 +47,9 @@ def assert_token_exact(ours: list[int], reference: ReferenceMini, frames, turns)
 
 
 @pytest.fixture(scope="module")
-def bundle(mini, tmp_path_factory):
+def bundle(mini, exported):
     sft, clip = mini
-    out = tmp_path_factory.mktemp("mini-bundle") / "b"
-    export_bundle(sft, out, ExportOptions(vision_types=("fp32", "int8"), llm_type="F32"), vision_tower=clip)
-    return out
+    return exported(sft, clip, vision_types=("fp32", "int8"), llm_type="F32")
 
 
 @pytest.fixture(scope="module")

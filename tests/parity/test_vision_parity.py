@@ -23,7 +23,7 @@ from convllava_edge.export.probe_images import probe_images
 from convllava_edge.export.trt_lint import lint
 from convllava_edge.manifest import load_manifest
 from convllava_edge.metrics import per_token_cosine, relative_max_error
-from convllava_edge.preprocess import preprocess, PreprocessConfig
+from convllava_edge.preprocess import preprocess
 from convllava_edge.families.convllava import ConvLlavaEncoder
 
 FP32_RELATIVE_TOLERANCE = 1e-4

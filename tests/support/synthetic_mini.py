@@ -11,7 +11,6 @@ with vision_config), model.safetensors, preprocessor_config.json.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from convllava_edge.preprocess import CLIP_MEAN, CLIP_STD
-from convllava_edge.export.synthetic import LlamaSpec, _normal, _randomize, random_llama_state, save_tensors, write_json
+from convllava_edge.export.convllava.synthetic import LlamaSpec, _normal, _randomize, random_llama_state, save_tensors, write_json
 
 # head size 64 as in ViT-L/14 (1024 wide, 16 heads): the shard copy carries no config, and heads are
 # inferred as width / 64

@@ -1,7 +1,7 @@
 """Tiny checkpoints in the exact released layouts, as the session fixtures in tests/conftest.py make them.
 
 Every one writes real files (bf16 shards, index JSON, real config keys) with random weights chosen so
-every weight matters (see convllava_edge/export/synthetic.py). Importing this imports torch: only fixture bodies and
+every weight matters (see convllava_edge/export/convllava/synthetic.py). Importing this imports torch: only fixture bodies and
 the parity and e2e tiers do.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from convllava_edge.export import synthetic as S
+from convllava_edge.export.convllava import synthetic as S
 
 # hidden 256, ffn 512, 2 layers, 4 heads: rows are multiples of 256 so llama.cpp's k-quants apply.
 # lm_head scaled x4 so greedy decoding has clear winners (token-exact tests are not decided by noise).

@@ -85,7 +85,7 @@ FAMILY = ToyExport()
 
 def write_toy_checkpoint(folder: Path, spec, seed: int = 1) -> Path:
     """A toy checkpoint: config.json (model_type toy_llava, the Llama keys), one bf16 safetensors shard, a tokenizer."""
-    from convllava_edge.export import synthetic as S
+    from convllava_edge.export.convllava import synthetic as S
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {**S.random_llama_state(spec, seed=seed), **random_vision_state(spec.hidden_size)}

@@ -18,10 +18,12 @@ from torch import nn
 from transformers import ConvNextConfig
 from transformers.models.convnext.modeling_convnext import ConvNextEmbeddings, ConvNextEncoder
 
-from ..errors import CheckpointError
-from ..preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from .checkpoint import TensorStore, check_shape
-from .config import MLP_GELU, LlavaConfig, TowerConfig, read_json
+from ...errors import CheckpointError
+from ...preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from ..checkpoint import TensorStore, check_shape
+from ..config import LlavaConfig, read_json
+from ..projector import build_projector
+from .tower import TowerConfig
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."  # the tower copy inside the sft shards
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -168,23 +170,6 @@ class ConvNextTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.embeddings(pixel_values)).last_hidden_state
-
-
-def build_projector(projector_type: str, in_dim: int, out_dim: int) -> nn.Module:
-    """LLaVA's projectors (llava/model/multimodal_projector/builder.py); GELU is the exact erf form."""
-    if projector_type == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if projector_type == "identity":
-        if in_dim != out_dim:
-            raise CheckpointError(f"identity projector needs mm_hidden_size == hidden_size, got {in_dim} and {out_dim}")
-        return nn.Identity()
-    match = MLP_GELU.match(projector_type)
-    if not match:
-        raise CheckpointError(f"unknown mm_projector_type {projector_type!r}")
-    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-    for _ in range(int(match.group(1)) - 1):
-        layers += [nn.GELU(approximate="none"), nn.Linear(out_dim, out_dim)]
-    return nn.Sequential(*layers)
 
 
 class ConvLlavaVision(nn.Module):

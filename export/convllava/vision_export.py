@@ -13,12 +13,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..metrics import EmbeddingAgreement, compare_embeddings
-from ..preprocess import PreprocessConfig, preprocess
-from ..families.convllava import ConvLlavaEncoder
-from .onnx_export import ValidationResult, export_onnx, graph_files, validate_onnx
-from .probe_images import images_in, probe_images
-from .trt_lint import LintReport, lint
+from ...metrics import EmbeddingAgreement, compare_embeddings
+from ...preprocess import PreprocessConfig, preprocess
+from ...families.convllava import ConvLlavaEncoder
+from ..onnx_graphs import graph_files
+from .onnx_export import ValidationResult, export_onnx, validate_onnx
+from ..probe_images import images_in, probe_images
+from ..trt_lint import LintReport, lint
 from .vision_model import VisionCheckpoint, load_vision_model
 
 N_PROBE_IMAGES = 6  # accuracy figures are pooled over this many images (x 16 to 576 tokens each)
@@ -62,7 +63,7 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
                   calibration_dir: Path | None = None, progress: Progress = lambda msg: None,
                   threads: int | None = None) -> VisionExport:
     # quantize/ is imported lazily: it pulls onnxruntime tools
-    from ..quantize.onnx_variants import BF16_METHOD, bf16_backend, make_variant
+    from ...quantize.onnx_variants import BF16_METHOD, bf16_backend, make_variant
 
     config = ckpt.tower.preprocess
     progress("loading the vision tower and projector")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..preprocess import PreprocessConfig
-from ..prompt import ChatTemplate
-from .config import read_json
-from .families import ExportFamily, ShippedVision, VisionResult
-from .llava_mini import NOT_LLM_PREFIXES, LlavaMiniConfig, open_llava_mini
-from .llava_mini_export import GRAPHS, export_mini_fp32, make_mini_variant
-from .onnx_export import graph_files
+from ...errors import ConfigError
+from ...preprocess import PreprocessConfig
+from ...prompt import ChatTemplate
+from ..config import read_json
+from ..families import ExportFamily, ShippedVision, VisionResult
+from .modules import NOT_LLM_PREFIXES, LlavaMiniConfig, open_llava_mini
+from .graphs import GRAPHS, export_mini_fp32, make_mini_variant
+from ..onnx_graphs import graph_files
 
 # llavamini/conversation.py, conv_llava_llama_3_1.system
 MINI_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
@@ -30,7 +30,7 @@ def chat_template(checkpoint: Path) -> ChatTemplate:
     bos = bos.get("content") if isinstance(bos, dict) else bos
     template = ChatTemplate(name="llava_llama_3_1", chat_template=source, system=MINI_SYSTEM, bos_token=bos or "")
     # The assistant header the model writes itself: what add_generation_prompt=True would have added.
-    from ..prompt import _jinja, render_bounded
+    from ...prompt import _jinja, render_bounded
 
     messages = [{"role": "system", "content": MINI_SYSTEM}, {"role": "user", "content": "x"}]
     compiled = _jinja(source)
@@ -46,7 +46,7 @@ class LlavaMiniExport(ExportFamily):
 
     @property
     def model_types(self):
-        from .config import LLAVA_MINI_MODEL_TYPES
+        from ..config import LLAVA_MINI_MODEL_TYPES
 
         return LLAVA_MINI_MODEL_TYPES
 

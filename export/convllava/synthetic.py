@@ -1,4 +1,5 @@
-"""Random ConvLLaVA checkpoints in the exact released layouts, for tests, benchmarks and demo/train.py.
+"""Random ConvLLaVA checkpoints in the exact released layouts, for tests, benchmarks, demo/train.py and anyone
+trying a pipeline without downloading weights (it ships with the exporter).
 
 No weights can be downloaded, so tests make their own. What "exact layout" means here (see
 shared/reference/convllava-format.md): the sft folder holds config.json (model_type "llava" and the
@@ -25,10 +26,10 @@ from typing import Iterable
 
 import torch
 
-from convllava_edge.export.checkpoint import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_index
-from convllava_edge.export.config import TowerConfig
-from convllava_edge.export.vision_model import ConvLlavaVision, TOWER_PREFIX
-from convllava_edge.preprocess import CLIP_MEAN, CLIP_STD
+from ..checkpoint import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_index
+from .tower import TowerConfig
+from .vision_model import ConvLlavaVision, TOWER_PREFIX
+from ...preprocess import CLIP_MEAN, CLIP_STD
 
 # Real ConvLLaVA towers (ConvLLaVA-ConvNeXt-{768,1024,1536}/config.json): ConvNeXt-Large + a 5th stage.
 CONVLLAVA_DEPTHS = (3, 3, 27, 3, 6)

@@ -27,12 +27,12 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from ..errors import CheckpointError
-from ..preprocess import CLIP_MEAN, CLIP_STD
-from .checkpoint import TensorStore, check_shape
-from .config import (LLAVA_MINI_MODEL_TYPES, MAX_COMPRESSOR_SIDE, MAX_HIDDEN, MAX_IMAGE_SIDE, MAX_INTERMEDIATE,
+from ...errors import CheckpointError
+from ...preprocess import CLIP_MEAN, CLIP_STD
+from ..checkpoint import TensorStore, check_shape
+from ..config import (LLAVA_MINI_MODEL_TYPES, MAX_COMPRESSOR_SIDE, MAX_HIDDEN, MAX_IMAGE_SIDE, MAX_INTERMEDIATE,
                      MAX_LAYERS, MAX_PATCH, LlmConfig, MultimodalConfig, check_int, get_value, read_json)
-from .vision_model import build_projector
+from ..projector import build_projector
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."  # + "vision_model.*" (CLIPVisionModel names)
 COMPRESSOR_PREFIX = "model.compressor."

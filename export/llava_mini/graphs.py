@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 from torch.export import Dim
 
-from ..errors import ExportError
-from ..families.llava_mini import GRAPH_IO
-from ..metrics import compare_embeddings, relative_max_error
-from .llava_mini import Compress, LlavaMiniCheckpoint, PreFusion, load_modules
-from ..quantize.onnx_variants import fold_constants
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, FP32_TOLERANCE, _quiet_exporter
-from .trt_lint import LintReport, lint
+from ...errors import ExportError
+from ...families.llava_mini import GRAPH_IO
+from ...metrics import compare_embeddings, relative_max_error
+from .modules import Compress, LlavaMiniCheckpoint, PreFusion, load_modules
+from ...quantize.onnx_variants import fold_constants
+from ..onnx_graphs import FP32_TOLERANCE, check_opset, quiet_exporter, save_graph
+from ..trt_lint import LintReport, lint
 
 GRAPHS = ("clip", "compress", "prefusion")
 # torch's exporter emits opset 18 natively; converting down to 17 goes through one protobuf message,
@@ -48,25 +47,17 @@ class MiniGraphs:
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, name: str, dynamic: dict | None) -> Path:
     inputs, outputs = IO[name]
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    with _quiet_exporter(), torch.no_grad():
+    with quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(module.eval(), args, None, input_names=inputs, output_names=outputs,
                                         opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, verbose=False)
         except Exception as e:  # torch.export raises many types; all mean "this module did not trace"
             raise ExportError(f"ONNX export of the {name} graph failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0]}") from e
-    with _quiet_exporter():
+    with quiet_exporter():
         proto = fold_constants(program.model_proto)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset != OPSET:
-        raise ExportError(f"{name}: exporter produced opset {opset}, expected {OPSET}")
-    if n_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
-    return path
+    check_opset(proto, OPSET, name)
+    return save_graph(proto, path, module)
 
 
 class _PreFusionGraph(torch.nn.Module):
@@ -136,7 +127,7 @@ def sample_inputs(ckpt: LlavaMiniCheckpoint, seed: int = 0) -> dict[str, list[tu
 
 def export_mini_fp32(ckpt: LlavaMiniCheckpoint, out_dir: Path, progress: Callable[[str], None] = lambda m: None,
                      threads: int | None = None) -> MiniGraphs:
-    from ..families.llava_mini import MiniEncoder
+    from ...families.llava_mini import MiniEncoder
 
     progress("loading CLIP, compressor and pre-fusion layers")
     clip, compress, prefusion = load_modules(ckpt)
@@ -194,8 +185,8 @@ def make_mini_variant(variant: str, fp32: MiniGraphs, ckpt: LlavaMiniCheckpoint,
                       threads: int | None = None) -> MiniGraphs:
     """fp16 or int8 versions of the three graphs, or bf16 (the fp32 graphs in bf16 arithmetic), each measured
     against fp32 on the same inputs."""
-    from ..families.llava_mini import MiniEncoder
-    from ..quantize.onnx_variants import BF16_METHOD, RMSNORM_OPS, bf16_backend, convert_fp16, quantize_int8_dynamic
+    from ...families.llava_mini import MiniEncoder
+    from ...quantize.onnx_variants import BF16_METHOD, RMSNORM_OPS, bf16_backend, convert_fp16, quantize_int8_dynamic
 
     if variant == "bf16":
         paths, method = dict(fp32.paths), BF16_METHOD

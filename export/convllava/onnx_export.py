@@ -9,10 +9,6 @@ derived dimensions, so the constraint is in the graph itself.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,17 +18,15 @@ import onnx
 import torch
 from torch.export import Dim
 
-from ..errors import ExportError
-from ..metrics import relative_max_error
-from ..families.convllava import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ConvLlavaEncoder
+from ...errors import ExportError
+from ...families.convllava import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ConvLlavaEncoder
+from ...metrics import relative_max_error
+from ..onnx_graphs import FP32_TOLERANCE, check_opset, quiet_exporter, save_graph
 from .vision_model import ConvLlavaVision, VisionGraph
 
 # LayerNormalization entered ONNX at opset 17, and TensorRT 8.6 (JetPack 5) reads up to 17; TensorRT
 # 10 reads 9-20. torch's exporter emits 18 and converts down; none of our ops changed between the two.
 OPSET = 17
-# Graphs whose weights exceed this go to ONNX external data: protobuf cannot serialise a message
-# over 2 GiB, and the 1536 tower alone holds ~669M fp32 parameters (2.7 GB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MAX_GRID = 256  # largest H/64 or W/64 the graph accepts: 16384 px, far beyond any preprocessing mode
 
 
@@ -50,18 +44,12 @@ class ValidationResult:
         return self.rel_error <= self.tolerance
 
 
-# fp32 ONNX Runtime vs fp32 PyTorch: only summation order differs; 1e-4 of the output's scale leaves
-# room for deep towers' accumulated rounding while still catching any wrong op (those give ~1e-1).
-FP32_TOLERANCE = 1e-4
-
-
 def export_onnx(model: ConvLlavaVision, path: Path, sample_hw: tuple[int, int], stride: int) -> Path:
     """Trace ``model`` with dynamic H/W and write ``path`` (+ ``path.data`` when large)."""
     graph_module = VisionGraph(model.eval())
     gh, gw = Dim("grid_height", min=1, max=MAX_GRID), Dim("grid_width", min=1, max=MAX_GRID)
     sample = torch.zeros(1, 3, *sample_hw)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    with _quiet_exporter(), torch.no_grad():
+    with quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
                 graph_module, (sample,), None, input_names=[INPUT_NAME], output_names=[FEATURES_NAME, OUTPUT_NAME],
@@ -71,24 +59,9 @@ def export_onnx(model: ConvLlavaVision, path: Path, sample_hw: tuple[int, int], 
         except Exception as e:  # torch.export raises many types; all mean "this module did not trace"
             raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     model_proto = program.model_proto
-    opset = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset != OPSET:
-        raise ExportError(f"exporter produced opset {opset}, expected {OPSET}")
+    check_opset(model_proto, OPSET, path.name)
     _name_output_dims(model_proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    external = n_bytes > EXTERNAL_DATA_THRESHOLD
-    if external:
-        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model_proto, str(path))
-    return path
-
-
-def graph_files(path: Path) -> list[Path]:
-    """The graph file and its external-data file, when it has one."""
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
+    return save_graph(model_proto, path, model)
 
 
 def _name_output_dims(model: onnx.ModelProto) -> None:
@@ -97,22 +70,6 @@ def _name_output_dims(model: onnx.ModelProto) -> None:
         dims = output.type.tensor_type.shape.dim
         if len(dims) == 3 and not dims[1].dim_value:
             dims[1].dim_param = "grid_height*grid_width"
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """torch.onnx prints progress lines and warns about opset conversion; the export reports instead."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def validate_onnx(path: Path, model: ConvLlavaVision, inputs: Sequence[np.ndarray],

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..prompt import VICUNA_V1, ImageSlot
-from .families import ExportFamily, ShippedVision, VisionResult
+from ...prompt import VICUNA_V1, ImageSlot
+from ..families import ExportFamily, ShippedVision, VisionResult
 
 AGREEMENT_QUESTIONS = ("Describe the image.", "What is in the picture?", "How many objects are there?")
 AGREEMENT_IMAGES = 3  # generated pictures (export/probe_images.py) whose rows the LLM sees at export
@@ -25,7 +25,7 @@ class ConvLlavaExport(ExportFamily):
 
     @property
     def model_types(self):
-        from .config import CONVLLAVA_MODEL_TYPES
+        from ..config import CONVLLAVA_MODEL_TYPES
 
         return CONVLLAVA_MODEL_TYPES
 
@@ -58,8 +58,8 @@ class ConvLlavaExport(ExportFamily):
             notes=vision.notes, state=vision)
 
     def llm_config(self, checkpoint: Path):
-        from .config import LlavaConfig
-        from .gguf_convert import NOT_LLM_PREFIXES
+        from ..config import LlavaConfig
+        from ..gguf_convert import NOT_LLM_PREFIXES
 
         llava = LlavaConfig.load(checkpoint)
         return llava.llm, llava.mm.max_length, NOT_LLM_PREFIXES
@@ -108,12 +108,12 @@ def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:
     and a small model's guesses there (what word comes next in a question) are noise that rounding
     flips freely (the demo measured KL p99 19.8 there, 0.59 on its answers through `check`).
     """
-    from ..backends.llm_llamacpp import LlamaCppBackend
-    from ..families.convllava import ConvLlavaEncoder
-    from ..preprocess import preprocess
-    from ..quantize.accuracy import compare_logits, sequence_logits
-    from ..tokenizer import PromptTokenizer
-    from .probe_images import probe_images
+    from ...backends.llm_llamacpp import LlamaCppBackend
+    from ...families.convllava import ConvLlavaEncoder
+    from ...preprocess import preprocess
+    from ...quantize.accuracy import compare_logits, sequence_logits
+    from ...tokenizer import PromptTokenizer
+    from ..probe_images import probe_images
 
     shipped = next(g for g in vision.graphs if g.variant == options.vision_types[0])
     encoder = ConvLlavaEncoder.from_file(shipped.path, "cpu", options.threads)
@@ -148,7 +148,7 @@ def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:
 def _greedy_answer(backend, items, embeds: dict, max_tokens: int = AGREEMENT_ANSWER_TOKENS) -> tuple[list[int], np.ndarray]:
     """The model's own greedy continuation of ``items`` (stops at its end-of-generation token), and its
     logits at the last prompt position and after each answer token: [len(answer) + 1, n_vocab]."""
-    from ..quantize.accuracy import sequence_logits
+    from ...quantize.accuracy import sequence_logits
 
     rows = [sequence_logits(backend, items, embeds)[-1]]
     answer: list[int] = []
