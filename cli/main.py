@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..calibrate import mode as calibration
 from ..errors import ConfigError, ConvLlavaEdgeError
 from ..prompt import checked_text
 from .options import (AsJson, Aspect, Device, LlmBackend, LlmModel, LlmUrl, MaxTokens, ModelPath, NoCache, Seed,
@@ -40,7 +41,7 @@ def export_cmd(
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to create."),
     vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="ConvNeXt tower folder; default: the copy in the shards."),
     llm_type: List[str] = typer.Option(["Q4_K_M"], "--llm-type", help="GGUF: Q4_K_M, Q4_0, Q5_K_M, Q6_K, Q8_0 (llama.cpp quantizer), F16, BF16, F32; or hf (a Hugging Face folder, for vLLM); repeat for hf beside one GGUF type."),
-    vision_type: List[str] = typer.Option(["fp32"], "--vision-type", help="fp32, fp16, int8 or bf16 (the fp32 graph run in bf16: OpenVINO, a CPU with bf16); repeat to ship several (the first is the default)."),
+    vision_type: Optional[List[str]] = typer.Option(None, "--vision-type", help="fp32, fp16, int8 or bf16 (the fp32 graph run in bf16: OpenVINO, a CPU with bf16); repeat to ship several (the first is the default). Default: int8, with fp32 in front where int8 misses check's vision gate on the probe images."),
     calibration_images: Optional[Path] = typer.Option(None, "--calibration-images", help="Folder of images: static (TensorRT-ready QDQ) int8 instead of dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for validation and quantization."),
@@ -52,7 +53,7 @@ def export_cmd(
     gguf_types = [t for t in llm_type if t.lower() != "hf"]
     if len(gguf_types) > 1:
         raise ConfigError(f"--llm-type: one GGUF type per bundle, got {', '.join(gguf_types)}")
-    options = ExportOptions(vision_types=tuple(vision_type), llm_type=gguf_types[0] if gguf_types else None,
+    options = ExportOptions(vision_types=tuple(vision_type) if vision_type else None, llm_type=gguf_types[0] if gguf_types else None,
                             hf=len(gguf_types) < len(llm_type), calibration_images=calibration_images,
                             force=force, threads=threads)
     progress = StageProgress(err)
@@ -150,7 +151,7 @@ def encode_cmd(
     t1 = time.perf_counter()
     choice, encoder = choose_vision(model, manifest, runtime.vision_type, runtime.device, runtime.threads,
                                     runtime.vision_backend, lambda line: err.print(line, markup=False),
-                                    url=runtime.vision_url)
+                                    url=runtime.vision_url, calibrate=calibration("later"))
     entry = choice.entry
     t2 = time.perf_counter()
     embeds = encoder.encode(pixels)
@@ -231,7 +232,8 @@ def bench_cmd(
     """Time preprocess, encode, prefill, first token and decode (cold and with a cache hit); peak memory."""
     from ..bench import default_image, run_bench
 
-    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model)
+    runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
+                              calibrate=calibration("now"))
     image_path = image or default_image()
     data = _checked_image(image_path, bundle)
     with stage_bars(err) as progress:
@@ -330,7 +332,7 @@ def ask_cmd(
     """Ask a question about an image (or a video); the answer streams as it is generated."""
     options = ask_options(max_tokens, temperature, top_p, seed, aspect)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
-                              no_cache)
+                              no_cache, calibrate=calibration("later"))
     if video is not None:
         if question is not None:
             raise ConvLlavaEdgeError("with --video, give only the question (got an image too)")
@@ -391,7 +393,7 @@ def chat_cmd(
         raise ConvLlavaEdgeError("chat needs a terminal or input on stdin (standard input is closed)")
     options = ask_options(max_tokens, temperature, top_p, seed, aspect)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
-                              no_cache)
+                              no_cache, calibrate=calibration("later"))
     image_data = _checked_image(image, model, aspect)
     loaded = _load_model(model, runtime)
     err.print(loaded.note, markup=False)
@@ -452,7 +454,7 @@ def batch_cmd(
     from ..files import shown
 
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
-                              no_cache)
+                              no_cache, calibrate=calibration("now"))
     if (workers > 1 or address) and not ray:
         raise ConfigError("--workers and --address run Ray actors: add --ray (locally the loop uses every core)")
     options = ask_options(max_tokens, temperature, top_p, seed, aspect)
@@ -595,7 +597,7 @@ def serve_cmd(
     except ImportError as e:
         raise ConvLlavaEdgeError(f"serve needs the serve extra (pip install 'convllava-edge[serve]'): {e}") from None
     runtime = runtime_options(device, threads, None, vision_backend, vision_url, llm_backend, llm_url, llm_model,
-                              threads_batch=threads_batch, n_ctx=ctx)
+                              threads_batch=threads_batch, n_ctx=ctx, calibrate=calibration("now"))
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
                            max_image_bytes=max_image_bytes, media_dir=media_dir, runtime=runtime,
                            request_timeout=request_timeout, read_timeout=read_timeout, bind_host=host, allowed_hosts=parse_list(allowed_hosts),

@@ -116,7 +116,7 @@ class Model:
         self.template = template_from_dict(self.manifest.template)
         self.vision_choice, self.vision = choose_vision(self.bundle, self.manifest, options.vision_type, options.device,
                                                         options.batch_threads, options.vision_backend, progress,
-                                                        url=options.vision_url)
+                                                        url=options.vision_url, calibrate=options.calibrate)
         self.vision_entry, self.vision_backend = self.vision_choice.entry, self.vision_choice.kind
         self.images_note = self.vision.note
         store = DiskCache() if options.cache is True else (options.cache or None)

@@ -48,3 +48,49 @@ def write_record(name: str, data: dict, version: int = RECORD_VERSION) -> None:
         os.replace(tmp, folder / name)
     except OSError:
         pass
+
+
+def claim(name: str, pid: int) -> bool:
+    """Take the claim ``name`` (a file holding ``pid``) unless a live process holds it: one background job per
+    record. A claim whose process is gone is taken over."""
+    from .cache import DiskCache
+
+    if not DiskCache().ensure_root():
+        return False
+    folder = state_dir()
+    for _ in range(2):
+        try:
+            folder.mkdir(exist_ok=True)
+            fd = os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if claim_holder(name) is not None:
+                return False
+            release(name)  # its process is gone: take it over
+            continue
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(pid))
+        return True
+    return False
+
+
+def claim_holder(name: str) -> int | None:
+    """The live process holding the claim ``name``, or None."""
+    try:
+        pid = int((state_dir() / name).read_text().strip())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def release(name: str) -> None:
+    try:
+        (state_dir() / name).unlink()
+    except OSError:
+        pass

@@ -29,6 +29,9 @@ class RuntimeOptions:
     n_ctx: int | None = None  # positions of the LLM's context (default: its trained context)
     cache: Any = True  # True: the default disk cache; False/None: none; or a cache.DiskCache
     kv_f32: bool = False  # llama.cpp's KV cache in f32 (the parity runs'); default f16
+    # vision auto's timing where no record holds its choice: "now" (before the first encode: serve, batch, bench) or
+    # "later" (the likely fastest now, the timing in a background process: the one-shot commands; calibrate.py)
+    calibrate: str = "now"
 
     def validate(self) -> "RuntimeOptions":
         from .backends import llm_kind
@@ -39,6 +42,8 @@ class RuntimeOptions:
             raise unknown_choice("device", self.device, DEVICES)
         check_threads(self.threads)
         check_threads(self.threads_batch)
+        if self.calibrate not in ("now", "later"):
+            raise unknown_choice("calibrate", self.calibrate, ("now", "later"))
         llm_kind(self.llm_backend)  # a registered one (backends/__init__.py), or the one-line list of them
         if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1):
             raise ConfigError(f"n_ctx must be a positive integer, got {self.n_ctx!r}")

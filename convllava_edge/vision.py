@@ -83,22 +83,31 @@ def runnable_kind(entry: VisionEntry, device: str = "auto", preferred: str = "on
     return next((k.name for k in vision_kinds() if k.can_run(precision_of(entry), device)), preferred)
 
 
-def cosines(entry: VisionEntry) -> tuple[float, float]:
-    """(cosine_mean, cosine_min) of a vision type against fp32 as the export measured it; for several graphs
-    (LLaVA-Mini: clip, compress, prefusion) the worst of them. fp32 itself: (1, 1)."""
-    if entry.variant == "fp32":
+def accuracy_cosines(variant: str, accuracy: dict | None) -> tuple[float, float]:
+    """(cosine_mean, cosine_min) of a vision type against fp32 as the export measured it (``accuracy``: its
+    manifest entry's); for several graphs (LLaVA-Mini: clip, compress, prefusion) the worst of them. fp32 itself:
+    (1, 1); not measured: nan (never chosen unasked)."""
+    if variant == "fp32":
         return 1.0, 1.0
-    accuracy = entry.accuracy or {}
+    accuracy = accuracy or {}
     parts = [accuracy] if "cosine_mean" in accuracy else [a for a in accuracy.values() if isinstance(a, dict)]
     try:
         return min(float(p["cosine_mean"]) for p in parts), min(float(p["cosine_min"]) for p in parts)
-    except (KeyError, TypeError, ValueError):  # not measured: never chosen unasked
+    except (KeyError, TypeError, ValueError):
         return float("nan"), float("nan")
 
 
-def within_gate(entry: VisionEntry) -> bool:
-    mean, low = cosines(entry)
+def gate_passed(variant: str, accuracy: dict | None) -> bool:
+    mean, low = accuracy_cosines(variant, accuracy)
     return mean >= VISION_GATE["cosine_mean"] and low >= VISION_GATE["cosine_min"]
+
+
+def cosines(entry: VisionEntry) -> tuple[float, float]:
+    return accuracy_cosines(entry.variant, entry.accuracy)
+
+
+def within_gate(entry: VisionEntry) -> bool:
+    return gate_passed(entry.variant, entry.accuracy)
 
 
 # -- the choice ---------------------------------------------------------------------------------------
@@ -106,7 +115,7 @@ def within_gate(entry: VisionEntry) -> bool:
 class VisionChoice:
     entry: VisionEntry
     kind: str  # the backend's registered name (backends/__init__.py)
-    how: str  # asked | only candidate | calibrated | cached
+    how: str  # asked | only candidate | calibrated | cached | provisional (being timed in the background)
     seconds: dict[str, float] = field(default_factory=dict)  # "variant/backend" -> encode seconds (calibration)
 
     def to_dict(self) -> dict:
@@ -130,11 +139,13 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
                   threads: int | None = None, kind: str | None = None,
                   progress: Callable[[str], None] | None = None,
                   timer: Callable[[str, VisionEncoder, np.ndarray, float | None], float] | None = None,
-                  url: str | None = None) -> tuple[VisionChoice, VisionEncoder]:
+                  url: str | None = None, calibrate: str = "now") -> tuple[VisionChoice, VisionEncoder]:
     """What runs the vision graphs, and its open encoder. ``kind``: a backend name (used as asked), "auto", or
     None (``$CONVLLAVA_EDGE_VISION_BACKEND``, else auto). ``timer(label, encoder, pixels, best)`` gives a candidate's
     seconds per image (label "variant/backend"; best: the fastest so far, or None; tests inject theirs).
-    ``url``: a Triton server that runs the graphs (``--vision-url``), in place of a backend here."""
+    ``url``: a Triton server that runs the graphs (``--vision-url``), in place of a backend here.
+    ``calibrate``: "now" times the candidates before returning when no record holds the choice; "later" returns
+    the likely fastest (the candidates' first) at once and times them in a background process (calibrate.py)."""
     if url is not None:
         remote = remote_vision_kind()
         if kind not in (None, AUTO):
@@ -163,6 +174,14 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
         seconds = {str(k): float(v) for k, v in record.get("calibration_s", {}).items()}
         return VisionChoice(entry, chosen, "cached", seconds), open_encoder(bundle, manifest, entry, device, threads,
                                                                             kind=chosen)
+    if calibrate == "later":
+        entry, chosen = pairs[0]
+        pid = start_calibration(Path(bundle), device, threads, name)
+        if progress and pid is not None:
+            progress(f"vision: {entry.variant} on {chosen} for now; timing the others in the background "
+                     f"(process {pid}, once per bundle on this machine)")
+        return VisionChoice(entry, chosen, "provisional"), open_encoder(bundle, manifest, entry, device, threads,
+                                                                        kind=chosen)
     choice, encoder = _calibrate(bundle, manifest, pairs, device, threads, progress, timer or _time_encode)
     write_record(name, {**choice.to_dict(), "bundle": manifest.name, "threads": threads,
                         "date": time.strftime("%Y-%m-%d")})
@@ -220,6 +239,31 @@ def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray, best: f
         encoder.encode(pixels)
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def claim_name(record: str) -> str:
+    return record.removesuffix(".json") + ".calibrating"
+
+
+def start_calibration(bundle: Path, device: str, threads: int | None, record: str) -> int | None:
+    """Start calibrate.py's background calibration of ``bundle`` unless one is already running for ``record``; its PID."""
+    import subprocess
+    import sys
+
+    from .records import claim_holder
+
+    if claim_holder(claim_name(record)) is not None:
+        return None
+    command = [sys.executable, "-m", "convllava_edge.calibrate", str(Path(bundle).resolve()), "--device", device,
+               "--record", record]
+    if threads:
+        command += ["--threads", str(threads)]
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError:  # no process to spare: the next run tries again
+        return None
+    return process.pid
 
 
 def _record_name(manifest: Manifest, pairs, device: str, threads: int | None) -> str:

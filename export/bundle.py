@@ -7,7 +7,7 @@ with its unquantized self, where the family measures it -> one manifest -> the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from ..manifest import (FileRecord, LlmEntry, LlmHfEntry, Manifest, SCHEMA_VERSI
                         write_manifest)
 from ..quantize.gguf_quant import DEFAULT_QUANT, QUANT_FTYPES, QuantReport
 from ..quantize.onnx_variants import VARIANTS
+from ..vision import VISION_GATE, accuracy_cosines, gate_passed
 from .checkpoint import TensorStore
 from .families import ExportFamily, VisionResult, export_family_for
 from .gguf_convert import OUT_TYPES, GgufConversion
@@ -42,28 +43,40 @@ class SilentProgress:
         pass
 
 
+# What `export` ships when no --vision-type is given: a quantized type, so that the user's machine has a fast one
+# to run and --vision-backend auto one to choose (the export's machine is not the user's). fp32 is always made
+# (it is the reference of every other type) and ships first only where int8 misses check's vision gate.
+DEFAULT_VISION_TYPES = ("int8",)
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    vision_types: tuple[str, ...] = ("fp32",)  # graphs to ship; the first is the default at run time
+    vision_types: tuple[str, ...] | None = None  # graphs to ship, the first the default at run time; None: the default
+    # (DEFAULT_VISION_TYPES, with fp32 in front where they miss the vision gate on the probe images)
     llm_type: str | None = DEFAULT_QUANT  # the GGUF's type; None: no GGUF (then hf)
     hf: bool = False  # also (or only) the LLM in Hugging Face form, llm-hf/
     calibration_images: Path | None = None  # static int8 when given, dynamic otherwise
     force: bool = False  # replace an existing bundle
     threads: int | None = None
 
+    @property
+    def shipping(self) -> tuple[str, ...]:
+        """The types asked for, or the default's."""
+        return DEFAULT_VISION_TYPES if self.vision_types is None else self.vision_types
+
     def validate(self) -> None:
-        if not self.vision_types:
+        if self.vision_types is not None and not self.vision_types:
             raise ConfigError("at least one --vision-type is needed")
-        for v in self.vision_types:
+        for v in self.shipping:
             if v not in VARIANTS:
                 raise ConfigError(f"unknown vision type {v!r} (known: {', '.join(VARIANTS)})")
-        if len(set(self.vision_types)) != len(self.vision_types):
+        if len(set(self.shipping)) != len(self.shipping):
             raise ConfigError(f"vision types repeat: {', '.join(self.vision_types)}")
         if self.llm_type is None and not self.hf:
             raise ConfigError("no LLM to export: give --llm-type (a GGUF type, hf, or both)")
         if self.llm_type is not None and self.llm_type not in LLM_TYPES:
             raise ConfigError(f"unknown LLM type {self.llm_type!r} (known: {', '.join(LLM_TYPES + (HF,))})")
-        if self.calibration_images is not None and "int8" not in self.vision_types:
+        if self.calibration_images is not None and "int8" not in self.shipping:
             raise ConfigError("--calibration-images only applies to --vision-type int8")
 
 
@@ -77,7 +90,13 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
     family = export_family_for(checkpoint)
     opened = family.open(checkpoint, vision_tower, options)
     with staging_folder(out, options.force, protect) as tmp:
-        vision = family.export_vision(opened, tmp, options, progress)
+        if options.vision_types is None:  # fp32 is made anyway: whether it ships is decided on the measured figures
+            vision = family.export_vision(opened, tmp, replace(options, vision_types=DEFAULT_VISION_TYPES + ("fp32",)),
+                                          progress)
+            vision = default_types(vision, progress)
+        else:
+            vision = family.export_vision(opened, tmp, options, progress)
+        options = replace(options, vision_types=tuple(v.variant for v in vision.vision))
         llm_path = conversion = report = agreement = hf = None
         if options.llm_type is not None:
             llm_path, conversion, report = export_llm(family, checkpoint, tmp, options, progress)
@@ -94,6 +113,22 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
                                   vision_tower, hf)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def default_types(vision: VisionResult, progress: Progress) -> VisionResult:
+    """The default's types where every one is within check's vision gate; else fp32 ships in front of them (the
+    bundle's default), said in the notes and the progress."""
+    fp32 = next(v for v in vision.vision if v.variant == "fp32")
+    quantized = [v for v in vision.vision if v.variant != "fp32"]
+    missed = [(v.variant, *accuracy_cosines(v.variant, v.accuracy)) for v in quantized
+              if not gate_passed(v.variant, v.accuracy)]
+    if not missed:
+        return replace(vision, vision=quantized, unshipped=vision.unshipped + list(fp32.files))
+    said = ", ".join(f"{name} cosine mean {mean:.4f}, min {low:.4f}" for name, mean, low in missed)
+    note = (f"{said} on the probe images: under the vision gate (mean >= {VISION_GATE['cosine_mean']}, "
+            f"min >= {VISION_GATE['cosine_min']}), so fp32 ships first and is the default")
+    progress.stage(note)
+    return replace(vision, vision=[fp32, *quantized], notes=[*vision.notes, note])
 
 
 def export_llm(family: ExportFamily, checkpoint: Path, folder: Path, options: ExportOptions,

@@ -14,6 +14,9 @@ import pytest
 # Every test pins the vision backend (children inherit it): what `--vision-backend auto` picks depends on timing.
 # The tests of auto itself pass "auto" and a timer of their own.
 os.environ["CONVLLAVA_EDGE_VISION_BACKEND"] = "onnxruntime"
+# and auto, where a test asks for it, times its candidates in the test's own process (calibrate.py), never in a
+# background process of its own, except in the test of that (tests/e2e/test_vision_choice.py)
+os.environ["CONVLLAVA_EDGE_CALIBRATE"] = "now"
 
 
 @pytest.fixture(scope="session")

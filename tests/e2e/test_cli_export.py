@@ -46,7 +46,9 @@ def test_export_refuses_to_overwrite_and_force_replaces(tiny, tmp_path):
     result = run_cli("export", tiny.bin_ckpt, "--out", out, "--force", "--json")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
-    assert manifest["family"] == "convllava" and [v["variant"] for v in manifest["vision"]] == ["fp32"]
+    # the default ships int8 alone (within the vision gate on this checkpoint): the fp32 reference is not kept
+    assert manifest["family"] == "convllava" and [v["variant"] for v in manifest["vision"]] == ["int8"]
+    assert not (out / "vision-fp32.onnx").exists()
     assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
 
@@ -154,3 +156,61 @@ def test_runtime_never_imports_torch(tiny_bundle):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def _default_result(int8_accuracy: dict | None):
+    from convllava_edge.export.families import ShippedVision, VisionResult
+    from convllava_edge.preprocess import PreprocessConfig
+    from convllava_edge.prompt import VICUNA_V1
+
+    fp32 = ShippedVision("fp32", [Path("vision-fp32.onnx"), Path("vision-fp32.onnx.data")], "fp32", True)
+    int8 = ShippedVision("int8", [Path("vision-int8.onnx")], "dynamic int8", True, int8_accuracy)
+    return VisionResult(vision=[int8, fp32], unshipped=[Path("other.onnx")],
+                        preprocess=PreprocessConfig(image_size=64, crop_size=(64, 64), stride=64), n_embd=8,
+                        tokens_per_image={}, tower={}, template=VICUNA_V1, accuracy={}, notes=[])
+
+
+class _Stages:
+    def __init__(self):
+        self.said: list[str] = []
+
+    def stage(self, label: str) -> None:
+        self.said.append(label)
+
+    def advance(self, done: int, total: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mean,low,ships", [
+    (0.999, 0.97, ["int8"]),  # within the gate: int8 alone, fp32's files removed with the other unshipped ones
+    (0.99, 0.95, ["int8"]),  # the gate's own figures pass (>=, as check's gate)
+    (0.985, 0.97, ["fp32", "int8"]),  # mean under the gate: fp32 ships first, is the default
+    (0.999, 0.90, ["fp32", "int8"]),  # one poor token under the gate's minimum
+    (None, None, ["fp32", "int8"]),  # not measured: never the default unasked
+])
+def test_the_default_ships_int8_alone_only_within_the_vision_gate(mean, low, ships):
+    from convllava_edge.export.bundle import default_types
+
+    progress = _Stages()
+    result = default_types(_default_result(None if mean is None else {"cosine_mean": mean, "cosine_min": low}),
+                           progress)
+    assert [v.variant for v in result.vision] == ships
+    fp32_files = [Path("vision-fp32.onnx"), Path("vision-fp32.onnx.data")]
+    if ships == ["int8"]:
+        assert result.unshipped == [Path("other.onnx"), *fp32_files] and result.notes == [] and progress.said == []
+    else:
+        assert result.unshipped == [Path("other.onnx")]
+        assert len(result.notes) == 1 and result.notes[0].endswith("so fp32 ships first and is the default")
+        assert result.notes[0].startswith("int8 cosine mean ") and progress.said == result.notes
+
+
+def test_the_default_export_passes_checks_vision_gate_against_the_checkpoint(tiny, exported, capsys):
+    bundle = exported(tiny.bin_ckpt)  # no vision type asked: the default
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert [v["variant"] for v in manifest["vision"]] == ["int8"]
+    code = main(["check", str(bundle), "--reference", str(tiny.bin_ckpt), "--no-nf4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    vision_gates = [g for g in result["gates"] if g["stage"] == "vision"]
+    assert {g["name"] for g in vision_gates} == {"vision.cosine_mean", "vision.cosine_min"}
+    assert all(g["passed"] for g in vision_gates), vision_gates
+    assert code == 0 and result["passed"], [g for g in result["gates"] if not g["passed"]]

@@ -182,3 +182,49 @@ def test_a_candidate_far_behind_after_its_first_run_is_not_timed_further():
     assert vision._time_encode("x", enc, None, None) >= 0 and enc.calls == 1 + vision.CALIBRATION_RUNS
     enc = Slow()
     assert vision._time_encode("x", enc, None, 0.0) >= 0 and enc.calls == 1  # anything is 4x behind 0 s
+
+
+@pytest.mark.timeout(240)
+def test_a_first_ask_answers_at_once_and_the_timing_runs_after_it_in_the_background(tiny_bundle, own_cache,
+                                                                                   monkeypatch, capsys):
+    """A one-shot command on a new machine does not wait for auto's timing: the likely fastest pair answers,
+    a low-priority process of its own times every candidate and records the choice, the next ask reads it."""
+    import os
+    import re
+    import signal
+    import time
+
+    from convllava_edge.calibrate import CALIBRATE_ENV
+    from convllava_edge.vision import cached_choice
+
+    monkeypatch.setenv(CALIBRATE_ENV, "later")  # the one-shot commands' own default (the suite pins "now")
+    args = ["ask", EXAMPLE, "How many shapes?", "--model", str(tiny_bundle), "--json", "--max-tokens", "2",
+            "--vision-backend", "auto", "--device", "cpu"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    first, kind = candidates(load_manifest(tiny_bundle), None, "cpu")[0]
+    assert (out["vision_type"], out["vision_backend"], out["vision_choice"]["how"]) == (first.variant, kind,
+                                                                                         "provisional")
+    pid = int(re.search(r"timing the others in the background \(process (\d+)", captured.err).group(1))
+    deadline = time.monotonic() + 180
+    try:
+        while True:  # our child: main() ran in this process
+            try:
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    break
+            except ChildProcessError:  # reaped already (subprocess reaps the Popen objects it dropped)
+                break
+            assert time.monotonic() < deadline, "the background calibration did not finish in 180 s"
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # its own session: nothing of it outlives the test
+        except ProcessLookupError:
+            pass
+    record = cached_choice(load_manifest(tiny_bundle), "cpu", None)
+    assert record is not None and len(record["calibration_s"]) == len(candidates(load_manifest(tiny_bundle), None, "cpu"))
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["vision_choice"]["how"] == "cached"
+    assert (again["vision_type"], again["vision_backend"]) == (record["vision_type"], record["vision_backend"])

@@ -23,3 +23,24 @@ def test_native_records_stay_inside_the_caches_tagged_folder(tmp_path, monkeypat
     records.write_record("probe-test.json", {"ok": True})
     assert [p.name for p in theirs.iterdir()] == [ROOT_NAME] and list((theirs / ROOT_NAME).iterdir()) == []
     assert records.read_record("probe-test.json") is None
+
+
+# -- claims: one background job per record ------------------------------------------------------------------
+def test_a_claim_is_held_while_its_process_lives_and_taken_over_after(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CONVLLAVA_EDGE_CACHE", str(tmp_path))
+    assert records.claim("job.calibrating", os.getpid())
+    assert records.claim_holder("job.calibrating") == os.getpid()
+    assert not records.claim("job.calibrating", 12345)  # held by a live process (this one)
+    records.release("job.calibrating")
+    assert records.claim_holder("job.calibrating") is None
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=30)  # a PID whose process has ended
+    assert records.claim("job.calibrating", gone.pid)
+    assert records.claim_holder("job.calibrating") is None
+    assert records.claim("job.calibrating", os.getpid())  # taken over from the dead one
+    assert records.claim_holder("job.calibrating") == os.getpid()
+    records.release("job.calibrating")
