@@ -186,7 +186,8 @@ def make_mini_variant(variant: str, fp32: MiniGraphs, ckpt: LlavaMiniCheckpoint,
     """fp16 or int8 versions of the three graphs, or bf16 (the fp32 graphs in bf16 arithmetic), each measured
     against fp32 on the same inputs."""
     from ...families.llava_mini import MiniEncoder
-    from ...quantize.onnx_variants import BF16_METHOD, RMSNORM_OPS, bf16_backend, convert_fp16, quantize_int8_dynamic
+    from ...quantize.onnx_variants import (BF16_METHOD, DYNAMIC_METHOD, RMSNORM_OPS, bf16_backend, convert_fp16,
+                                           quantize_int8_dynamic)
 
     if variant == "bf16":
         paths, method = dict(fp32.paths), BF16_METHOD
@@ -200,7 +201,7 @@ def make_mini_variant(variant: str, fp32: MiniGraphs, ckpt: LlavaMiniCheckpoint,
             else:
                 paths[graph] = quantize_int8_dynamic(src, dst)
         method = ("fp16 weights and activations, LayerNorm/RMSNorm statistics in fp32" if variant == "fp16"
-                  else "dynamic int8 (MatMul weights per-channel, activations at run time)")
+                  else DYNAMIC_METHOD)
         cand = MiniEncoder.from_files(paths, "cpu", threads)
     samples = sample_inputs(ckpt, seed=1)
     ref = MiniEncoder.from_files(fp32.paths, "cpu", threads)

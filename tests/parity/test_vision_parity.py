@@ -112,6 +112,16 @@ def test_dynamic_int8_mean_cosine(tiny_bundle, reference, config):
     assert cos.mean() >= 0.99
 
 
+def test_dynamic_int8_runs_each_gelu_as_one_op(tiny_bundle):
+    # The int8 graph is onnxruntime's own: its GELUs become the contrib Gelu (test_dynamic_int8_mean_cosine
+    # holds its accuracy); the fp32 graph, TensorRT's reference, keeps standard ONNX ops.
+    ops = {v: collections.Counter((n.domain, n.op_type) for n in onnx.load(str(tiny_bundle / f"vision-{v}.onnx")).graph.node)
+           for v in ("int8", "fp32")}
+    assert ops["int8"][("com.microsoft", "Gelu")] == 12 and ops["int8"][("", "Erf")] == 0  # 11 blocks, the projector
+    assert ops["fp32"][("", "Erf")] == 12 and not any(domain for domain, _ in ops["fp32"])
+    assert "each GELU one Gelu op" in next(v.method for v in load_manifest(tiny_bundle).vision if v.variant == "int8")
+
+
 @pytest.fixture(scope="module")
 def static_int8_bundle(tiny, tmp_path_factory):
     calib = tmp_path_factory.mktemp("calib")
