@@ -24,8 +24,10 @@ from rich.markup import escape
 from ..calibrate import mode as calibration
 from ..errors import ConfigError, ConvLlavaEdgeError
 from ..prompt import checked_text
-from .options import (AsJson, Aspect, Device, LlmBackend, LlmModel, LlmUrl, MaxTokens, ModelPath, NoCache, Seed,
-                      Temperature, Threads, TopP, VisionBackend, VisionType, VisionUrl, ask_options, runtime_options)
+from ..vision import start_deferred_calibrations
+from .options import (AsJson, Aspect, Device, Grammar, JsonSchema, LlmBackend, LlmModel, LlmUrl, MaxTokens, ModelPath,
+                      NoCache, Seed, Temperature, Threads, TopP, VisionBackend, VisionType, VisionUrl, ask_options,
+                      runtime_options)
 from .render import (StageProgress, bench_tables, check_tables, doctor_table, files_table, info_lines, stage_bars,
                      stats_line)
 
@@ -326,11 +328,13 @@ def ask_cmd(
     llm_backend: LlmBackend = "llama.cpp",
     llm_url: LlmUrl = None,
     llm_model: LlmModel = None,
+    json_schema: JsonSchema = None,
+    grammar: Grammar = None,
     no_cache: NoCache = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
     """Ask a question about an image (or a video); the answer streams as it is generated."""
-    options = ask_options(max_tokens, temperature, top_p, seed, aspect)
+    options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               no_cache, calibrate=calibration("later"))
     if video is not None:
@@ -386,12 +390,14 @@ def chat_cmd(
     llm_backend: LlmBackend = "llama.cpp",
     llm_url: LlmUrl = None,
     llm_model: LlmModel = None,
+    json_schema: JsonSchema = None,
+    grammar: Grammar = None,
     no_cache: NoCache = False,
 ) -> None:
     """Talk about an image over several turns (an empty line or end of input quits)."""
     if sys.stdin is None:  # Python's stdin when fd 0 is not open (`<&-`): checked before the model loads
         raise ConvLlavaEdgeError("chat needs a terminal or input on stdin (standard input is closed)")
-    options = ask_options(max_tokens, temperature, top_p, seed, aspect)
+    options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               no_cache, calibrate=calibration("later"))
     image_data = _checked_image(image, model, aspect)
@@ -445,6 +451,8 @@ def batch_cmd(
     llm_backend: LlmBackend = "llama.cpp",
     llm_url: LlmUrl = None,
     llm_model: LlmModel = None,
+    json_schema: JsonSchema = None,
+    grammar: Grammar = None,
     no_cache: NoCache = False,
 ) -> None:
     """Answer questions about many images into a JSONL file: resumable, unreadable images as error lines."""
@@ -457,7 +465,7 @@ def batch_cmd(
                               no_cache, calibrate=calibration("now"))
     if (workers > 1 or address) and not ray:
         raise ConfigError("--workers and --address run Ray actors: add --ray (locally the loop uses every core)")
-    options = ask_options(max_tokens, temperature, top_p, seed, aspect)
+    options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     for q in question:
         checked_text(q, "the question")
     items = make_items(expand_images(inputs or []), question, read_questions(questions) if questions else [])
@@ -624,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: the one place where errors become one clean line and an exit code."""
     try:
         app(args=argv, prog_name="convllava-edge")  # standalone: usage errors print and raise SystemExit(2)
+        start_deferred_calibrations()  # auto's timing of a one-shot command, once it has answered
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except ConvLlavaEdgeError as e:

@@ -41,6 +41,10 @@ Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (d
 TopP = Annotated[float, typer.Option("--top-p")]
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed, in [0, 2**32 - 1).")]
 Aspect = Annotated[Optional[str], typer.Option("--aspect", help=ASPECT_HELP)]
+JsonSchema = Annotated[Optional[str], typer.Option("--json-schema", metavar="FILE|JSON", help="The answer is JSON "
+                      "that fits this schema (a file, or the schema itself), constrained token by token.")]
+Grammar = Annotated[Optional[Path], typer.Option("--grammar", metavar="FILE.gbnf", help="The answer follows this "
+                    "GBNF grammar (llama.cpp's format, root rule 'root').")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
@@ -56,10 +60,17 @@ def runtime_options(device: str = "auto", threads: Optional[int] = None, vision_
                           cache=not no_cache, **more).validate()
 
 
-def ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, aspect: Optional[str]):
+def ask_options(max_tokens: int, temperature: float, top_p: float, seed: int, aspect: Optional[str],
+                json_schema: Optional[str] = None, grammar: Optional[Path] = None):
+    """``json_schema``: a file's path or the schema's JSON itself; ``grammar``: a GBNF file (structured.py)."""
     from ..backends.base import SamplingOptions
     from ..model import AskOptions
+    from ..structured import constraint_of, load
 
-    options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature, top_p, seed), aspect=aspect)
+    constraint = constraint_of(load(json_schema, "--json-schema") if json_schema is not None else None,
+                               load(str(grammar), "--grammar") if grammar is not None else None,
+                               "--json-schema" if json_schema is not None else "--grammar")
+    options = AskOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature, top_p, seed), aspect=aspect,
+                         constraint=constraint)
     options.validate()
     return options

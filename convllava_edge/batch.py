@@ -289,8 +289,11 @@ def answer_line(model, item: Item, options) -> dict:
     except (ImageError, ContextOverflowError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         return {**row, "error": message if message.startswith(item.image) else f"{item.image}: {message}"}
-    return {**row, "answer": answer.text, "token_ids": answer.token_ids, "n_image_tokens": answer.n_image_tokens,
-            "stop_reason": answer.stop_reason, "cache_hit": answer.cache_hit, "timings": answer.timings}
+    constraint = getattr(options, "constraint", None)
+    parsed = {"parsed": answer.parsed} if constraint is not None and constraint.is_json else {}
+    return {**row, "answer": answer.text, **parsed, "token_ids": answer.token_ids,
+            "n_image_tokens": answer.n_image_tokens, "stop_reason": answer.stop_reason, "cache_hit": answer.cache_hit,
+            "timings": answer.timings}
 
 
 def run_local(model, items: list[Item], log: AnswerLog, options, advance: Callable[[dict], None]) -> None:

@@ -72,6 +72,10 @@ class Decoder:
         self.n_generated = 0
         self.reason = "length"  # "eos", "stop" (a stop string in the text) or "length"
         self.first_token_at: float | None = None
+        # (token id, TokenLogprob) of each token of the answer (not of a hidden header), with options.logprobs;
+        # filled as they are generated (AnswerStream.logprobs is this list)
+        self.logprobs: list = []
+        self._pending: list = []  # those of tokens that may still be the hidden header
 
     @property
     def visible_tokens(self) -> list[int]:
@@ -79,7 +83,16 @@ class Decoder:
         return without_header(self.tokens, self.hidden_prefix)
 
     def run(self) -> Iterator[str]:
-        steps = self.llm.generate(self.options.sampling, self.options.max_tokens)
+        constraint, logprobs = getattr(self.options, "constraint", None), getattr(self.options, "logprobs", None)
+        if constraint is not None and self._hiding:
+            # The header the model writes before its answer (LLaVA-Mini's), evaluated as the model would write
+            # it: a grammar for the answer would forbid it. It stays hidden and in the KV cache, as generated.
+            self.llm.eval_tokens(self.hidden_prefix)
+            self.tokens, self._hiding = list(self.hidden_prefix), False
+        extra = {"constraint": constraint} if constraint is not None else {}
+        if logprobs is not None:
+            extra["logprobs"] = logprobs
+        steps = self.llm.generate(self.options.sampling, self.options.max_tokens, **extra)
         try:
             for step in steps:
                 if self.first_token_at is None:
@@ -87,6 +100,8 @@ class Decoder:
                 self.n_generated += 1
                 if step.token is not None:
                     self.tokens.append(step.token)
+                if step.logprob is not None:
+                    self._pending.append((step.token, step.logprob))
                 text = self._shown(step)
                 if text:
                     yield text
@@ -104,7 +119,11 @@ class Decoder:
     def _shown(self, step: Step) -> str:
         if self._hiding and step.token is not None and self.tokens == self.hidden_prefix[:len(self.tokens)]:
             self._hiding = len(self.tokens) < len(self.hidden_prefix)  # the whole header seen: hidden for good
+            if not self._hiding:
+                self._pending.clear()
             return ""
+        self.logprobs += self._pending
+        self._pending.clear()
         if self._hiding and step.token is not None:  # it was not the header after all: show it
             self._hiding = False
             return "".join(self.stream.push(self.llm.piece(t)) for t in self.tokens)

@@ -10,6 +10,7 @@ switch for every cache on disk; ``Model(bundle, RuntimeOptions(...))`` takes how
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
 from .backends import llm_kind, vision_kind
-from .backends.base import ContextOverflowError, LlmBackend, SamplingOptions
+from .backends.base import MAX_TOP_LOGPROBS, ContextOverflowError, LlmBackend, SamplingOptions, TokenLogprob
 from .cache import DiskCache
 from .decoding import Decoder
 from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput
@@ -28,8 +29,9 @@ from .manifest import Manifest, load_manifest
 from .preprocess import ASPECTS
 from .prompt import ImageSlot, Item, positions, template_from_dict
 from .runtime import RuntimeOptions
+from .structured import Constraint, constraint_of
 from .tokenizer import PromptTokenizer
-from .vision import choose_vision, precision_of
+from .vision import choose_vision, precision_of, start_deferred_calibrations
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,14 @@ class AskOptions:
     sampling: SamplingOptions = SamplingOptions()
     aspect: str | None = None  # None: the bundle's default ("pad", as trained)
     stop: tuple[str, ...] = ()  # text that ends the answer, besides the template's own
+    constraint: Constraint | None = None  # what the answer must be (structured.py): a JSON schema, JSON, a grammar
+    logprobs: int | None = None  # each token's logprob and this many alternatives (0..20); None: none
 
     def validate(self) -> None:
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ConfigError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         if self.aspect is not None and self.aspect not in ASPECTS:
             raise ConfigError(f"unknown aspect mode {self.aspect!r} (known: {', '.join(ASPECTS)})")
         self.sampling.validate()
@@ -60,19 +66,33 @@ class Answer:
     # prompt positions the LLM did not compute again: ours (n_prompt_positions - n_evaluated) on llama.cpp; on a
     # server backend its own prefix-cache figure, None where it gives none
     cached_tokens: int | None = None
+    constraint: Constraint | None = None  # what the answer was constrained to
+    logprobs: list[tuple[int, TokenLogprob]] | None = None  # with AskOptions.logprobs: per answer token
+
+    @property
+    def parsed(self):
+        """A JSON-constrained answer's value; None when it is not complete JSON (cut by max_tokens: never
+        repaired) or the answer was not constrained to JSON."""
+        return self.constraint.parse(self.text) if self.constraint is not None else None
 
     def to_dict(self) -> dict:
-        return {"answer": self.text, "token_ids": self.token_ids, "n_image_tokens": self.n_image_tokens,
-                "n_prompt_positions": self.n_prompt_positions, "n_evaluated": self.n_evaluated,
-                "stop_reason": self.stop_reason, "cache_hit": self.cache_hit, "timings": self.timings}
+        out = {"answer": self.text, "token_ids": self.token_ids, "n_image_tokens": self.n_image_tokens,
+               "n_prompt_positions": self.n_prompt_positions, "n_evaluated": self.n_evaluated,
+               "stop_reason": self.stop_reason, "cache_hit": self.cache_hit, "timings": self.timings}
+        if self.constraint is not None and self.constraint.is_json:
+            out["parsed"] = self.parsed
+        return out
 
 
 class AnswerStream:
     """Iterate for text pieces; ``.answer`` holds the Answer once the stream is exhausted."""
 
-    def __init__(self, pieces: Generator[str, None, Answer], on_done: Callable[[Answer], None] = lambda a: None):
+    def __init__(self, pieces: Generator[str, None, Answer], on_done: Callable[[Answer], None] = lambda a: None,
+                 logprobs: list | None = None):
         self._pieces, self._on_done = pieces, on_done
         self._answer: Answer | None = None
+        # with AskOptions.logprobs: (token id, TokenLogprob) of the answer's tokens so far, growing as it streams
+        self.logprobs = logprobs if logprobs is not None else []
 
     def __iter__(self) -> Iterator[str]:
         self._answer = yield from self._pieces
@@ -224,11 +244,29 @@ class Model:
     def answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions,
                on_done: Callable[[Answer], None] = lambda answer: None) -> AnswerStream:
         """The answer to a prompt already built (``prompt_items``), as a stream; ``on_done`` sees the Answer."""
-        return AnswerStream(self._answer(items, embedded, options), on_done)
+        logprobs: list = []
+        return AnswerStream(self._answer(items, embedded, options, logprobs), on_done, logprobs)
 
-    def _answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions) -> Generator[str, None, Answer]:
+    def check_constraint(self, options: AskOptions) -> None:
+        """Before any answer: the LLM backend can constrain and give logprobs as asked, and llama.cpp parses the
+        constraint's grammar (compiled once, then cached): each failure is a one-line ConfigError."""
+        if options.constraint is None and options.logprobs is None:
+            return
+        llm = self._need_llm()
+        if options.constraint is not None:
+            if not llm.capabilities.structured_output:
+                raise ConfigError(f"the {llm.name} backend cannot constrain an answer (a JSON schema, JSON or a "
+                                  "grammar): use --llm-backend llama.cpp")
+            llm.grammar(options.constraint)
+        if options.logprobs is not None and not llm.capabilities.logprobs:
+            raise ConfigError(f"the {llm.name} backend gives no logprobs of the distribution its tokens are drawn "
+                              "from: use --llm-backend llama.cpp")
+
+    def _answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions,
+                logprobs: list | None = None) -> Generator[str, None, Answer]:
         options.validate()
         self._need_llm()
+        self.check_constraint(options)
         embedded = embedded or Embedded.none()
         if embedded.slot.key:
             self.images.keep(embedded)
@@ -243,14 +281,18 @@ class Model:
         evaluated = self.kv.prefill(items, self.images.memory, rows)
         t1 = time.perf_counter()
         decoder = Decoder(self.llm, options, tuple(self.template.stop) + tuple(options.stop), self.hidden_prefix)
+        if logprobs is not None:
+            decoder.logprobs = logprobs
         yield from decoder.run()
         t2 = time.perf_counter()
+        start_deferred_calibrations()  # auto's timing, deferred until an answer is out (vision.defer_calibration)
         self.kv.record_answer(decoder.tokens)
         first_token_at = decoder.first_token_at or t2
         decode_s = t2 - t1
         return Answer(
             text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=embedded.slot.n_tokens,
             n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=embedded.hit,
+            constraint=options.constraint, logprobs=decoder.logprobs if options.logprobs is not None else None,
             cached_tokens=self.llm.server_cached_tokens if self.llm.capabilities.server_cache else needed - evaluated,
             timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
                      "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
@@ -262,12 +304,18 @@ class Model:
         """One question about ``embedded`` (None: no image), as a stream."""
         return self.answer(self.prompt_items([(question, None)], embedded.slot if embedded else None), embedded, options)
 
-    def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
-        """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted."""
+    def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), *,
+                   schema=None, grammar: str | None = None) -> AnswerStream:
+        """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted. ``schema``: a
+        JSON schema (a dict, JSON text or a pydantic model class) the answer fits (``.answer.parsed`` is its
+        value); ``grammar``: GBNF text the answer follows instead."""
+        options = constrained(options, schema, grammar)
+        self.check_constraint(options)  # before the image is encoded
         return self._question(self.embed(image, options.aspect), question, options)
 
-    def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> Answer:
-        return _drain(self.ask_stream(image, question, options))
+    def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), *,
+            schema=None, grammar: str | None = None) -> Answer:
+        return _drain(self.ask_stream(image, question, options, schema=schema, grammar=grammar))
 
     def ask_once(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
         """``ask_stream`` for a Model that answers one question: the image is encoded, the graphs are freed
@@ -313,16 +361,26 @@ class Chat:
         self.model, self.embedded, self.options = model, embedded, options
         self.turns: list[tuple[str, str]] = []
 
-    def ask_stream(self, question: str, options: AskOptions | None = None) -> AnswerStream:
+    def ask_stream(self, question: str, options: AskOptions | None = None, *, schema=None,
+                   grammar: str | None = None) -> AnswerStream:
+        """As Model.ask_stream, for the next turn (``schema``, ``grammar``: this turn's answer)."""
+        options = constrained(options or self.options, schema, grammar)
         items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot)
-        stream = self.model.answer(items, self.embedded, options or self.options,
+        stream = self.model.answer(items, self.embedded, options,
                                    on_done=lambda answer: self.turns.append((question, answer.text)))
         # Later turns reuse the embeddings in hand: no preprocessing or encoding to report.
         self.embedded = self.embedded.reused()
         return stream
 
-    def ask(self, question: str, options: AskOptions | None = None) -> Answer:
-        return _drain(self.ask_stream(question, options))
+    def ask(self, question: str, options: AskOptions | None = None, *, schema=None,
+            grammar: str | None = None) -> Answer:
+        return _drain(self.ask_stream(question, options, schema=schema, grammar=grammar))
+
+
+def constrained(options: AskOptions, schema=None, grammar: str | None = None) -> AskOptions:
+    """``options`` with the constraint ``schema`` or ``grammar`` makes (structured.constraint_of), if any."""
+    made = constraint_of(schema, grammar)
+    return options if made is None else dataclasses.replace(options, constraint=made)
 
 
 def _drain(stream: AnswerStream) -> Answer:

@@ -33,8 +33,18 @@ CALIBRATION_SIDE = 768  # px at most: a 1536 px bundle is timed at 768 (a quarte
 CALIBRATION_RUNS = 2  # timed encodes per candidate, after one untimed (compilation, arena growth)
 CLEARLY_SLOWER = 4.0  # a candidate whose untimed run already took this many times the best is not timed further
 CHOICE_VERSION = 1
-# the order candidates are timed in: the likely fast first, so that the clearly slower stop after one run
-LIKELY_FASTEST = ("bf16", "int8", "fp16", "fp32")
+# The order candidates are timed in, the likely fast first, so that the clearly slower stop after one run; its
+# first is also what answers while a background calibration runs. Measured (RESULTS.md): on AMX, bf16 on OpenVINO
+# and int8 on ONNX Runtime are level (2.2 s, 2.3 s at 768 px); without AMX int8 wins (AMD EPYC: 1.85 s against
+# 2.65 s; no bf16 at all on an Ice Lake), and OpenVINO's compile of a big graph adds ~10 s to a first load.
+LIKELY_FASTEST_AMX = ("bf16", "int8", "fp16", "fp32")
+LIKELY_FASTEST_OTHER = ("int8", "bf16", "fp16", "fp32")
+
+
+def likely_fastest() -> tuple[str, ...]:
+    from .machine import cpu_info
+
+    return LIKELY_FASTEST_AMX if "amx_bf16" in cpu_info()["flags"] else LIKELY_FASTEST_OTHER
 
 
 def precision_of(entry: VisionEntry) -> str:
@@ -128,7 +138,8 @@ def candidates(manifest: Manifest, variant: str | None, device: str) -> list[tup
     default always, as its author chose it); each with every backend that runs it here."""
     entries = [manifest.vision_entry(variant)] if variant is not None else \
         [e for i, e in enumerate(manifest.vision) if i == 0 or within_gate(e)]
-    entries.sort(key=lambda e: LIKELY_FASTEST.index(e.variant) if e.variant in LIKELY_FASTEST else len(LIKELY_FASTEST))
+    order = likely_fastest()
+    entries.sort(key=lambda e: order.index(e.variant) if e.variant in order else len(order))
     pairs = [(e, k.name) for e in entries for k in vision_kinds() if k.can_run(precision_of(e), device)]
     if not pairs:  # e.g. a bf16-only bundle on a CPU without bf16: the backend's refusal says why
         pairs = [(entries[0], runnable_kind(entries[0], device))]
@@ -176,10 +187,10 @@ def choose_vision(bundle: str | os.PathLike, manifest: Manifest, variant: str | 
                                                                             kind=chosen)
     if calibrate == "later":
         entry, chosen = pairs[0]
-        pid = start_calibration(Path(bundle), device, threads, name)
-        if progress and pid is not None:
-            progress(f"vision: {entry.variant} on {chosen} for now; timing the others in the background "
-                     f"(process {pid}, once per bundle on this machine)")
+        defer_calibration(Path(bundle), device, threads, name, progress)
+        if progress:
+            progress(f"vision: {entry.variant} on {chosen} for now; the others are timed after this answer, in "
+                     "the background (once per bundle on this machine)")
         return VisionChoice(entry, chosen, "provisional"), open_encoder(bundle, manifest, entry, device, threads,
                                                                         kind=chosen)
     choice, encoder = _calibrate(bundle, manifest, pairs, device, threads, progress, timer or _time_encode)
@@ -243,6 +254,35 @@ def _time_encode(label: str, encoder: VisionEncoder, pixels: np.ndarray, best: f
 
 def claim_name(record: str) -> str:
     return record.removesuffix(".json") + ".calibrating"
+
+
+_DEFERRED: list[tuple] = []  # calibrations chosen "later", started once an answer is out (or at exit)
+
+
+def defer_calibration(bundle: Path, device: str, threads: int | None, record: str, progress) -> None:
+    """Time the candidates in the background once this process has answered (start_deferred_calibrations):
+    measured on the AMD EPYC (2 cores, 768 px bundle), a calibration running beside the first answer, even at the
+    lowest priority, made it take 22.6 s instead of 10.3 s (both read the same gigabyte of graphs and share the
+    memory bandwidth); started after it, the first answer costs what a pinned one does."""
+    import atexit
+
+    if not _DEFERRED:
+        atexit.register(start_deferred_calibrations)  # a library caller that never answers still gets it
+    _DEFERRED.append((bundle, device, threads, record, progress))
+
+
+def start_deferred_calibrations() -> list[int]:
+    """Start the calibrations deferred so far (Model calls this after an answer, the CLI after a command); their PIDs."""
+    pids = []
+    while _DEFERRED:
+        bundle, device, threads, record, progress = _DEFERRED.pop(0)
+        pid = start_calibration(bundle, device, threads, record)
+        if pid is not None:
+            pids.append(pid)
+            if progress:
+                progress(f"timing the vision candidates in the background (process {pid}, once per bundle on "
+                         "this machine)")
+    return pids
 
 
 def start_calibration(bundle: Path, device: str, threads: int | None, record: str) -> int | None:

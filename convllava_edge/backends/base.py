@@ -115,6 +115,10 @@ class LlmCapabilities:
       one evaluates only the rest (``truncate`` keeps a prefix). Without it every request starts at 0.
     - ``fork``: ``fork(threads, n_ctx, threads_batch)`` gives another sequence on the same weights (serve's
       --parallel slots). Without it a server serves one request at a time.
+    - ``structured_output``: ``generate(..., constraint=)`` constrains the answer token by token (a GBNF grammar,
+      structured.Constraint). Without it a constrained request is refused in one line naming the backend, never
+      answered unconstrained.
+    - ``logprobs``: ``generate(..., logprobs=k)`` gives each step its TokenLogprob. Without it, refused alike.
     - ``server_cache``: the backend reports how many of the last prompt's positions its server did not compute
       (``server_cached_tokens``, None when it gave no figure). Without it that figure is ours: the positions our
       KV cache reused.
@@ -126,13 +130,29 @@ class LlmCapabilities:
     kv_reuse: bool = False
     fork: bool = False
     server_cache: bool = False
+    structured_output: bool = False
+    logprobs: bool = False
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability and the ``top`` alternatives ((token id, logprob), most likely
+    first), of the distribution it was drawn from before temperature and top-p: the log-softmax of the
+    model's logits, renormalised over the tokens a constraint allows when the answer is constrained."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Step(NamedTuple):
-    """One generated token: its id (None where the backend does not report ids) and its bytes."""
+    """One generated token: its id (None where the backend does not report ids), its bytes, and its
+    log-probability when asked for (``generate(..., logprobs=k)``)."""
 
     token: int | None
     piece: bytes
+    logprob: TokenLogprob | None = None
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 class LlmBackend(Protocol):
@@ -165,10 +185,13 @@ class LlmBackend(Protocol):
     def eval_tokens(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray | None: ...
     def eval_embeddings(self, rows: np.ndarray, all_logits: bool = False) -> np.ndarray | None: ...
 
-    def generate(self, sampling: SamplingOptions, max_tokens: int) -> Iterator[Step]:
+    def generate(self, sampling: SamplingOptions, max_tokens: int, constraint=None,
+                 logprobs: int | None = None) -> Iterator[Step]:
         """Tokens after the evaluated prompt, at most ``max_tokens``; ends at an end-of-generation token
         (not yielded). A step is evaluated into the sequence only when the next one is asked for, so a
-        caller that stops early (a stop string) leaves the last token out of the KV cache."""
+        caller that stops early (a stop string) leaves the last token out of the KV cache. ``constraint``
+        (capabilities.structured_output): a structured.Constraint the answer follows; ``logprobs``
+        (capabilities.logprobs): each step's TokenLogprob with that many alternatives (0..MAX_TOP_LOGPROBS)."""
         ...
 
     def save_sequence(self) -> bytes: ...  # capabilities.save_state

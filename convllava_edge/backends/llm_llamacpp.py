@@ -21,6 +21,7 @@ from ..errors import BundleError, ConfigError, ConvLlavaEdgeError
 from .llama_batch import batch_slot
 from ..threads import check_threads, default_threads
 from .base import ContextOverflowError, LlmCapabilities, SamplingOptions, Step
+from .llama_sampling import Grammar, Sampler, Utf8Pieces
 
 _backend_ready = False
 
@@ -162,7 +163,8 @@ class LlamaCppBackend(LlamaVocab):
     """One model, one context, one sequence (seq 0): every capability of the LLM-backend interface."""
 
     name = "llama.cpp"
-    capabilities = LlmCapabilities(save_state=True, logits=True, token_ids=True, kv_reuse=True, fork=True)
+    capabilities = LlmCapabilities(save_state=True, logits=True, token_ids=True, kv_reuse=True, fork=True,
+                                   structured_output=True, logprobs=True)
     server_cached_tokens = None  # no server: Model counts what its KV cache reused
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
@@ -262,6 +264,7 @@ class LlamaCppBackend(LlamaVocab):
         self.n_past = 0
         self._batch_tokens = lib.llama_batch_init(self.n_batch, 0, 1)
         self._batch_embd = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._grammars: dict[str, Grammar] = {}  # compiled grammars by hash, this context's (serve's slots are threads)
 
     @property
     def where(self) -> str:
@@ -277,7 +280,7 @@ class LlamaCppBackend(LlamaVocab):
         check_threads(threads_batch)
         other = object.__new__(type(self))
         other.__dict__.update({k: v for k, v in self.__dict__.items()
-                               if k not in ("ctx", "_batch_tokens", "_batch_embd", "n_past")})
+                               if k not in ("ctx", "_batch_tokens", "_batch_embd", "n_past", "_grammars")})
         other.settings = {**self.settings, "threads": threads or self.threads, "n_ctx": n_ctx or self.n_ctx,
                           "threads_batch": threads_batch or self.settings["threads_batch"]}
         self._models[0] += 1
@@ -379,19 +382,46 @@ class LlamaCppBackend(LlamaVocab):
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, sampling: SamplingOptions, max_tokens: int) -> Iterator[Step]:
+    def generate(self, sampling: SamplingOptions, max_tokens: int, constraint=None,
+                 logprobs: int | None = None) -> Iterator[Step]:
         """See LlmBackend.generate: each token is evaluated when the next is asked for, never the last."""
-        sampler = Sampler(self, sampling)
+        sampler = Sampler(self, sampling, self.grammar(constraint) if constraint is not None else None, logprobs)
         for n in range(1, max_tokens + 1):
-            token = sampler.sample()
+            token, logprob = sampler.sample()
             if self.is_end(token):
                 return
-            yield Step(token, self.piece(token))
+            sampler.accept(token)
+            yield Step(token, self.piece(token), logprob)
             if n < max_tokens:  # the last token's logits would go unused
                 self.eval_tokens([token])
 
+    def utf8_pieces(self) -> Utf8Pieces:
+        """The vocabulary's pieces as Utf8Pieces (made once per model: forks share it)."""
+        made = self.__dict__.get("_utf8")
+        if made is None:
+            made = Utf8Pieces([self.piece(t) for t in range(self.n_vocab)],
+                              [t for t in range(self.n_vocab) if self.is_end(t)])
+            self._utf8 = made
+        return made
+
+    def grammar(self, constraint) -> "Grammar":
+        """A fresh grammar sampler for ``constraint`` (its parse state at the start), compiled once per grammar
+        and model; a ConfigError with llama.cpp's own message for a grammar it cannot parse. Callers compile
+        before answering (Model.check_constraint) so that this error comes before the first byte."""
+        cache = self._grammars
+        compiled = cache.get(constraint.key)
+        if compiled is None:
+            compiled = Grammar.compile(self._l, self.vocab, constraint.grammar, constraint.kind, llama_log)
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache))).free()
+            cache[constraint.key] = compiled
+        return compiled.fresh()
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
+            for compiled in self._grammars.values():
+                compiled.free()
+            self._grammars.clear()
             self._l.llama_batch_free(self._batch_tokens)
             self._l.llama_batch_free(self._batch_embd)
             self._l.llama_free(self.ctx)
@@ -401,32 +431,6 @@ class LlamaCppBackend(LlamaVocab):
     def __del__(self):
         try:
             self.close()
-        except Exception:
-            pass
-
-
-class Sampler:
-    """A llama.cpp sampler chain: greedy at temperature 0, else top-p, temperature, seeded draw."""
-
-    def __init__(self, backend: LlamaCppBackend, options: SamplingOptions):
-        options.validate()
-        lib = self._lib = backend._l
-        self._ctx = backend.ctx
-        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if options.temperature == 0:
-            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_greedy())
-        else:
-            if options.top_p < 1:
-                lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_top_p(options.top_p, 1))
-            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_temp(options.temperature))
-            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_dist(options.seed))  # < SEED_LIMIT
-
-    def sample(self) -> int:
-        return self._lib.llama_sampler_sample(self.chain, self._ctx, -1)
-
-    def __del__(self):
-        try:
-            self._lib.llama_sampler_free(self.chain)
         except Exception:
             pass
 

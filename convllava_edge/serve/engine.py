@@ -28,7 +28,7 @@ from ..model import Answer, AskOptions, Model
 from ..prompt import positions
 from ..runtime import RuntimeOptions
 from ..threads import default_threads
-from .wire import ApiError, ChatRequest
+from .wire import ApiError, ChatRequest, Piece, logprob_entries
 
 RETRY_AFTER_S = 1
 # What run_in_slot emits once the request is checked through (the image decoded and encoded, the prompt's length
@@ -191,10 +191,16 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
         if room < 1:
             raise ContextOverflowError(f"the conversation takes {positions(items)} positions and the context holds "
                                        f"{model.llm.n_ctx}: start a new conversation or send less text")
-        options = AskOptions(max_tokens=asked or min(cap, room), sampling=request.sampling, stop=request.stop)
+        options = AskOptions(max_tokens=asked or min(cap, room), sampling=request.sampling, stop=request.stop,
+                             constraint=request.constraint, logprobs=request.logprobs)
+        try:
+            model.check_constraint(options)  # the backend can, and llama.cpp parses the grammar: still a 400
+        except ConvLlavaEdgeError as e:
+            raise ApiError(400, str(e), "response_format", "invalid_schema") from None
         emit(READY)
         stream = model.answer(items, embedded, options)
         pieces = iter(stream)
+        sent = 0  # logprob entries streamed so far
         for piece in pieces:
             if locked:
                 served.prefill_lock.release()
@@ -203,6 +209,8 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
                 pieces.close()  # type: ignore[attr-defined]
                 model.reset()  # the KV cache's record no longer matches what was evaluated
                 return None
+            if options.logprobs is not None:
+                piece, sent = Piece.of(piece, logprob_entries(model.llm, stream.logprobs[sent:])), len(stream.logprobs)
             emit(piece)
     except ContextOverflowError as e:
         raise ApiError(400, str(e), "messages", "context_length_exceeded") from None

@@ -8,6 +8,7 @@ and the timings in nanoseconds, errors as ``{"error": message}``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import aclosing
@@ -17,7 +18,9 @@ from typing import Any, AsyncIterator
 from .. import __version__
 from ..model import Answer
 from .generate import STARTED, complete
-from .wire import ApiError, ChatRequest, bad, finish_reason, parse_chat
+from ..structured import Constraint, json_object
+from .wire import (ApiError, ChatRequest, bad, finish_reason, logprob_entries, parse_chat, refuse_unsupported,
+                   schema_constraint, top_logprobs)
 
 OLLAMA_DEFAULT_TEMPERATURE = 0.8  # Ollama's own default when a request sets none
 NS = 1_000_000  # per ms
@@ -71,9 +74,8 @@ def _options(body: dict) -> dict:
     options = {} if options is None else options
     if not isinstance(options, dict):
         raise bad("options must be an object", "options")
-    for unsupported, what in (("format", "structured output (format)"), ("tools", "tool calling (tools)")):
-        if body.get(unsupported):  # refused, not ignored: the client would take free text for what it asked
-            raise bad(f"{what} is not supported by this server", unsupported)
+    refuse_unsupported(body, OLLAMA_REFUSED)
+    refuse_unsupported(options, OLLAMA_OPTIONS_REFUSED, "options")
     out: dict = {"model": body.get("model"), "stream": body.get("stream", True),
                  "temperature": options.get("temperature", OLLAMA_DEFAULT_TEMPERATURE)}
     for ours, theirs in (("top_p", "top_p"), ("seed", "seed"), ("stop", "stop")):
@@ -87,7 +89,46 @@ def _options(body: dict) -> dict:
 
 def parse(kind: str, body: Any, max_image_bytes: int) -> ChatRequest:
     """/api/chat's or /api/generate's body, checked as OpenAI's is (images: base64 only, no file paths)."""
-    return parse_chat(chat_body(body) if kind == "chat" else generate_body(body), max_image_bytes, None)
+    chat = parse_chat(chat_body(body) if kind == "chat" else generate_body(body), max_image_bytes, None)
+    return dataclasses.replace(chat, constraint=output_format(body.get("format")), logprobs=top_logprobs(body))
+
+
+def output_format(value: Any) -> Constraint | None:
+    """Ollama's format: "json" (any JSON object), a JSON schema object, or none ("" or absent)."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return json_object()
+    if isinstance(value, dict):
+        return schema_constraint(value, "format")
+    raise bad(f'format must be "json" or a JSON schema object, got {value!r}'[:200], "format")
+
+
+# Each field of Ollama's /api/chat and /api/generate requests (ollama-python's ChatRequest, GenerateRequest and
+# Options): implemented, accepted as changing nothing about the answer, or refused unless neutral (wire.py).
+OLLAMA_IMPLEMENTED = frozenset({"model", "messages", "prompt", "system", "images", "stream", "options", "format",
+                                "logprobs", "top_logprobs"})
+OLLAMA_NO_EFFECT = {"keep_alive": "how long Ollama keeps a model loaded (serve keeps its bundles loaded)"}
+OLLAMA_REFUSED = {
+    "tools": ((None, []), "tool calling"), "think": ((None, False), "thinking"), "raw": ((None, False), "raw prompts"),
+    "template": ((None, ""), "a prompt template of the request's"), "suffix": ((None, ""), "fill-in-the-middle"),
+    "context": ((None, []), "the deprecated context tokens"), "width": ((None,), "image generation"),
+    "height": ((None,), "image generation"), "steps": ((None,), "image generation"),
+}
+OLLAMA_OPTIONS_IMPLEMENTED = frozenset({"temperature", "top_p", "seed", "stop", "num_predict"})
+OLLAMA_OPTIONS_NO_EFFECT = {  # how Ollama runs a model; serve's own flags decide that here (--ctx, --threads...)
+    name: "a runtime setting (serve's own options decide it)"
+    for name in ("num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "use_mmap", "use_mlock",
+                 "num_thread", "numa", "num_keep", "vocab_only", "embedding_only", "logits_all")}
+OLLAMA_OPTIONS_REFUSED = {
+    "top_k": ((None, 0), "top-k sampling"), "min_p": ((None, 0, 0.0), "min-p sampling"),
+    "typical_p": ((None, 1, 1.0), "typical sampling"), "tfs_z": ((None, 1, 1.0), "tail-free sampling"),
+    "repeat_penalty": ((None, 1, 1.0), "a repeat penalty"), "repeat_last_n": ((None,), "a repeat penalty"),
+    "presence_penalty": ((None, 0, 0.0), "a presence penalty"),
+    "frequency_penalty": ((None, 0, 0.0), "a frequency penalty"), "penalize_newline": ((None, False), "a newline penalty"),
+    "mirostat": ((None, 0), "mirostat sampling"), "mirostat_tau": ((None,), "mirostat sampling"),
+    "mirostat_eta": ((None,), "mirostat sampling"),
+}
 
 
 def show_name(body: Any) -> str | None:
@@ -137,15 +178,18 @@ async def ndjson(kind: str, model: str, gen: AsyncIterator[object], started: flo
                 if isinstance(item, Answer):
                     yield line(kind, model, "", True, **final_fields(item, started))
                 elif item is not STARTED:
-                    yield line(kind, model, item, False)
+                    logprobs = getattr(item, "logprobs", None)
+                    yield line(kind, model, item, False, **({"logprobs": logprobs} if logprobs is not None else {}))
         except ApiError as e:
             yield error_line(e)
 
 
-async def respond(kind: str, model: str, gen: AsyncIterator[object], started: float) -> dict:
+async def respond(kind: str, model: str, gen: AsyncIterator[object], started: float, llm=None) -> dict:
+    """The answer as one object; ``llm``: the model's, to write its logprobs (None: not asked for)."""
     async with aclosing(gen):
         answer = await complete(gen)
-    return json.loads(line(kind, model, answer.text, True, **final_fields(answer, started)))
+    logprobs = {"logprobs": logprob_entries(llm, answer.logprobs)} if llm is not None else {}
+    return json.loads(line(kind, model, answer.text, True, **final_fields(answer, started), **logprobs))
 
 
 def tags(served: dict) -> dict:

@@ -10,8 +10,9 @@ accepts (tests/fuzz/test_fuzz_http_schema.py checks both directions on generated
 
 from __future__ import annotations
 
-from ..backends.base import MAX_TEMPERATURE, SEED_LIMIT
-from .wire import MAX_STOP
+from ..backends.base import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_LIMIT
+from .ollama import OLLAMA_OPTIONS_REFUSED, OLLAMA_REFUSED
+from .wire import MAX_STOP, OPENAI_REFUSED
 
 SEED_MAX = SEED_LIMIT - 1  # wire.py: seed in [0, SEED_LIMIT)
 
@@ -33,7 +34,25 @@ _SAMPLING = {
     "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": SEED_MAX},
 }
 
+def _refused(fields: dict) -> dict:
+    """A field this server refuses unless it holds a neutral value: the schema allows those values only."""
+    return {name: {"description": f"{what}: not supported; only a client's neutral default is accepted",
+                   "enum": list(neutral)} for name, (neutral, what) in fields.items()}
+
+
+JSON_SCHEMA = {"type": "object", "additionalProperties": True,
+               "description": "a JSON schema of the supported subset (docs/structured.md); other keywords are a 400 "
+                              "naming them"}
 # -- OpenAI: /v1/chat/completions ------------------------------------------------------------------------
+RESPONSE_FORMAT = {"oneOf": [
+    {"type": "null"},
+    _object({"type": {"const": "text"}}, ("type",)),
+    _object({"type": {"const": "json_object"}}, ("type",)),
+    _object({"type": {"const": "json_schema"}, "json_schema": _object({
+        "name": {"type": ["string", "null"], "description": "1-64 letters, digits, _ or -"},
+        "schema": JSON_SCHEMA, "strict": {"type": ["boolean", "null"]}, "description": {"type": ["string", "null"]},
+    })}, ("type", "json_schema")),
+]}
 IMAGE_URL = {"description": "a data:image/...;base64, URL, or file:// inside --media-dir", "type": "string"}
 CONTENT_PART = {"oneOf": [
     _object({"type": {"const": "text"}, "text": _TEXT}, ("type", "text")),
@@ -54,6 +73,11 @@ CHAT_REQUEST = _object({
     "stop": _STOP,
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"oneOf": [{"type": "null"}, _object({"include_usage": {"type": ["boolean", "null"]}})]},
+    "response_format": RESPONSE_FORMAT,
+    "logprobs": {"type": ["boolean", "null"]},
+    "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                     "description": "with logprobs: true"},
+    **_refused(OPENAI_REFUSED),
 }, ("messages",))
 OPENAI_ERROR = _object({"error": _object({
     "message": _TEXT, "type": _TEXT, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
@@ -64,9 +88,14 @@ _IMAGES = {"type": ["array", "null"], "items": {"type": "string", "description":
 OLLAMA_OPTIONS = {"oneOf": [{"type": "null"}, _object({
     **_SAMPLING, "stop": _STOP,
     "num_predict": {"type": ["integer", "null"], "description": "-1 or -2: until the end", "minimum": -2},
+    **_refused(OLLAMA_OPTIONS_REFUSED),
 })]}
 _OLLAMA_COMMON = {"model": {"type": ["string", "null"]}, "stream": {"type": ["boolean", "null"]},
-                  "options": OLLAMA_OPTIONS}
+                  "options": OLLAMA_OPTIONS,
+                  "format": {"oneOf": [{"type": "null"}, {"enum": ["", "json"]}, JSON_SCHEMA]},
+                  "logprobs": {"type": ["boolean", "null"]},
+                  "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
+                  **_refused(OLLAMA_REFUSED)}
 OLLAMA_CHAT = _object({
     **_OLLAMA_COMMON,
     "messages": {"type": "array", "minItems": 1, "items": _object({

@@ -32,7 +32,7 @@ from .media import MediaDir
 from .metrics import CLIENT_CLOSED, CountRequests, Metrics
 from .options import ServeOptions, served_names
 from .wire import (MAX_JSON_DEPTH, ApiError, ChatRequest, bad, check_json, chunk, completion, completion_id,
-                   finish_reason, now, parse_chat, timings, usage)
+                   finish_reason, logprob_entries, now, parse_chat, timings, usage)
 
 PAGE = Path(__file__).resolve().parent / "page"  # the web page's static files, shipped in the package
 
@@ -154,7 +154,8 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async with aclosing(gen):
             answer = await complete(gen)
-        return completion(completion_id(), now(), served.name, answer)
+        logprobs = logprob_entries(served.model.llm, answer.logprobs) if chat.logprobs is not None else None
+        return completion(completion_id(), now(), served.name, answer, logprobs)
 
     def pick_model(eng: Engine, name: str | None) -> Served:
         if name is None or (name not in eng.served and len(eng.served) == 1 and name in ("", "default")):
@@ -179,7 +180,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
             try:
                 async for item in gen:
                     if isinstance(item, str):
-                        yield event(chunk(cid, created, name, {"content": item}))
+                        yield event(chunk(cid, created, name, {"content": item}, logprobs=getattr(item, "logprobs", None)))
                     else:
                         answer = item
             except ApiError as e:
@@ -209,7 +210,8 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
                 await opened(gen)
                 return StreamingResponse(ollama_api.ndjson(kind, served.name, gen, started),
                                          media_type="application/x-ndjson")
-            return await ollama_api.respond(kind, served.name, gen, started)
+            llm = served.model.llm if chat.logprobs is not None else None
+            return await ollama_api.respond(kind, served.name, gen, started, llm)
         except ApiError as e:
             return ollama_error(e)
 

@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import MAX_TEMPERATURE, SEED_LIMIT, SamplingOptions
+from ..backends.base import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_LIMIT, SamplingOptions
+from ..structured import Constraint, SchemaError, from_schema, json_object
 from .media import MediaDir, MediaError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -92,11 +93,93 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    constraint: Constraint | None = None  # response_format (Ollama: format)
+    logprobs: int | None = None  # None: no logprobs; else top_logprobs alternatives (0..20)
+
+
+# Each field OpenAI's chat-completions request defines (openai-python's CompletionCreateParams) is implemented,
+# accepted as changing nothing about the answer, or refused with a 400 naming it unless it holds its neutral
+# value: never ignored while the client believes it applied (tests/unit/test_request_fields.py walks them).
+OPENAI_IMPLEMENTED = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                                "seed", "stop", "stream", "stream_options", "n", "response_format", "logprobs",
+                                "top_logprobs"})
+OPENAI_NO_EFFECT = {  # bookkeeping of OpenAI's service: nothing of the answer depends on them
+    "user": "an end-user id for OpenAI's abuse monitoring", "safety_identifier": "the same, newer name",
+    "metadata": "tags for OpenAI's stored completions", "store": "OpenAI's storage (this server stores nothing)",
+    "service_tier": "OpenAI's processing tier", "prompt_cache_key": "OpenAI's prompt-cache routing",
+    "prompt_cache_retention": "OpenAI's prompt-cache lifetime", "prompt_cache_options": "OpenAI's prompt cache",
+}
+NOT_YET = "is not supported by this server"
+OPENAI_REFUSED = {  # field -> (its neutral values, what it is)
+    "tools": ((None, []), "tool calling"), "tool_choice": ((None, "none"), "tool calling"),
+    "parallel_tool_calls": ((None,), "tool calling"), "functions": ((None, []), "function calling"),
+    "function_call": ((None, "none"), "function calling"), "logit_bias": ((None, {}), "logit bias"),
+    "frequency_penalty": ((None, 0, 0.0), "a frequency penalty"), "presence_penalty": ((None, 0, 0.0), "a presence penalty"),
+    "audio": ((None,), "audio output"), "modalities": ((None, ["text"]), "output modalities other than text"),
+    "prediction": ((None,), "predicted outputs"), "web_search_options": ((None,), "web search"),
+    "reasoning_effort": ((None,), "reasoning effort"), "verbosity": ((None,), "verbosity"),
+    "moderation": ((None,), "moderation"),
+}
+
+
+def refuse_unsupported(body: dict, refused: dict, where: str = "") -> None:
+    """A 400 naming the first field of ``refused`` that holds other than its neutral values."""
+    for name, (neutral, what) in refused.items():
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in neutral):
+            param = f"{where}.{name}" if where else name
+            raise bad(f"{param}: {what} {NOT_YET}", param, "unsupported_parameter")
+
+
+def response_format(value: Any, param: str = "response_format") -> Constraint | None:
+    """OpenAI's response_format: text (None), json_object, or json_schema {name, schema, strict}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad(f"{param} must be an object", param)
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object()
+    if kind != "json_schema":
+        raise bad(f"{param}.type must be text, json_object or json_schema, got {kind!r}", f"{param}.type")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad(f"{param}.json_schema must be an object", f"{param}.json_schema")
+    name = spec.get("name")
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)):
+        raise bad(f"{param}.json_schema.name must be 1-64 letters, digits, _ or -", f"{param}.json_schema.name")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise bad(f"{param}.json_schema.strict must be a boolean", f"{param}.json_schema.strict")
+    return schema_constraint(spec.get("schema", {}), f"{param}.json_schema.schema")
+
+
+def schema_constraint(schema: Any, param: str) -> Constraint:
+    """A JSON schema from a request as a Constraint; a 400 naming ``param`` and the place in the schema."""
+    if not isinstance(schema, dict):
+        raise bad(f"{param} must be a JSON schema object", param, "invalid_schema")
+    try:
+        return from_schema(schema, param)
+    except SchemaError as e:
+        raise bad(str(e), param, "invalid_schema") from None
+
+
+def top_logprobs(body: dict, flag: str = "logprobs", count: str = "top_logprobs") -> int | None:
+    """OpenAI's (and Ollama's) logprobs flag and top_logprobs count: None when logprobs are not asked for."""
+    wanted = _typed(body, flag, bool, False)
+    top = _typed(body, count, int, None)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad(f"{count} must be in 0..{MAX_TOP_LOGPROBS}, got {top}", count)
+    if top is not None and top > 0 and not wanted:
+        raise bad(f"{count} needs {flag}: true", count)
+    return (top or 0) if wanted else None
 
 
 def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    refuse_unsupported(body, OPENAI_REFUSED)
     model = _typed(body, "model", str, None)
     n = _typed(body, "n", int, 1)
     if n != 1:
@@ -130,7 +213,8 @@ def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> C
     system, turns, image, image_turn = _conversation(messages, max_image_bytes, media_dir)
     sampling = SamplingOptions(temperature=temperature, top_p=top_p,
                                seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little") % SEED_LIMIT)
-    return ChatRequest(model, turns, image, image_turn, system, max_tokens, sampling, stops, stream, include_usage)
+    return ChatRequest(model, turns, image, image_turn, system, max_tokens, sampling, stops, stream, include_usage,
+                       constraint=response_format(body.get("response_format")), logprobs=top_logprobs(body))
 
 
 def _typed(obj: dict, name: str, kind: type, default: Any, param: str | None = None) -> Any:
@@ -280,17 +364,43 @@ def timings(answer) -> dict:
             "decode_tokens_per_s": t.get("decode_tokens_per_s", 0.0), "image_cache_hit": answer.cache_hit}
 
 
-def completion(cid: str, created: int, model: str, answer) -> dict:
+def completion(cid: str, created: int, model: str, answer, logprobs: list | None = None) -> dict:
+    """``logprobs``: the answer's tokens as logprob_entries made (None: not asked for)."""
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                         "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
                          "finish_reason": finish_reason(answer)}],
             "usage": usage(answer), "timings": timings(answer), "token_ids": answer.token_ids}
 
 
-def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, **extra) -> dict:
+def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs: list | None = None,
+          **extra) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                     "finish_reason": finish}], **extra}
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta,
+                         "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
+                         "finish_reason": finish}], **extra}
+
+
+class Piece(str):
+    """A streamed piece of the answer's text and, when asked for, the logprob entries of the tokens it ends."""
+
+    logprobs: list | None = None
+
+    @classmethod
+    def of(cls, text: str, logprobs: list | None) -> "Piece":
+        piece = cls(text)
+        piece.logprobs = logprobs
+        return piece
+
+
+def logprob_entries(llm, pairs) -> list[dict]:
+    """(token id, TokenLogprob) pairs as OpenAI's ChatCompletionTokenLogprob objects (Ollama reads the same)."""
+    def entry(token: int, logprob: float) -> dict:
+        data = llm.piece(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return [{**entry(token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for token, lp in pairs]
 
 
 def now() -> int:

@@ -295,8 +295,9 @@ def test_ollama_generate_tags_version_and_errors(server, ollama_client, cli_answ
     shown = ollama_client.show(DEMO)
     assert "vision" in shown.capabilities and shown.details.quantization_level == "Q4_K_M"
     with pytest.raises(ollama.ResponseError) as e:
-        ollama_client.chat(model=DEMO, messages=[{"role": "user", "content": "hi"}], format="json", stream=False)
-    assert e.value.status_code == 400 and "format" in e.value.error  # refused, not silently ignored
+        ollama_client.chat(model=DEMO, messages=[{"role": "user", "content": "hi"}], stream=False,
+                           options={"top_k": 40})
+    assert e.value.status_code == 400 and "options.top_k" in e.value.error  # refused, not silently ignored
     assert httpx.get(server.url + "/api/version", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json() == \
         {"version": convllava_edge.__version__}
     with pytest.raises(ollama.ResponseError) as e:

@@ -206,7 +206,9 @@ def test_a_first_ask_answers_at_once_and_the_timing_runs_after_it_in_the_backgro
     first, kind = candidates(load_manifest(tiny_bundle), None, "cpu")[0]
     assert (out["vision_type"], out["vision_backend"], out["vision_choice"]["how"]) == (first.variant, kind,
                                                                                          "provisional")
-    pid = int(re.search(r"timing the others in the background \(process (\d+)", captured.err).group(1))
+    assert "the others are timed after this answer" in captured.err
+    pid = int(re.search(r"timing the vision candidates in the background \(process (\d+)", captured.err).group(1))
+    assert captured.err.index("after this answer") < captured.err.index("(process ")
     deadline = time.monotonic() + 180
     try:
         while True:  # our child: main() ran in this process

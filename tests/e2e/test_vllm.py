@@ -88,6 +88,32 @@ def test_streaming_gives_the_text_of_the_answer(models, images):
     assert stream.answer.text == there.ask(images["wide"], QUESTIONS[0], GREEDY).text
 
 
+@pytest.mark.parametrize("constraint", [
+    {"grammar": 'root ::= ("one" | "two" | "three" | "many") " shapes"'},
+    {"schema": {"type": "object", "properties": {"count": {"enum": ["one", "two", "three"]}}, "required": ["count"]}},
+])
+def test_a_constrained_answer_is_token_exact_with_llamacpp(models, images, constraint):
+    # vLLM gets the constraint's own GBNF (structured_outputs.grammar): the same grammar on both backends
+    here, there = models
+    options = AskOptions(max_tokens=24, sampling=SamplingOptions(temperature=0.0))
+    ours, theirs = (m.ask(images["wide"], QUESTIONS[1], options, **constraint) for m in (here, there))
+    assert theirs.token_ids == ours.token_ids and theirs.stop_reason == ours.stop_reason == "eos"
+    if "schema" in constraint:
+        assert theirs.parsed["count"] in ("one", "two", "three")
+    else:
+        assert theirs.text.endswith(" shapes")
+
+
+def test_logprobs_and_a_bad_grammar_are_one_line_refusals(models, images):
+    from convllava_edge.errors import ConfigError
+
+    _, there = models
+    with pytest.raises(ConfigError, match="the vLLM backend gives no logprobs"):
+        there.ask(images["wide"], QUESTIONS[0], AskOptions(max_tokens=4, logprobs=2))
+    with pytest.raises(ConfigError, match="vLLM refuses the answer's grammar"):
+        there.ask(images["wide"], QUESTIONS[0], GREEDY, grammar="root ::= nope")
+
+
 def test_a_second_chat_turn_is_token_exact(models, reference, images):
     here, there = models
     image = Image.open(images["tall"])
