@@ -30,6 +30,7 @@ from .preprocess import ASPECTS
 from .prompt import ImageSlot, Item, positions, template_from_dict
 from .runtime import RuntimeOptions
 from .structured import Constraint, constraint_of
+from .tools import ToolAnswer, ToolCall, Tools, parse_choice, parse_tools, render_result
 from .tokenizer import PromptTokenizer
 from .vision import choose_vision, precision_of, start_deferred_calibrations
 
@@ -68,6 +69,12 @@ class Answer:
     cached_tokens: int | None = None
     constraint: Constraint | None = None  # what the answer was constrained to
     logprobs: list[tuple[int, TokenLogprob]] | None = None  # with AskOptions.logprobs: per answer token
+    tool_answer: ToolAnswer | None = None  # with tools (Chat.ask(tools=...)): the direct answer or the calls
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls of an answer given tools (tools.py); empty when it answered directly or had no tools."""
+        return self.tool_answer.calls if self.tool_answer is not None else []
 
     @property
     def parsed(self):
@@ -360,21 +367,47 @@ class Chat:
     def __init__(self, model: Model, embedded: Embedded, options: AskOptions):
         self.model, self.embedded, self.options = model, embedded, options
         self.turns: list[tuple[str, str]] = []
+        self.tools: Tools | None = None  # offered from the turn that first gave them on (tools.py)
 
     def ask_stream(self, question: str, options: AskOptions | None = None, *, schema=None,
-                   grammar: str | None = None) -> AnswerStream:
-        """As Model.ask_stream, for the next turn (``schema``, ``grammar``: this turn's answer)."""
+                   grammar: str | None = None, tools: Sequence[dict] | Tools | None = None,
+                   tool_choice=None, parallel_tool_calls: bool = True) -> AnswerStream:
+        """As Model.ask_stream, for the next turn (``schema``, ``grammar``: this turn's answer). ``tools``: OpenAI's
+        function tools (or a Tools), offered from this turn on; the answer is then a direct answer or calls
+        (``.answer.tool_calls``; results go back with ``send_tool_results``)."""
+        if tools is not None:
+            self.tools = tools if isinstance(tools, Tools) else \
+                Tools(parse_tools(list(tools)), parse_choice(tool_choice, parse_tools(list(tools))), parallel_tool_calls)
         options = constrained(options or self.options, schema, grammar)
-        items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot)
-        stream = self.model.answer(items, self.embedded, options,
-                                   on_done=lambda answer: self.turns.append((question, answer.text)))
+        offered = self.tools if self.tools is not None and self.tools.active else None
+        system = None
+        if offered is not None:
+            if options.constraint is not None:
+                raise ConfigError("a schema or grammar and tools both constrain the answer: give one")
+            options = dataclasses.replace(options, constraint=offered.constraint())
+            system = offered.system_prompt(self.model.template.system)
+        items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot, system=system)
+
+        def done(answer: Answer) -> None:
+            self.turns.append((question, answer.text))  # as generated: the KV cache holds it so
+            if offered is not None:
+                answer.tool_answer = offered.read(answer.text)
+        stream = self.model.answer(items, self.embedded, options, on_done=done)
         # Later turns reuse the embeddings in hand: no preprocessing or encoding to report.
         self.embedded = self.embedded.reused()
         return stream
 
     def ask(self, question: str, options: AskOptions | None = None, *, schema=None,
-            grammar: str | None = None) -> Answer:
-        return _drain(self.ask_stream(question, options, schema=schema, grammar=grammar))
+            grammar: str | None = None, tools: Sequence[dict] | Tools | None = None, tool_choice=None,
+            parallel_tool_calls: bool = True) -> Answer:
+        return _drain(self.ask_stream(question, options, schema=schema, grammar=grammar, tools=tools,
+                                      tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls))
+
+    def send_tool_results(self, results: Sequence[tuple[ToolCall, str]], options: AskOptions | None = None) -> Answer:
+        """The results of the last answer's calls ((call, result text) pairs) as the next turn; its answer."""
+        if not results:
+            raise ConfigError("send_tool_results needs at least one (call, result) pair")
+        return self.ask("\n".join(render_result(call.name, content) for call, content in results), options)
 
 
 def constrained(options: AskOptions, schema=None, grammar: str | None = None) -> AskOptions:

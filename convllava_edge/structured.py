@@ -102,7 +102,7 @@ def from_schema(schema: Any, where: str = "schema") -> Constraint:
     """A JSON schema (a dict, a pydantic model class, or JSON text) as a Constraint; a SchemaError naming
     ``where`` and the place in the schema for what cannot be enforced."""
     schema = _as_schema(schema, where)
-    text = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    text = json.dumps(schema, ensure_ascii=False)  # key order kept: the grammar writes properties in it
     if len(text.encode()) > MAX_SCHEMA_BYTES:
         raise SchemaError(f"{where}: the schema is over {MAX_SCHEMA_BYTES:,} bytes")
     return Constraint("json_schema", _grammar_of(text, where), schema)

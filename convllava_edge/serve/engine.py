@@ -28,7 +28,8 @@ from ..model import Answer, AskOptions, Model
 from ..prompt import positions
 from ..runtime import RuntimeOptions
 from ..threads import default_threads
-from .wire import ApiError, ChatRequest, Piece, logprob_entries
+from .replies import Piece, logprob_entries
+from .wire import ApiError, ChatRequest
 
 RETRY_AFTER_S = 1
 # What run_in_slot emits once the request is checked through (the image decoded and encoded, the prompt's length
@@ -105,7 +106,7 @@ def load_served(name: str, path: Path, parallel: int, queue_limit: int, runtime:
 
 def conversation_key(request: ChatRequest) -> tuple:
     digest = hashlib.sha256(request.image).hexdigest() if request.image is not None else None
-    return digest, request.system, request.image_turn
+    return digest, request.system, request.image_turn, request.tools  # the tools are in the system prompt
 
 
 class Engine:
@@ -185,14 +186,17 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
     locked = served.prefill_lock.acquire()
     try:
         embedded = model.embed(request.image) if request.image is not None else None
-        items = model.prompt_items(request.turns, embedded.slot if embedded else None, request.image_turn,
-                                   request.system)
+        system, constraint = request.system, request.constraint
+        if request.tools is not None and request.tools.active:  # tools.py: the generic format
+            system = request.tools.system_prompt(model.template.system if system is None else system)
+            constraint = request.tools.constraint()
+        items = model.prompt_items(request.turns, embedded.slot if embedded else None, request.image_turn, system)
         room = model.llm.n_ctx - positions(items)
         if room < 1:
             raise ContextOverflowError(f"the conversation takes {positions(items)} positions and the context holds "
                                        f"{model.llm.n_ctx}: start a new conversation or send less text")
         options = AskOptions(max_tokens=asked or min(cap, room), sampling=request.sampling, stop=request.stop,
-                             constraint=request.constraint, logprobs=request.logprobs)
+                             constraint=constraint, logprobs=request.logprobs)
         try:
             model.check_constraint(options)  # the backend can, and llama.cpp parses the grammar: still a 400
         except ConvLlavaEdgeError as e:

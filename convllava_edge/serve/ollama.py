@@ -19,8 +19,9 @@ from .. import __version__
 from ..model import Answer
 from .generate import STARTED, complete
 from ..structured import Constraint, json_object
-from .wire import (ApiError, ChatRequest, bad, finish_reason, logprob_entries, parse_chat, refuse_unsupported,
-                   schema_constraint, top_logprobs)
+from ..tools import dumps
+from .replies import finish_reason, logprob_entries
+from .wire import ApiError, ChatRequest, bad, parse_chat, refuse_unsupported, schema_constraint, top_logprobs
 
 OLLAMA_DEFAULT_TEMPERATURE = 0.8  # Ollama's own default when a request sets none
 NS = 1_000_000  # per ms
@@ -33,12 +34,49 @@ def chat_body(body: Any) -> dict:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
-    converted = []
+    converted, pending = [], []  # pending: (id, name) of calls no tool message has answered yet
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}] must be an object", f"messages[{i}]")
-        converted.append(_message(message, f"messages[{i}]"))
-    return {**_options(body), "messages": converted}
+        if message.get("role") == "assistant" and message.get("tool_calls") is not None:
+            converted.append(_assistant_calls(message, f"messages[{i}]", pending))
+        elif message.get("role") == "tool":
+            converted.append(_tool_message(message, f"messages[{i}]", pending))
+        else:
+            converted.append(_message(message, f"messages[{i}]"))
+    tools = {"tools": body["tools"]} if body.get("tools") is not None else {}
+    return {**_options(body), **tools, "messages": converted}
+
+
+def _assistant_calls(message: dict, where: str, pending: list) -> dict:
+    """Ollama's assistant tool_calls ({"function": {"name", "arguments": {...}}}, no ids) in OpenAI's shape."""
+    calls = message["tool_calls"]
+    if not isinstance(calls, list) or not calls:
+        raise bad(f"{where}.tool_calls must be a non-empty list", f"{where}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad(f'{where}.tool_calls[{j}] must be {{"function": {{"name", "arguments"}}}}', f"{where}.tool_calls")
+        arguments = fn.get("arguments", {})
+        call_id = f"call_{len(pending)}_{j}_{fn['name']}"
+        pending.append((call_id, fn["name"]))
+        out.append({"id": call_id, "type": "function",
+                    "function": {"name": fn["name"], "arguments": dumps(arguments) if not isinstance(arguments, str)
+                                 else arguments}})
+    content = message.get("content") or None
+    return {"role": "assistant", "content": content, "tool_calls": out}
+
+
+def _tool_message(message: dict, where: str, pending: list) -> dict:
+    """A tool result: the earliest unanswered call of ``tool_name`` (or the earliest unanswered one)."""
+    name = message.get("tool_name") or message.get("name")
+    match = next((c for c in pending if name is None or c[1] == name), None)
+    if match is None:
+        raise bad(f"{where}: a tool message that answers no earlier tool call" + (f" of {name!r}" if name else ""),
+                  f"{where}.tool_name")
+    pending.remove(match)
+    return {"role": "tool", "tool_call_id": match[0], "content": message.get("content", "")}
 
 
 def generate_body(body: Any) -> dict:
@@ -107,10 +145,10 @@ def output_format(value: Any) -> Constraint | None:
 # Each field of Ollama's /api/chat and /api/generate requests (ollama-python's ChatRequest, GenerateRequest and
 # Options): implemented, accepted as changing nothing about the answer, or refused unless neutral (wire.py).
 OLLAMA_IMPLEMENTED = frozenset({"model", "messages", "prompt", "system", "images", "stream", "options", "format",
-                                "logprobs", "top_logprobs"})
+                                "logprobs", "top_logprobs", "tools"})
 OLLAMA_NO_EFFECT = {"keep_alive": "how long Ollama keeps a model loaded (serve keeps its bundles loaded)"}
 OLLAMA_REFUSED = {
-    "tools": ((None, []), "tool calling"), "think": ((None, False), "thinking"), "raw": ((None, False), "raw prompts"),
+    "think": ((None, False), "thinking"), "raw": ((None, False), "raw prompts"),
     "template": ((None, ""), "a prompt template of the request's"), "suffix": ((None, ""), "fill-in-the-middle"),
     "context": ((None, []), "the deprecated context tokens"), "width": ((None,), "image generation"),
     "height": ((None,), "image generation"), "steps": ((None,), "image generation"),
@@ -151,8 +189,10 @@ def created_at() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def line(kind: str, model: str, text: str, done: bool, **extra) -> str:
+def line(kind: str, model: str, text: str, done: bool, tool_calls: list | None = None, **extra) -> str:
     key = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"response": text}
+    if tool_calls:
+        key["message"]["tool_calls"] = tool_calls
     return json.dumps({"model": model, "created_at": created_at(), **key, "done": done, **extra},
                       ensure_ascii=False) + "\n"
 
@@ -170,13 +210,28 @@ def error_line(e: ApiError) -> str:
     return json.dumps({"error": e.message}) + "\n"
 
 
-async def ndjson(kind: str, model: str, gen: AsyncIterator[object], started: float) -> AsyncIterator[str]:
-    """The streamed form: one line per piece, the final line with done: true, an error as {"error": ...}."""
+def tool_fields(tools, answer: Answer) -> tuple[str, list | None]:
+    """A tools answer as Ollama writes it: the direct answer's text, or the calls (arguments as objects)."""
+    read = tools.read(answer.text)
+    if not read.calls:
+        return read.content or "", None
+    return "", [{"function": {"name": c.name, "arguments": c.parsed_arguments()}} for c in read.calls]
+
+
+async def ndjson(kind: str, model: str, gen: AsyncIterator[object], started: float,
+                 tools=None) -> AsyncIterator[str]:
+    """The streamed form: one line per piece, the final line with done: true, an error as {"error": ...}.
+    With active ``tools`` the answer is read whole: its text or its calls in one line before the final one."""
     async with aclosing(gen):
         try:
             async for item in gen:
                 if isinstance(item, Answer):
+                    if tools is not None:
+                        text, calls = tool_fields(tools, item)
+                        yield line(kind, model, text, False, calls)
                     yield line(kind, model, "", True, **final_fields(item, started))
+                elif tools is not None:
+                    continue
                 elif item is not STARTED:
                     logprobs = getattr(item, "logprobs", None)
                     yield line(kind, model, item, False, **({"logprobs": logprobs} if logprobs is not None else {}))
@@ -184,12 +239,15 @@ async def ndjson(kind: str, model: str, gen: AsyncIterator[object], started: flo
             yield error_line(e)
 
 
-async def respond(kind: str, model: str, gen: AsyncIterator[object], started: float, llm=None) -> dict:
-    """The answer as one object; ``llm``: the model's, to write its logprobs (None: not asked for)."""
+async def respond(kind: str, model: str, gen: AsyncIterator[object], started: float, llm=None,
+                  tools=None) -> dict:
+    """The answer as one object; ``llm``: the model's, to write its logprobs (None: not asked for); ``tools``:
+    active tools, whose answer is read as text or calls."""
     async with aclosing(gen):
         answer = await complete(gen)
     logprobs = {"logprobs": logprob_entries(llm, answer.logprobs)} if llm is not None else {}
-    return json.loads(line(kind, model, answer.text, True, **final_fields(answer, started), **logprobs))
+    text, calls = tool_fields(tools, answer) if tools is not None else (answer.text, None)
+    return json.loads(line(kind, model, text, True, calls, **final_fields(answer, started), **logprobs))
 
 
 def tags(served: dict) -> dict:

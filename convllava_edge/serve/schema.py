@@ -59,10 +59,20 @@ CONTENT_PART = {"oneOf": [
     _object({"type": {"const": "image_url"},
              "image_url": {"oneOf": [IMAGE_URL, _object({"url": IMAGE_URL}, ("url",))]}}, ("type", "image_url")),
 ]}
+TOOL = _object({"type": {"const": "function"}, "function": _object({
+    "name": {"type": "string", "description": "1-64 letters, digits, _ or -; unique among the tools"},
+    "description": {"type": ["string", "null"]}, "parameters": {"oneOf": [{"type": "null"}, JSON_SCHEMA]}},
+    ("name",))}, ("function",))
+TOOL_CALL = _object({"id": _TEXT, "type": {"const": "function"}, "function": _object({
+    "name": _TEXT, "arguments": {"type": "string", "description": "JSON text"}}, ("name",))}, ("id", "function"))
 MESSAGE = _object({
-    "role": {"enum": ["system", "developer", "user", "assistant"]},
+    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
     "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": CONTENT_PART}]},
+    "tool_calls": {"oneOf": [{"type": "null"}, {"type": "array", "items": TOOL_CALL, "minItems": 1}],
+                   "description": "an assistant turn's calls, sent back"},
+    "tool_call_id": {"type": ["string", "null"], "description": "a tool message: the call it answers"},
 }, ("role",))
+TOOLS = {"type": ["array", "null"], "items": TOOL, "description": "docs/structured.md: the generic tool format"}
 CHAT_REQUEST = _object({
     "model": {"type": ["string", "null"]},
     "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
@@ -74,6 +84,11 @@ CHAT_REQUEST = _object({
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"oneOf": [{"type": "null"}, _object({"include_usage": {"type": ["boolean", "null"]}})]},
     "response_format": RESPONSE_FORMAT,
+    "tools": TOOLS,
+    "tool_choice": {"oneOf": [{"type": "null"}, {"enum": ["none", "auto", "required"]},
+                              _object({"type": {"const": "function"}, "function": _object({"name": _TEXT}, ("name",))},
+                                      ("function",))]},
+    "parallel_tool_calls": {"type": ["boolean", "null"]},
     "logprobs": {"type": ["boolean", "null"]},
     "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
                      "description": "with logprobs: true"},
@@ -99,7 +114,11 @@ _OLLAMA_COMMON = {"model": {"type": ["string", "null"]}, "stream": {"type": ["bo
 OLLAMA_CHAT = _object({
     **_OLLAMA_COMMON,
     "messages": {"type": "array", "minItems": 1, "items": _object({
-        "role": {"enum": ["system", "user", "assistant"]}, "content": _TEXT, "images": _IMAGES}, ("role",))},
+        "role": {"enum": ["system", "user", "assistant", "tool"]}, "content": _TEXT, "images": _IMAGES,
+        "tool_calls": {"type": ["array", "null"], "items": _object({"function": _object({
+            "name": _TEXT, "arguments": {"type": ["object", "string"]}}, ("name",))}, ("function",))},
+        "tool_name": {"type": ["string", "null"]}}, ("role",))},
+    "tools": TOOLS,
 }, ("messages",))
 OLLAMA_GENERATE = _object({**_OLLAMA_COMMON, "prompt": _TEXT, "system": {"type": ["string", "null"]},
                            "images": _IMAGES}, ("prompt",))

@@ -31,8 +31,9 @@ from .generate import complete, generate, opened
 from .media import MediaDir
 from .metrics import CLIENT_CLOSED, CountRequests, Metrics
 from .options import ServeOptions, served_names
-from .wire import (MAX_JSON_DEPTH, ApiError, ChatRequest, bad, check_json, chunk, completion, completion_id,
-                   finish_reason, logprob_entries, now, parse_chat, timings, usage)
+from .replies import (chunk, completion, completion_id, finish_reason, logprob_entries, now, timings, tool_chunks,
+                      tool_message, usage)
+from .wire import MAX_JSON_DEPTH, ApiError, ChatRequest, bad, check_json, parse_chat
 
 PAGE = Path(__file__).resolve().parent / "page"  # the web page's static files, shipped in the package
 
@@ -155,7 +156,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         async with aclosing(gen):
             answer = await complete(gen)
         logprobs = logprob_entries(served.model.llm, answer.logprobs) if chat.logprobs is not None else None
-        return completion(completion_id(), now(), served.name, answer, logprobs)
+        return completion(completion_id(), now(), served.name, answer, logprobs, chat.tools)
 
     def pick_model(eng: Engine, name: str | None) -> Served:
         if name is None or (name not in eng.served and len(eng.served) == 1 and name in ("", "default")):
@@ -177,16 +178,25 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         cid, created = completion_id(), now()
         async with aclosing(gen):
             yield event(chunk(cid, created, name, {"role": "assistant", "content": ""}))
+            tools = chat.tools is not None and chat.tools.active  # the answer is read whole, then streamed
             try:
                 async for item in gen:
                     if isinstance(item, str):
-                        yield event(chunk(cid, created, name, {"content": item}, logprobs=getattr(item, "logprobs", None)))
+                        if not tools:
+                            yield event(chunk(cid, created, name, {"content": item},
+                                              logprobs=getattr(item, "logprobs", None)))
                     else:
                         answer = item
             except ApiError as e:
                 yield error_event(e)
                 return
-        yield event(chunk(cid, created, name, {}, finish_reason(answer), **({"usage": None} if chat.include_usage else {})))
+        finish = finish_reason(answer)
+        if tools:
+            read = chat.tools.read(answer.text)
+            for delta in tool_chunks(read):
+                yield event(chunk(cid, created, name, delta))
+            finish = tool_message(read, finish)[1]
+        yield event(chunk(cid, created, name, {}, finish, **({"usage": None} if chat.include_usage else {})))
         if chat.include_usage:
             yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                          "choices": [], "usage": usage(answer), "timings": timings(answer),
@@ -206,12 +216,13 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
             served = pick_model(eng, ollama_api.model_name(chat.model))
             gen = generation(eng, served, chat)
             started = time.perf_counter()
+            tools = chat.tools if chat.tools is not None and chat.tools.active else None
             if chat.stream:
                 await opened(gen)
-                return StreamingResponse(ollama_api.ndjson(kind, served.name, gen, started),
+                return StreamingResponse(ollama_api.ndjson(kind, served.name, gen, started, tools),
                                          media_type="application/x-ndjson")
             llm = served.model.llm if chat.logprobs is not None else None
-            return await ollama_api.respond(kind, served.name, gen, started, llm)
+            return await ollama_api.respond(kind, served.name, gen, started, llm, tools)
         except ApiError as e:
             return ollama_error(e)
 

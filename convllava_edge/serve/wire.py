@@ -1,5 +1,5 @@
-"""The OpenAI chat-completions wire format: a request body checked into a ChatRequest, and the response,
-chunk and error objects (shapes as openai-python's ``types/chat`` declare them).
+"""The OpenAI chat-completions wire format: a request body checked into a ChatRequest, and the error object
+(shapes as openai-python's ``types/chat`` declare them; the response and chunk objects: replies.py).
 
 Checked by hand, not by a pydantic model: unknown fields must pass (clients send new ones), and every
 known field of the wrong type or out of range is a 400 naming it, in OpenAI's error object.
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import os
 import re
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_LIMIT, SamplingOptions
 from ..structured import Constraint, SchemaError, from_schema, json_object
+from ..tools import ToolError, Tools, parse_choice, parse_tools, render_calls, render_result
 from .media import MediaDir, MediaError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -95,6 +95,7 @@ class ChatRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     constraint: Constraint | None = None  # response_format (Ollama: format)
     logprobs: int | None = None  # None: no logprobs; else top_logprobs alternatives (0..20)
+    tools: Tools | None = None  # tools, tool_choice, parallel_tool_calls (tools.py)
 
 
 # Each field OpenAI's chat-completions request defines (openai-python's CompletionCreateParams) is implemented,
@@ -102,7 +103,7 @@ class ChatRequest:
 # value: never ignored while the client believes it applied (tests/unit/test_request_fields.py walks them).
 OPENAI_IMPLEMENTED = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                                 "seed", "stop", "stream", "stream_options", "n", "response_format", "logprobs",
-                                "top_logprobs"})
+                                "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"})
 OPENAI_NO_EFFECT = {  # bookkeeping of OpenAI's service: nothing of the answer depends on them
     "user": "an end-user id for OpenAI's abuse monitoring", "safety_identifier": "the same, newer name",
     "metadata": "tags for OpenAI's stored completions", "store": "OpenAI's storage (this server stores nothing)",
@@ -111,9 +112,8 @@ OPENAI_NO_EFFECT = {  # bookkeeping of OpenAI's service: nothing of the answer d
 }
 NOT_YET = "is not supported by this server"
 OPENAI_REFUSED = {  # field -> (its neutral values, what it is)
-    "tools": ((None, []), "tool calling"), "tool_choice": ((None, "none"), "tool calling"),
-    "parallel_tool_calls": ((None,), "tool calling"), "functions": ((None, []), "function calling"),
-    "function_call": ((None, "none"), "function calling"), "logit_bias": ((None, {}), "logit bias"),
+    "functions": ((None, []), "function calling (the deprecated form: use tools)"),
+    "function_call": ((None, "none"), "function calling (the deprecated form: use tool_choice)"), "logit_bias": ((None, {}), "logit bias"),
     "frequency_penalty": ((None, 0, 0.0), "a frequency penalty"), "presence_penalty": ((None, 0, 0.0), "a presence penalty"),
     "audio": ((None,), "audio output"), "modalities": ((None, ["text"]), "output modalities other than text"),
     "prediction": ((None,), "predicted outputs"), "web_search_options": ((None,), "web search"),
@@ -210,11 +210,26 @@ def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> C
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
+    tools = request_tools(body)
     system, turns, image, image_turn = _conversation(messages, max_image_bytes, media_dir)
     sampling = SamplingOptions(temperature=temperature, top_p=top_p,
                                seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little") % SEED_LIMIT)
+    constraint = response_format(body.get("response_format"))
+    if constraint is not None and tools is not None and tools.active:
+        raise bad("response_format and tools both constrain the answer: send one", "response_format")
     return ChatRequest(model, turns, image, image_turn, system, max_tokens, sampling, stops, stream, include_usage,
-                       constraint=response_format(body.get("response_format")), logprobs=top_logprobs(body))
+                       constraint=constraint, logprobs=top_logprobs(body), tools=tools)
+
+
+def request_tools(body: dict) -> Tools | None:
+    """tools, tool_choice and parallel_tool_calls as Tools (None: no tools offered); a 400 naming the field."""
+    try:
+        offered = parse_tools(body.get("tools"))
+        choice = parse_choice(body.get("tool_choice"), offered)
+    except ToolError as e:
+        raise bad(str(e), e.path or "tools", "invalid_tools") from None
+    parallel = _typed(body, "parallel_tool_calls", bool, True)
+    return Tools(offered, choice, parallel) if offered else None
 
 
 def _typed(obj: dict, name: str, kind: type, default: Any, param: str | None = None) -> Any:
@@ -245,14 +260,21 @@ def _conversation(messages: list, max_image_bytes: int, media_dir: MediaDir | No
     (two user messages in a row are one turn), the last one the user's."""
     system_parts: list[str] = []
     merged: list[list] = []  # [role, text parts, images]
+    calls: dict[str, str] = {}  # tool_call_id -> the function's name, of the assistant turns so far
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad(f"{where} must be an object", where)
         role = message.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad(f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
-        texts, images = _content(message.get("content"), where, max_image_bytes, media_dir)
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad(f"{where}.role must be system, user, assistant or tool, got {role!r}", f"{where}.role")
+        if role == "tool":  # a tool's result: the user's side of the conversation carries it (tools.py)
+            texts, images = [_tool_result(message, where, calls)], []
+            role = "user"
+        else:
+            texts, images = _content(message.get("content"), where, max_image_bytes, media_dir)
+        if role == "assistant" and message.get("tool_calls") is not None:
+            texts.append(_assistant_calls(message["tool_calls"], f"{where}.tool_calls", calls))
         if role in ("system", "developer"):
             if merged or images:
                 raise bad(f"{where}: a system message comes first and holds text only", where)
@@ -280,6 +302,40 @@ def _conversation(messages: list, max_image_bytes: int, media_dir: MediaDir | No
         turns.append((question, answer))
     image, image_turn = (images[0][1], turn_of_message[images[0][0]]) if images else (None, 0)
     return ("\n".join(system_parts) or None), turns, image, image_turn
+
+
+def _assistant_calls(value: Any, where: str, calls: dict[str, str]) -> str:
+    """An assistant turn's tool_calls, rendered as the model wrote them; their ids noted for the tool results."""
+    if not isinstance(value, list) or not value:
+        raise bad(f"{where} must be a non-empty list", where)
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str) or not isinstance(fn.get("name"), str):
+            raise bad(f'{at} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}', at)
+        arguments = fn.get("arguments", "{}")
+        try:
+            json.loads(arguments)
+        except (TypeError, ValueError):
+            raise bad(f"{at}.function.arguments must be JSON text", f"{at}.function.arguments") from None
+        calls[call["id"]] = fn["name"]
+        out.append((fn["name"], arguments))
+    return render_calls(out)
+
+
+def _tool_result(message: dict, where: str, calls: dict[str, str]) -> str:
+    """A tool message: the result of an earlier call (``tool_call_id``), as the user's turn carries it."""
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str) or call_id not in calls:
+        raise bad(f"{where}.tool_call_id {call_id!r} answers no earlier tool call"[:200], f"{where}.tool_call_id")
+    content = message.get("content")
+    if isinstance(content, list):  # text parts
+        texts, _ = _content(content, where, 0, None)
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise bad(f"{where}.content must be a string", f"{where}.content")
+    return render_result(calls[call_id], content)
 
 
 def _content(content: Any, where: str, max_image_bytes: int, media_dir: MediaDir | None) -> tuple[list[str], list[bytes]]:
@@ -337,71 +393,3 @@ def read_image_url(url: str, where: str, max_image_bytes: int, media_dir: MediaD
         raise bad(f"{param}: this server does not fetch images from the network; send the image as a "
                   "data:image/...;base64, URL", param, "invalid_image_url")
     raise bad(f"{param}: expected a data:image/...;base64, URL", param, "invalid_image_url")
-
-
-# -- responses -----------------------------------------------------------------------------------------
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
-
-
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-
-
-def finish_reason(answer) -> str:
-    return FINISH.get(answer.stop_reason, "stop")
-
-
-def usage(answer) -> dict:
-    prompt, generated = answer.n_prompt_positions, len(answer.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": answer.cached_tokens, "image_tokens": answer.n_image_tokens}}
-
-
-def timings(answer) -> dict:
-    t = answer.timings
-    return {"preprocess_ms": t.get("preprocess_ms", 0.0), "encode_ms": t.get("encode_ms", 0.0),
-            "prefill_ms": t.get("prefill_ms", 0.0), "time_to_first_token_ms": t.get("time_to_first_token_ms", 0.0),
-            "decode_tokens_per_s": t.get("decode_tokens_per_s", 0.0), "image_cache_hit": answer.cache_hit}
-
-
-def completion(cid: str, created: int, model: str, answer, logprobs: list | None = None) -> dict:
-    """``logprobs``: the answer's tokens as logprob_entries made (None: not asked for)."""
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                         "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
-                         "finish_reason": finish_reason(answer)}],
-            "usage": usage(answer), "timings": timings(answer), "token_ids": answer.token_ids}
-
-
-def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs: list | None = None,
-          **extra) -> dict:
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta,
-                         "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
-                         "finish_reason": finish}], **extra}
-
-
-class Piece(str):
-    """A streamed piece of the answer's text and, when asked for, the logprob entries of the tokens it ends."""
-
-    logprobs: list | None = None
-
-    @classmethod
-    def of(cls, text: str, logprobs: list | None) -> "Piece":
-        piece = cls(text)
-        piece.logprobs = logprobs
-        return piece
-
-
-def logprob_entries(llm, pairs) -> list[dict]:
-    """(token id, TokenLogprob) pairs as OpenAI's ChatCompletionTokenLogprob objects (Ollama reads the same)."""
-    def entry(token: int, logprob: float) -> dict:
-        data = llm.piece(token)
-        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
-
-    return [{**entry(token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for token, lp in pairs]
-
-
-def now() -> int:
-    return int(time.time())

@@ -1,10 +1,10 @@
 """Structured answers on the demo model: JSON schemas, JSON objects and grammars through Python, the CLI and both
 HTTP APIs (the official openai and ollama clients against one `serve` process), logprobs against llama.cpp's own
-logits, and a property test over generated schemas. Every answer is validated with jsonschema."""
+logits, and a property test over generated schemas. Every answer is validated with jsonschema. Also, with the
+clients' own types: every request field of both APIs is implemented, without effect, or refused; pydantic's schemas."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -16,15 +16,19 @@ import hypothesis.strategies as st
 import jsonschema
 import numpy as np
 import ollama
+import ollama._types as ollama_types
 import openai
 import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
-from support.serving import Server
+from openai.types.chat import completion_create_params
+from support.serving import Server, image_messages, openai_client
 
 from convllava_edge.backends.base import SamplingOptions
 from convllava_edge.model import AskOptions, load
-from convllava_edge.structured import from_gbnf, json_object
+from convllava_edge.serve import ollama as ollama_api
+from convllava_edge.serve.wire import OPENAI_IMPLEMENTED, OPENAI_NO_EFFECT, OPENAI_REFUSED
+from convllava_edge.structured import from_gbnf, from_schema, json_object
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "shapes-1.png"
@@ -218,13 +222,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def _messages(question: str = QUESTION) -> list[dict]:
-    url = "data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode()
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": question}]}]
+    return image_messages(EXAMPLE, question)
 
 
 def test_openai_parse_with_a_pydantic_model(client, model):
@@ -277,7 +279,8 @@ def test_openai_bad_schemas_and_refused_fields_are_400_before_any_stream(client)
             "type": "integer", "maximum": 3}}}}, "maximum"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
             "type": "object", "properties": {"a": {"$ref": "#/$defs/none"}}}}}}, "cannot be turned into a grammar"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tool calling"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+          "response_format": {"type": "json_object"}}, "both constrain the answer"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ]:
         for stream in (False, True):
@@ -313,3 +316,44 @@ def test_ollama_format_with_a_schema_and_json(server):
         c.chat(model="shapes-demo", messages=[{"role": "user", "content": QUESTION}], format={"type": "string",
                                                                                              "format": "email"})
     assert e.value.status_code == 400 and "email" in e.value.error
+
+
+# -- the request fields of both APIs and pydantic's schemas (the clients' own types) ------------------------
+class Shape(pydantic.BaseModel):
+    kind: typing.Literal["circle", "square", "triangle"]
+    color: str = pydantic.Field(max_length=12, description="its color")
+
+
+class Scene(pydantic.BaseModel):
+    count: int
+    shapes: list[Shape] = pydantic.Field(max_length=4)
+    note: str | None = None
+
+
+def test_a_pydantic_schema_with_refs_and_annotations_becomes_a_grammar():
+    c = from_schema(Scene)
+    assert c.kind == "json_schema" and c.schema["$defs"]["Shape"]["title"] == "Shape"
+    assert 'root ::= "{" space count-kv' in c.grammar and '"\\"circle\\""' in c.grammar
+    # the port's string character admitted raw control characters, which JSON refuses inside strings
+    assert 'char ::= [^"\\\\\\x7F\\x00-\\x1F]' in c.grammar
+    assert from_schema(Scene).grammar == c.grammar  # the same schema, the same (cached) grammar
+
+
+def _openai_fields() -> set[str]:
+    return set(typing.get_type_hints(completion_create_params.CompletionCreateParamsBase)) | {"stream"}
+
+
+def test_every_openai_request_field_is_implemented_without_effect_or_refused():
+    known = OPENAI_IMPLEMENTED | set(OPENAI_NO_EFFECT) | set(OPENAI_REFUSED)
+    assert _openai_fields() <= known, sorted(_openai_fields() - known)
+    assert not (OPENAI_IMPLEMENTED & set(OPENAI_REFUSED)) and not (OPENAI_IMPLEMENTED & set(OPENAI_NO_EFFECT))
+
+
+def test_every_ollama_request_field_and_option_is_implemented_without_effect_or_refused():
+    fields = set(ollama_types.ChatRequest.model_fields) | set(ollama_types.GenerateRequest.model_fields)
+    known = ollama_api.OLLAMA_IMPLEMENTED | set(ollama_api.OLLAMA_NO_EFFECT) | set(ollama_api.OLLAMA_REFUSED)
+    assert fields <= known, sorted(fields - known)
+    options = set(ollama_types.Options.model_fields)
+    known = ollama_api.OLLAMA_OPTIONS_IMPLEMENTED | set(ollama_api.OLLAMA_OPTIONS_NO_EFFECT) | \
+        set(ollama_api.OLLAMA_OPTIONS_REFUSED)
+    assert options <= known, sorted(options - known)

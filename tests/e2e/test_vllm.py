@@ -104,6 +104,18 @@ def test_a_constrained_answer_is_token_exact_with_llamacpp(models, images, const
         assert theirs.text.endswith(" shapes")
 
 
+def test_a_tool_call_is_token_exact_with_llamacpp(models, images):
+    # tools go through the same grammar path (structured_outputs.grammar on vLLM)
+    tool = {"type": "function", "function": {"name": "count", "parameters": {
+        "type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]}}}
+    options = AskOptions(max_tokens=120, sampling=SamplingOptions(temperature=0.0))
+    answers = [m.chat(images["wide"], options).ask(QUESTIONS[1], tools=[tool], tool_choice="required",
+                                                   parallel_tool_calls=False) for m in models]
+    assert answers[0].token_ids == answers[1].token_ids and answers[1].stop_reason == "eos"
+    (call,) = answers[1].tool_calls
+    assert call.name == "count" and json.loads(call.arguments)["color"] in ("red", "green", "blue")
+
+
 def test_logprobs_and_a_bad_grammar_are_one_line_refusals(models, images):
     from convllava_edge.errors import ConfigError
 

@@ -8,6 +8,8 @@ token-exact with an F32 GGUF and fp32 graphs, greedy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import llama_cpp
@@ -194,3 +196,17 @@ def test_check_against_a_llava_mini_checkpoint_is_refused_in_one_line(mini, bund
     inputs = CheckInputs({"a": _images()[0]}, [CheckQuestion("a", "What is it?")])
     with pytest.raises(ConfigError, match="--reference CHECKPOINT is not supported for llava-mini bundles"):
         run_check(bundle, inputs, reference_path=mini[0], nf4=False)
+
+
+def test_a_constrained_answer_follows_the_header_the_model_writes(model):
+    # LLaVA-Mini's model writes the assistant header itself: under a grammar it is evaluated as written (hidden,
+    # kept in the KV cache), and the grammar constrains the answer after it
+    header = list(model.hidden_prefix)
+    assert header
+    a = model.ask(_images()[0], "Is there a shape?", GREEDY, grammar='root ::= ("yes" | "no") "."')
+    assert a.text in ("yes.", "no.") and a.stop_reason == "eos"
+    assert a.token_ids[:len(header)] == header
+    longer = dataclasses.replace(GREEDY, max_tokens=48)
+    b = model.ask(_images()[0], "Is there a shape?", longer, schema={"type": "object", "properties": {
+        "answer": {"enum": ["yes", "no"]}}, "required": ["answer"]})
+    assert b.parsed in ({"answer": "yes"}, {"answer": "no"})

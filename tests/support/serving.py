@@ -66,3 +66,19 @@ class Server:
                 self.proc.wait(10)
         self.log.close()
         return self.proc.returncode
+
+
+def openai_client(server: Server, key: str = "none"):
+    """The official client on ``server``: no retries, a bounded timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def image_messages(path: Path, question: str) -> list[dict]:
+    """One user message: the image at ``path`` as a data: URL, then ``question``."""
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
