@@ -375,9 +375,11 @@ class Chat:
         """As Model.ask_stream, for the next turn (``schema``, ``grammar``: this turn's answer). ``tools``: OpenAI's
         function tools (or a Tools), offered from this turn on; the answer is then a direct answer or calls
         (``.answer.tool_calls``; results go back with ``send_tool_results``)."""
+        if tools is not None and not isinstance(tools, Tools):
+            offered_tools = parse_tools(list(tools))
+            tools = Tools(offered_tools, parse_choice(tool_choice, offered_tools), parallel_tool_calls)
         if tools is not None:
-            self.tools = tools if isinstance(tools, Tools) else \
-                Tools(parse_tools(list(tools)), parse_choice(tool_choice, parse_tools(list(tools))), parallel_tool_calls)
+            self.tools = tools
         options = constrained(options or self.options, schema, grammar)
         offered = self.tools if self.tools is not None and self.tools.active else None
         system = None
