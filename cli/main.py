@@ -307,11 +307,18 @@ def _named(path: str):
         raise ImageError(f"{path}: {e}") from e
 
 
+@contextlib.contextmanager
+def _named_each(paths: List[str]):
+    """_named for one image; for several, the error names them all (which one failed is in its message where
+    the decoder knew)."""
+    with _named(paths[0] if len(paths) == 1 else ", ".join(paths)):
+        yield
+
+
 @app.command("ask")
 def ask_cmd(
-    image_or_question: str = typer.Argument(..., metavar="IMAGE QUESTION", help="Image file, then the question "
-                                            "(with --video: the question alone)."),
-    question: Optional[str] = typer.Argument(None, hidden=True),
+    images_and_question: List[str] = typer.Argument(..., metavar="IMAGE... QUESTION", help="One image file or "
+                                                    "several, then the question (with --video: the question alone)."),
     video: Optional[Path] = typer.Option(None, "--video", help="A video (GIF; MP4 with PyAV or OpenCV) instead of an "
                                          "image: LLaVA-Mini bundles, ~1 frame per second, one token per frame."),
     model: ModelPath = None,
@@ -333,28 +340,28 @@ def ask_cmd(
     no_cache: NoCache = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, token ids, timings) instead of streaming."),
 ) -> None:
-    """Ask a question about an image (or a video); the answer streams as it is generated."""
+    """Ask a question about an image, several images (`ask a.png b.png "Which is newer?"`) or a video; the answer
+    streams as it is generated."""
     options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               no_cache, calibrate=calibration("later"))
+    *paths, question = images_and_question
     if video is not None:
-        if question is not None:
+        if paths:
             raise ConvLlavaEdgeError("with --video, give only the question (got an image too)")
-        question, image_data = image_or_question, None
         from ..image import read_image_bytes
 
         read_image_bytes(video)  # a missing or empty file fails before any model loads
-    else:
-        if question is None:
-            raise ConvLlavaEdgeError("missing QUESTION: convllava-edge ask IMAGE QUESTION")
-        image_data = _checked_image(Path(image_or_question), model, aspect)
+    elif not paths:
+        raise ConvLlavaEdgeError("missing QUESTION: convllava-edge ask IMAGE... QUESTION")
+    image_data = [_checked_image(Path(p), model, aspect) for p in paths]
     checked_text(question, "the question")
     # one question: the KV cache sized to what its prompt can take (a video's frames: the model's context)
-    loaded = _load_model(model, runtime, context_for=None if video is not None else (question, max_tokens))
+    loaded = _load_model(model, runtime, context_for=None if video is not None else (question, max_tokens, len(paths)))
     if video is not None:
         stream = loaded.ask_video_stream(video, question, options)
     else:
-        with _named(image_or_question):
+        with _named_each(paths):
             stream = loaded.ask_once(image_data, question, options)
     if device == "auto" and not as_json:
         err.print(loaded.note, markup=False)
@@ -375,7 +382,8 @@ def ask_cmd(
 
 @app.command("chat")
 def chat_cmd(
-    image: Path = typer.Argument(..., help="Image file."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="The image file(s) of the first question; a "
+                                        "line '/image FILE' adds one to the next question."),
     model: ModelPath = None,
     max_tokens: MaxTokens = 512,
     temperature: Temperature = 0.2,
@@ -394,16 +402,17 @@ def chat_cmd(
     grammar: Grammar = None,
     no_cache: NoCache = False,
 ) -> None:
-    """Talk about an image over several turns (an empty line or end of input quits)."""
+    """Talk about images over several turns: a line '/image FILE' adds an image to the next question (an empty line
+    or end of input quits)."""
     if sys.stdin is None:  # Python's stdin when fd 0 is not open (`<&-`): checked before the model loads
         raise ConvLlavaEdgeError("chat needs a terminal or input on stdin (standard input is closed)")
     options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               no_cache, calibrate=calibration("later"))
-    image_data = _checked_image(image, model, aspect)
+    image_data = [_checked_image(image, model, aspect) for image in images]
     loaded = _load_model(model, runtime)
     err.print(loaded.note, markup=False)
-    with _named(str(image)):
+    with _named_each([str(image) for image in images]):
         conversation = loaded.chat(image_data, options)
     while True:
         err.print("[bold]you>[/] ", end="")
@@ -415,6 +424,9 @@ def chat_cmd(
             raise ConvLlavaEdgeError(f"chat cannot read standard input: {e.strerror or e}") from None
         if not line or not line.strip():
             break
+        if line.startswith(IMAGE_COMMAND):
+            _add_image(conversation, line[len(IMAGE_COMMAND):].strip(), model, aspect)
+            continue
         stream = conversation.ask_stream(line)
         for piece in stream:
             sys.stdout.write(piece)
@@ -422,6 +434,22 @@ def chat_cmd(
         sys.stdout.write("\n")
         a = stream.answer
         err.print(f"[dim]{stats_line(a, chat=True)}[/]")
+
+
+IMAGE_COMMAND = "/image "  # chat: a line that adds an image to the next question
+
+
+def _add_image(conversation, path: str, model: Optional[Path], aspect: Optional[str]) -> None:
+    """``/image FILE`` in chat: the image encoded for the next question; a bad file is said in one line and the
+    conversation goes on."""
+    try:
+        with _named(path):
+            conversation.add_image(_checked_image(Path(path), model, aspect))
+    except ConvLlavaEdgeError as e:
+        err.print(f"error: {e}", markup=False)
+        return
+    err.print(f"[dim]{path} added: it goes with your next question ({conversation.n_images} images in this "
+              "conversation)[/]")
 
 
 @app.command("batch")
@@ -570,7 +598,8 @@ def serve_cmd(
     parallel: int = typer.Option(1, "--parallel", min=1, help="Generations at once per bundle (llama.cpp contexts on shared weights)."),
     queue: int = typer.Option(64, "--queue", min=0, help="Requests waiting per bundle; past it 503 with Retry-After."),
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", min=1),
-    max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1),
+    max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1, help="Bytes per image."),
+    max_images: int = typer.Option(8, "--max-images", min=1, help="Images per request (more: 400)."),
     media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="file:// image URLs are read from inside this folder only (opened once at start; symlinks inside it and .. are refused)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=64, help="Positions per slot (default: the LLM's trained context, at most 4096)."),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per request, queue included (504 past it)."),
@@ -607,7 +636,7 @@ def serve_cmd(
     runtime = runtime_options(device, threads, None, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               threads_batch=threads_batch, n_ctx=ctx, calibrate=calibration("now"))
     options = ServeOptions(parallel=parallel, queue=queue, api_key=api_key, max_tokens_cap=max_tokens_cap,
-                           max_image_bytes=max_image_bytes, media_dir=media_dir, runtime=runtime,
+                           max_image_bytes=max_image_bytes, max_images=max_images, media_dir=media_dir, runtime=runtime,
                            request_timeout=request_timeout, read_timeout=read_timeout, bind_host=host, allowed_hosts=parse_list(allowed_hosts),
                            allowed_origins=parse_list(allowed_origins) or ())
     for line in options.policy.describe():

@@ -42,13 +42,30 @@ MAX_LOG_LINE = 16 << 20
 
 @dataclass(frozen=True)
 class Item:
-    image: str  # the path as found (folder + name, or as given)
+    image: str | tuple[str, ...]  # the path as found (folder + name, or as given); several: a question's images
     question: str
 
     @property
-    def key(self) -> tuple[str, str]:
+    def key(self) -> tuple:
         """As the log holds it: a name that is not UTF-8 as its escapes (files.shown)."""
-        return (shown(self.image), self.question)
+        return (_shown_images(self.image), self.question)
+
+    def to_json(self) -> str:
+        return json.dumps([self.image if isinstance(self.image, str) else list(self.image), self.question])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Item":
+        image, question = json.loads(text)
+        return cls(image if isinstance(image, str) else tuple(image), question)
+
+
+def _shown_images(image: str | tuple[str, ...] | list) -> str | tuple[str, ...]:
+    return shown(image) if isinstance(image, str) else tuple(shown(i) for i in image)
+
+
+def _image_field(image: str | tuple[str, ...]) -> dict:
+    """A line's image(s): ``"image"`` for one, ``"images"`` for a question about several."""
+    return {"image": image} if isinstance(image, str) else {"images": list(image)}
 
 
 def expand_images(inputs: Iterable[str]) -> list[str]:
@@ -134,8 +151,9 @@ def _matches(pattern: list[str], parts: list[str]) -> bool:
 
 
 def read_questions(path: Path) -> list[dict]:
-    """A JSONL file: ``{"question": ...}`` asks every image; ``{"image": ..., "question": ...}`` asks that image
-    (a relative path is taken from the file's folder). A regular file of at most MAX_QUESTIONS_BYTES."""
+    """A JSONL file: ``{"question": ...}`` asks every image; ``{"image": ..., "question": ...}`` asks that image,
+    ``{"images": [...], "question": ...}`` asks about those images together (relative paths are taken from the
+    file's folder). A regular file of at most MAX_QUESTIONS_BYTES."""
     out = []
     for n, line in read_text_file(path, "--questions", MAX_QUESTIONS_BYTES, MAX_QUESTIONS_LINE):
         if not line.strip():
@@ -148,13 +166,22 @@ def read_questions(path: Path) -> list[dict]:
         except RecursionError:
             raise ConfigError(f"{where}: nested too deeply to be a question") from None
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
-            raise ConfigError(f'{where}: expected {{"question": "...", "image": "..." (optional)}}')
+            raise ConfigError(f'{where}: expected {{"question": "...", "image": "..." or "images": [...] (optional)}}')
         checked_text(row["question"], f"{where}: the question")  # "\ud800" parses as JSON, is no text
+        if "image" in row and "images" in row:
+            raise ConfigError(f'{where}: give "image" or "images", not both')
         if "image" in row:
             if not isinstance(row["image"], str):
                 raise ConfigError(f"{where}: \"image\" must be a path")
             checked_text(row["image"], f"{where}: the image's path")
             row = {**row, "image": str(path.parent / row["image"])}
+        elif "images" in row:
+            images = row.pop("images")
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise ConfigError(f'{where}: "images" must be a non-empty list of paths')
+            for i in images:
+                checked_text(i, f"{where}: an image's path")
+            row["image"] = str(path.parent / images[0]) if len(images) == 1 else tuple(str(path.parent / i) for i in images)
         out.append(row)
     if not out:
         raise ConfigError(f"{shown(path)}: no questions in this file")
@@ -224,12 +251,16 @@ class AnswerLog:
 
     @staticmethod
     def _row(line: bytes) -> tuple[str, str] | None:
-        """The (image, question) of one of our lines; None for anything else."""
+        """The (image or images, question) of one of our lines; None for anything else."""
         if not line.startswith(MARKER):
             return None
         try:
             row = json.loads(line)
-            return (row["image"], row["question"]) if row.get(MARKER_FIELD) == LOG_VERSION else None
+            if row.get(MARKER_FIELD) != LOG_VERSION:
+                return None
+            image = row["image"] if "image" in row else tuple(row["images"])
+            named = [image] if isinstance(image, str) else list(image)
+            return (image, row["question"]) if all(isinstance(i, str) for i in named) else None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
@@ -250,12 +281,13 @@ class AnswerLog:
                            "(the file is left as it is)")
 
     def write(self, row: dict) -> None:
-        row = {MARKER_FIELD: LOG_VERSION, "image": row["image"], "question": row["question"], **row}
+        image = row["image"] if "image" in row else tuple(row["images"])
+        row = {MARKER_FIELD: LOG_VERSION, **_image_field(image), "question": row["question"], **row}
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         assert data.startswith(MARKER)
         while data:  # one write unless the disk fills; a kill in between leaves a torn line, cut off on resume
             data = data[os.write(self._fd, data):]
-        self.done.add((row["image"], row["question"]))
+        self.done.add((image, row["question"]))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -281,14 +313,18 @@ def _is_json(line: bytes) -> bool:
 def answer_line(model, item: Item, options) -> dict:
     """One item's line: the answer, its token ids, image tokens and timings; or the one-line error of an image
     that cannot be read, is named by a path that is not UTF-8, or makes a prompt the context cannot hold."""
-    row = {"image": shown(item.image), "question": item.question}
-    if row["image"] != item.image:  # JSON holds text only: the log could not name the file it answered
-        return {**row, "error": f"{row['image']}: the file name is not UTF-8 text; rename the file to have it answered"}
+    named = _shown_images(item.image)
+    row = {**_image_field(named), "question": item.question}
+    names = [named] if isinstance(named, str) else list(named)
+    paths = [item.image] if isinstance(item.image, str) else list(item.image)
+    for name, path in zip(names, paths):
+        if name != path:  # JSON holds text only: the log could not name the file it answered
+            return {**row, "error": f"{name}: the file name is not UTF-8 text; rename the file to have it answered"}
     try:
-        answer = model.ask(item.image, item.question, options)
+        answer = model.ask(item.image if isinstance(item.image, str) else list(item.image), item.question, options)
     except (ImageError, ContextOverflowError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return {**row, "error": message if message.startswith(item.image) else f"{item.image}: {message}"}
+        return {**row, "error": message if message.startswith(tuple(paths)) else f"{', '.join(paths)}: {message}"}
     constraint = getattr(options, "constraint", None)
     parsed = {"parsed": answer.parsed} if constraint is not None and constraint.is_json else {}
     return {**row, "answer": answer.text, **parsed, "token_ids": answer.token_ids,

@@ -1,7 +1,7 @@
 """Images (and videos) -> the vision output the LLM receives, with the embedding cache in front.
 
 A cache key names the image's content, the preprocessing and every graph that shaped the rows; the
-last image's output is kept in memory as well (a chat about one image encodes it once).
+outputs of the last few images are kept in memory as well (a conversation encodes each of its images once).
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,6 +26,9 @@ from .prompt import ImageSlot
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 VideoInput = str | os.PathLike | bytes
+# Vision outputs kept in memory, by key: a conversation's images (serve's --max-images is 8 by default) and the
+# previous conversation's, on every slot. A 7B ConvLLaVA image is 576 x 4096 float32 rows: 9.4 MB each.
+MEMORY_IMAGES = 16
 
 
 @dataclass
@@ -44,12 +49,18 @@ class Embedded:
         return Embedded(self.slot, self.embeds, True, 0.0, 0.0)
 
 
+def images_summary(embedded: Sequence[Embedded]) -> tuple[int, bool, float, float]:
+    """(image tokens, every one from a cache, preprocessing ms, encoding ms) of a prompt's images."""
+    return (sum(e.slot.n_tokens for e in embedded), bool(embedded) and all(e.hit for e in embedded),
+            sum(e.preprocess_ms for e in embedded), sum(e.encode_ms for e in embedded))
+
+
 class ImageEmbedder:
     def __init__(self, manifest: Manifest, family: Family, encoder: VisionEncoder, graph_sha: str,
                  store: DiskCache | None = None):
         self.manifest, self.family, self.encoder, self.graph_sha, self.store = manifest, family, encoder, graph_sha, store
         self.preprocess_config = manifest.preprocess
-        self.memory: dict[str, np.ndarray] = {}  # vision outputs of recent images, by slot key
+        self.memory: OrderedDict[str, np.ndarray] = OrderedDict()  # vision outputs of recent images, by slot key
 
     def embed(self, image: ImageInput, aspect: str | None = None) -> Embedded:
         aspect = aspect or self.manifest.preprocess.aspect
@@ -83,10 +94,26 @@ class ImageEmbedder:
         return self._store(key, self.family.encode_video(self._encoder(), pixels), t0, t1)
 
     def keep(self, embedded: Embedded) -> None:
+        """In memory, as the most recent (the oldest beyond MEMORY_IMAGES forgotten)."""
         self.memory[embedded.slot.key] = embedded.embeds
+        self.memory.move_to_end(embedded.slot.key)
+        while len(self.memory) > MEMORY_IMAGES:
+            self.memory.popitem(last=False)
 
     def forget(self) -> None:
-        self.memory = {}
+        self.memory = OrderedDict()
+
+    def as_frames(self, embedded: Sequence[Embedded]) -> Embedded:
+        """Several images as the frames of one video (LLaVA-Mini's path for them, Family.images_as_frames): each
+        image's own vision output (preprocessed as a single image is), stacked in order, at one slot."""
+        if len(embedded) == 1:
+            return embedded[0]
+        if any(e.embeds.ndim != 2 for e in embedded):
+            raise ConfigError("a video takes a conversation of its own: it cannot be sent with other images or videos")
+        key = hashlib.sha256(("frames|" + ",".join(e.slot.key for e in embedded)).encode()).hexdigest()
+        stacked = np.stack([e.embeds for e in embedded])
+        tokens, hit, preprocess_ms, encode_ms = images_summary(embedded)
+        return Embedded(self._slot(key, stacked), stacked, hit, preprocess_ms, encode_ms)
 
     def _encoder(self) -> VisionEncoder:
         if self.encoder is None:
@@ -101,6 +128,8 @@ class ImageEmbedder:
         otherwise: the image is encoded again and the entry rewritten; DiskCache.get already
         checked its checksum and that its values are finite)."""
         found = self.memory.get(key)
+        if found is not None:
+            self.memory.move_to_end(key)
         if found is None and self.store is not None:
             found = self.store.get(key)
             if found is not None and not self.family.usable(self.manifest, found, video):
@@ -111,8 +140,9 @@ class ImageEmbedder:
         t2 = time.perf_counter()
         if self.store is not None:
             self.store.put(key, embeds)
-        self.memory = {key: embeds}  # one image at a time in memory is what chat needs
-        return Embedded(self._slot(key, embeds), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        embedded = Embedded(self._slot(key, embeds), embeds, False, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        self.keep(embedded)
+        return embedded
 
 
 def _source(image: ImageInput) -> tuple[ImageInput, str, str | None]:

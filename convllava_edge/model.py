@@ -1,7 +1,7 @@
 """A bundle, loaded: image -> vision output -> prompt -> LLM -> streamed answer.
 
-``Model.ask`` and ``Model.ask_stream`` answer one question; ``Model.chat`` keeps a conversation in
-the official multi-turn format. A Model composes named pieces, each replaceable: the family
+``Model.ask`` and ``Model.ask_stream`` answer one question (about one image or several); ``Model.chat``
+keeps a conversation in the official multi-turn format (chat.py). A Model composes named pieces, each replaceable: the family
 (families/), the vision encoder and the LLM (backends/, chosen once), the prompt (template + the
 checkpoint's tokenization: tokenizer.py), the image embeddings and their cache (embedding.py), the KV
 cache's record and disk states (kv_cache.py), decoding (decoding.py). ``Model(cache=...)`` is the one
@@ -10,106 +10,26 @@ switch for every cache on disk; ``Model(bundle, RuntimeOptions(...))`` takes how
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator, Iterator, Sequence
+from typing import Callable, Generator, Sequence
 
 from .backends import llm_kind, vision_kind
-from .backends.base import MAX_TOP_LOGPROBS, ContextOverflowError, LlmBackend, SamplingOptions, TokenLogprob
+from .answers import Answer, AnswerStream, AskOptions, _drain, constrained
+from .backends.base import ContextOverflowError, LlmBackend
 from .cache import DiskCache
 from .decoding import Decoder
-from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput
+from .embedding import Embedded, ImageEmbedder, ImageInput, VideoInput, images_summary
 from .errors import BundleError, ConfigError
 from .families import family_for
 from .kv_cache import KvCache
 from .manifest import Manifest, load_manifest
-from .preprocess import ASPECTS
-from .prompt import ImageSlot, Item, positions, template_from_dict
+from .prompt import ImageSlot, Item, describe_positions, positions, slots_of, template_from_dict
 from .runtime import RuntimeOptions
-from .structured import Constraint, constraint_of
-from .tools import ToolAnswer, ToolCall, Tools, parse_choice, parse_tools, render_result
 from .tokenizer import PromptTokenizer
+from .chat import Chat
 from .vision import choose_vision, precision_of, start_deferred_calibrations
-
-
-@dataclass(frozen=True)
-class AskOptions:
-    max_tokens: int = 512  # the official CLI's max_new_tokens
-    sampling: SamplingOptions = SamplingOptions()
-    aspect: str | None = None  # None: the bundle's default ("pad", as trained)
-    stop: tuple[str, ...] = ()  # text that ends the answer, besides the template's own
-    constraint: Constraint | None = None  # what the answer must be (structured.py): a JSON schema, JSON, a grammar
-    logprobs: int | None = None  # each token's logprob and this many alternatives (0..20); None: none
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise ConfigError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
-        if self.aspect is not None and self.aspect not in ASPECTS:
-            raise ConfigError(f"unknown aspect mode {self.aspect!r} (known: {', '.join(ASPECTS)})")
-        self.sampling.validate()
-
-
-@dataclass
-class Answer:
-    text: str
-    token_ids: list[int]
-    n_image_tokens: int
-    n_prompt_positions: int  # prompt length in KV positions (text tokens + image rows)
-    n_evaluated: int  # positions evaluated for this prompt; the rest came from the KV cache
-    stop_reason: str  # "eos", "stop" (a stop string such as </s> in the text) or "length"
-    cache_hit: bool  # the image embeddings came from the cache (no encoder run)
-    timings: dict[str, float] = field(default_factory=dict)
-    # prompt positions the LLM did not compute again: ours (n_prompt_positions - n_evaluated) on llama.cpp; on a
-    # server backend its own prefix-cache figure, None where it gives none
-    cached_tokens: int | None = None
-    constraint: Constraint | None = None  # what the answer was constrained to
-    logprobs: list[tuple[int, TokenLogprob]] | None = None  # with AskOptions.logprobs: per answer token
-    tool_answer: ToolAnswer | None = None  # with tools (Chat.ask(tools=...)): the direct answer or the calls
-
-    @property
-    def tool_calls(self) -> list[ToolCall]:
-        """The calls of an answer given tools (tools.py); empty when it answered directly or had no tools."""
-        return self.tool_answer.calls if self.tool_answer is not None else []
-
-    @property
-    def parsed(self):
-        """A JSON-constrained answer's value; None when it is not complete JSON (cut by max_tokens: never
-        repaired) or the answer was not constrained to JSON."""
-        return self.constraint.parse(self.text) if self.constraint is not None else None
-
-    def to_dict(self) -> dict:
-        out = {"answer": self.text, "token_ids": self.token_ids, "n_image_tokens": self.n_image_tokens,
-               "n_prompt_positions": self.n_prompt_positions, "n_evaluated": self.n_evaluated,
-               "stop_reason": self.stop_reason, "cache_hit": self.cache_hit, "timings": self.timings}
-        if self.constraint is not None and self.constraint.is_json:
-            out["parsed"] = self.parsed
-        return out
-
-
-class AnswerStream:
-    """Iterate for text pieces; ``.answer`` holds the Answer once the stream is exhausted."""
-
-    def __init__(self, pieces: Generator[str, None, Answer], on_done: Callable[[Answer], None] = lambda a: None,
-                 logprobs: list | None = None):
-        self._pieces, self._on_done = pieces, on_done
-        self._answer: Answer | None = None
-        # with AskOptions.logprobs: (token id, TokenLogprob) of the answer's tokens so far, growing as it streams
-        self.logprobs = logprobs if logprobs is not None else []
-
-    def __iter__(self) -> Iterator[str]:
-        self._answer = yield from self._pieces
-        self._on_done(self._answer)
-
-    @property
-    def answer(self) -> Answer:
-        if self._answer is None:
-            raise RuntimeError("the stream has not been consumed yet")
-        return self._answer
 
 
 def check_runnable(bundle: Path, manifest: Manifest, options: RuntimeOptions) -> None:
@@ -123,16 +43,16 @@ class Model:
     """A loaded bundle. Not thread-safe: one conversation at a time per Model."""
 
     def __init__(self, bundle: str | os.PathLike, options: RuntimeOptions | None = None, *,
-                 llm: LlmBackend | None = None, defer_llm: bool = False, context_for: tuple[str, int] | None = None,
+                 llm: LlmBackend | None = None, defer_llm: bool = False, context_for: tuple | None = None,
                  progress: Callable[[str], None] | None = None, verify: bool = True, **changes):
         """``options``: how to run (runtime.RuntimeOptions; ``changes``: its fields over it, for Python callers:
         ``Model(bundle, device="cpu", cache=False)``).
         ``llm``: an LLM backend already open on this bundle's LLM (default: the one ``options`` name).
         ``defer_llm``: load the LLM when a prompt first needs it, not now: a one-shot ``ask`` encodes its
         image and frees the graphs (``release_vision``) before the LLM takes its memory.
-        ``context_for``: (question, max_tokens) of the one image question this Model will answer (the CLI's
-        ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
-        image's token budget, one position per byte of the rendered text, the answer) instead of the
+        ``context_for``: (question, max_tokens[, images]) of the one image question this Model will answer (the
+        CLI's ``ask``): the LLM's context, and so its KV cache, is sized to the most that prompt can take (the
+        images' token budget, one position per byte of the rendered text, the answer) instead of the
         model's trained context (a 7B Llama's 4096 positions hold 2 GB of f16 keys and values).
         ``progress`` hears about vision's auto choice timing the bundle's types (vision.choose_vision)."""
         self.options = options = (options or RuntimeOptions()).with_(**changes).validate()
@@ -166,7 +86,7 @@ class Model:
         """What a cached KV state was computed by: the weights the backend runs (the GGUF, the HF files)."""
         return llm_kind(self.options.llm_backend).identity(self.manifest)
 
-    def _llm_opener(self, context_for: tuple[str, int] | None, verify: bool) -> Callable[[], LlmBackend]:
+    def _llm_opener(self, context_for: tuple | None, verify: bool) -> Callable[[], LlmBackend]:
         """How to open the LLM the options name, now or when first needed."""
         kind, o = llm_kind(self.options.llm_backend), self.options
         fitted = context_for is not None and o.n_ctx is None and self.family.fit_context \
@@ -214,21 +134,43 @@ class Model:
         if self.llm is not None:
             self.kv.store = store
 
-    def context_bound(self, question: str, max_tokens: int) -> int:
-        """Positions a one-question image prompt can take, at most, rounded up to 256: the image's token
-        budget (pad, crop and native aspect all stay within the square's), a token per byte of the rendered
-        text (SentencePiece and byte-level BPE never spend a token on less than a byte), BOS, the answer."""
-        text = self.template.render([(question, None)], image=True)
-        bound = self.manifest.tokens_per_image.square + len(text.encode("utf-8")) + 1 + max_tokens
+    def context_bound(self, question: str, max_tokens: int, images: int = 1) -> int:
+        """Positions a one-question prompt with ``images`` images can take, at most, rounded up to 256: each
+        image's token budget (pad, crop and native aspect all stay within the square's), a token per byte of the
+        rendered text (SentencePiece and byte-level BPE never spend a token on less than a byte), BOS, the answer."""
+        text = self.template.render([(question, None)], counts=[images])
+        bound = images * self.manifest.tokens_per_image.square + len(text.encode("utf-8")) + 1 + max_tokens
         return -(-bound // 256) * 256
 
-    def prompt_items(self, turns: Sequence[tuple[str, str | None]], slot: ImageSlot | None, image_turn: int = 0,
+    def prompt_items(self, turns: Sequence[tuple[str, str | None]],
+                     images: ImageSlot | Sequence[Sequence[ImageSlot]] | None, image_turn: int = 0,
                      system: str | None = None) -> list[Item]:
-        """The conversation rendered by the bundle's template, as token ids with the image's slot (in the
-        question of turn ``image_turn``; ``system`` replaces the template's system prompt)."""
+        """The conversation rendered by the bundle's template, as token ids with the images' slots: ``images``
+        one slot (in the question of turn ``image_turn``), or per turn the slots of its images, in order (see
+        ``place``); ``system`` replaces the template's system prompt."""
         self._need_llm()
-        return self.tokenizer.items(self.template.render(turns, image=slot is not None, image_turn=image_turn,
-                                                         system=system), slot)
+        if images is None or isinstance(images, ImageSlot):
+            counts = [int(images is not None and i == image_turn) for i in range(len(turns))]
+            slots = [] if images is None else [images]
+        else:
+            counts, slots = [len(t) for t in images], [slot for t in images for slot in t]
+        return self.tokenizer.items(self.template.render(turns, system=system, counts=counts), slots)
+
+    def place(self, per_turn: Sequence[Sequence[Embedded]]) -> list[list[Embedded]]:
+        """Where a conversation's images (per turn, in order) go in its prompt: each at a placeholder of its own
+        in its turn (LLaVA's ``<image>\\n`` per image), or, for a family whose several images are a video's frames
+        (LLaVA-Mini), all of them as one video at the first turn that has an image."""
+        placed = [list(turn) for turn in per_turn]
+        flat = [e for turn in placed for e in turn]
+        if not self.family.images_as_frames or len(flat) < 2:
+            return placed
+        first = next(i for i, turn in enumerate(placed) if turn)
+        return [[self.images.as_frames(flat)] if i == first else [] for i in range(len(placed))]
+
+    def embed_all(self, images: "ImageInput | Sequence[ImageInput]", aspect: str | None = None) -> list[Embedded]:
+        """Each image of one or several (a list or tuple of them), encoded in order (an image seen before: from
+        the cache)."""
+        return [self.embed(image, aspect) for image in image_list(images)]
 
     def fork(self, threads: int | None = None, n_ctx: int | None = None, threads_batch: int | None = None) -> "Model":
         """Another conversation slot on the same bundle: the vision graphs and embeddings shared, the LLM's
@@ -248,9 +190,10 @@ class Model:
         return self.images.embed_video(video)
 
     # -- answering ---------------------------------------------------------------------------------
-    def answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions,
+    def answer(self, items: list[Item], embedded: Embedded | Sequence[Embedded] | None, options: AskOptions,
                on_done: Callable[[Answer], None] = lambda answer: None) -> AnswerStream:
-        """The answer to a prompt already built (``prompt_items``), as a stream; ``on_done`` sees the Answer."""
+        """The answer to a prompt already built (``prompt_items``), as a stream; ``embedded``: the prompt's images
+        (one, or those its slots name); ``on_done`` sees the Answer."""
         logprobs: list = []
         return AnswerStream(self._answer(items, embedded, options, logprobs), on_done, logprobs)
 
@@ -269,23 +212,29 @@ class Model:
             raise ConfigError(f"the {llm.name} backend gives no logprobs of the distribution its tokens are drawn "
                               "from: use --llm-backend llama.cpp")
 
-    def _answer(self, items: list[Item], embedded: Embedded | None, options: AskOptions,
+    def _answer(self, items: list[Item], embedded: Embedded | Sequence[Embedded] | None, options: AskOptions,
                 logprobs: list | None = None) -> Generator[str, None, Answer]:
         options.validate()
         self._need_llm()
         self.check_constraint(options)
-        embedded = embedded or Embedded.none()
-        if embedded.slot.key:
-            self.images.keep(embedded)
+        given = [] if embedded is None else [embedded] if isinstance(embedded, Embedded) else list(embedded)
+        rows_by_key = {e.slot.key: e.embeds for e in given if e.slot.key}
+        for e in given:
+            if e.slot.key:
+                self.images.keep(e)
+        missing = [slot for slot in slots_of(items) if slot.key not in rows_by_key]
+        if missing:
+            raise ConfigError(f"the prompt holds {len(missing)} image slot(s) whose images were not given")
+        n_image_tokens, hit, preprocess_ms, encode_ms = images_summary(given)
         needed = positions(items)
         if needed + options.max_tokens > self.llm.n_ctx:
             raise ContextOverflowError(
-                f"the prompt takes {needed} positions ({embedded.slot.n_tokens} image + {needed - embedded.slot.n_tokens} "
-                f"text) and the answer up to {options.max_tokens} more, but the context holds {self.llm.n_ctx}; "
-                "use fewer --max-tokens, a smaller image (--aspect native), or a shorter conversation")
+                f"{describe_positions(items)} + up to {options.max_tokens} answer tokens > the context's "
+                f"{self.llm.n_ctx} positions; use fewer --max-tokens, fewer or smaller images (--aspect native), or a "
+                "shorter conversation")
         t0 = time.perf_counter()
-        rows = self.family.llm_rows(self.vision, items, self.images.memory)
-        evaluated = self.kv.prefill(items, self.images.memory, rows)
+        rows = self.family.llm_rows(self.vision, items, rows_by_key)
+        evaluated = self.kv.prefill(items, rows_by_key, rows)
         t1 = time.perf_counter()
         decoder = Decoder(self.llm, options, tuple(self.template.stop) + tuple(options.stop), self.hidden_prefix)
         if logprobs is not None:
@@ -297,37 +246,42 @@ class Model:
         first_token_at = decoder.first_token_at or t2
         decode_s = t2 - t1
         return Answer(
-            text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=embedded.slot.n_tokens,
-            n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=embedded.hit,
+            text=decoder.stream.text.strip(), token_ids=decoder.tokens, n_image_tokens=n_image_tokens,
+            n_prompt_positions=needed, n_evaluated=evaluated, stop_reason=decoder.reason, cache_hit=hit,
             constraint=options.constraint, logprobs=decoder.logprobs if options.logprobs is not None else None,
             cached_tokens=self.llm.server_cached_tokens if self.llm.capabilities.server_cache else needed - evaluated,
-            timings={"preprocess_ms": embedded.preprocess_ms, "encode_ms": embedded.encode_ms,
+            timings={"preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
                      "prefill_ms": (t1 - t0) * 1e3, "prefill_positions": evaluated,
-                     "time_to_first_token_ms": embedded.preprocess_ms + embedded.encode_ms + (first_token_at - t0) * 1e3,
+                     "time_to_first_token_ms": preprocess_ms + encode_ms + (first_token_at - t0) * 1e3,
                      "decode_ms": decode_s * 1e3,
                      "decode_tokens_per_s": decoder.n_generated / decode_s if decode_s > 0 and decoder.n_generated else 0.0})
 
-    def _question(self, embedded: Embedded | None, question: str, options: AskOptions) -> AnswerStream:
-        """One question about ``embedded`` (None: no image), as a stream."""
-        return self.answer(self.prompt_items([(question, None)], embedded.slot if embedded else None), embedded, options)
+    def _question(self, embedded: Embedded | Sequence[Embedded] | None, question: str,
+                  options: AskOptions) -> AnswerStream:
+        """One question about ``embedded``'s images (None: no image), as a stream."""
+        given = [] if embedded is None else [embedded] if isinstance(embedded, Embedded) else list(embedded)
+        (placed,) = self.place([given])
+        return self.answer(self.prompt_items([(question, None)], [[e.slot for e in placed]]), placed, options)
 
-    def ask_stream(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), *,
-                   schema=None, grammar: str | None = None) -> AnswerStream:
-        """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted. ``schema``: a
-        JSON schema (a dict, JSON text or a pydantic model class) the answer fits (``.answer.parsed`` is its
-        value); ``grammar``: GBNF text the answer follows instead."""
+    def ask_stream(self, image: "ImageInput | Sequence[ImageInput]", question: str,
+                   options: AskOptions = AskOptions(), *, schema=None, grammar: str | None = None) -> AnswerStream:
+        """Yields text pieces as they are generated; ``.answer`` holds the Answer once exhausted. ``image``: one
+        image, or several (a list or tuple), each placed before the question as the family's official code puts
+        them (``place``). ``schema``: a JSON schema (a dict, JSON text or a pydantic model class) the answer fits
+        (``.answer.parsed`` is its value); ``grammar``: GBNF text the answer follows instead."""
         options = constrained(options, schema, grammar)
-        self.check_constraint(options)  # before the image is encoded
-        return self._question(self.embed(image, options.aspect), question, options)
+        self.check_constraint(options)  # before the images are encoded
+        return self._question(self.embed_all(image, options.aspect), question, options)
 
-    def ask(self, image: ImageInput, question: str, options: AskOptions = AskOptions(), *,
+    def ask(self, image: "ImageInput | Sequence[ImageInput]", question: str, options: AskOptions = AskOptions(), *,
             schema=None, grammar: str | None = None) -> Answer:
         return _drain(self.ask_stream(image, question, options, schema=schema, grammar=grammar))
 
-    def ask_once(self, image: ImageInput, question: str, options: AskOptions = AskOptions()) -> AnswerStream:
-        """``ask_stream`` for a Model that answers one question: the image is encoded, the graphs are freed
+    def ask_once(self, image: "ImageInput | Sequence[ImageInput]", question: str,
+                 options: AskOptions = AskOptions()) -> AnswerStream:
+        """``ask_stream`` for a Model that answers one question: the images are encoded, the graphs are freed
         where the family allows (release_vision), then the LLM (deferred: ``defer_llm``) loads and answers."""
-        embedded = self.embed(image, options.aspect)
+        embedded = self.embed_all(image, options.aspect)
         self.release_vision()
         return self._question(embedded, question, options)
 
@@ -341,8 +295,9 @@ class Model:
     def ask_text(self, question: str, options: AskOptions = AskOptions()) -> Answer:
         return _drain(self.ask_text_stream(question, options))
 
-    def chat(self, image: ImageInput, options: AskOptions = AskOptions()) -> "Chat":
-        return Chat(self, self.embed(image, options.aspect), options)
+    def chat(self, image: "ImageInput | Sequence[ImageInput] | None" = None, options: AskOptions = AskOptions()) -> "Chat":
+        """A conversation; ``image``: the image(s) of its first question (more come with ``Chat.ask(image=)``)."""
+        return Chat(self, [] if image is None else self.embed_all(image, options.aspect), options)
 
     def release_vision(self) -> None:
         """Free the vision graphs' memory once the image is encoded: a one-shot ``ask`` on a family whose
@@ -361,67 +316,12 @@ class Model:
             self.llm.close()
 
 
-class Chat:
-    """A multi-turn conversation about one image (``... ASSISTANT: A1</s>USER: Q2 ASSISTANT:``)."""
-
-    def __init__(self, model: Model, embedded: Embedded, options: AskOptions):
-        self.model, self.embedded, self.options = model, embedded, options
-        self.turns: list[tuple[str, str]] = []
-        self.tools: Tools | None = None  # offered from the turn that first gave them on (tools.py)
-
-    def ask_stream(self, question: str, options: AskOptions | None = None, *, schema=None,
-                   grammar: str | None = None, tools: Sequence[dict] | Tools | None = None,
-                   tool_choice=None, parallel_tool_calls: bool = True) -> AnswerStream:
-        """As Model.ask_stream, for the next turn (``schema``, ``grammar``: this turn's answer). ``tools``: OpenAI's
-        function tools (or a Tools), offered from this turn on; the answer is then a direct answer or calls
-        (``.answer.tool_calls``; results go back with ``send_tool_results``)."""
-        if tools is not None and not isinstance(tools, Tools):
-            offered_tools = parse_tools(list(tools))
-            tools = Tools(offered_tools, parse_choice(tool_choice, offered_tools), parallel_tool_calls)
-        if tools is not None:
-            self.tools = tools
-        options = constrained(options or self.options, schema, grammar)
-        offered = self.tools if self.tools is not None and self.tools.active else None
-        system = None
-        if offered is not None:
-            if options.constraint is not None:
-                raise ConfigError("a schema or grammar and tools both constrain the answer: give one")
-            options = dataclasses.replace(options, constraint=offered.constraint())
-            system = offered.system_prompt(self.model.template.system)
-        items = self.model.prompt_items([*self.turns, (question, None)], self.embedded.slot, system=system)
-
-        def done(answer: Answer) -> None:
-            self.turns.append((question, answer.text))  # as generated: the KV cache holds it so
-            if offered is not None:
-                answer.tool_answer = offered.read(answer.text)
-        stream = self.model.answer(items, self.embedded, options, on_done=done)
-        # Later turns reuse the embeddings in hand: no preprocessing or encoding to report.
-        self.embedded = self.embedded.reused()
-        return stream
-
-    def ask(self, question: str, options: AskOptions | None = None, *, schema=None,
-            grammar: str | None = None, tools: Sequence[dict] | Tools | None = None, tool_choice=None,
-            parallel_tool_calls: bool = True) -> Answer:
-        return _drain(self.ask_stream(question, options, schema=schema, grammar=grammar, tools=tools,
-                                      tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls))
-
-    def send_tool_results(self, results: Sequence[tuple[ToolCall, str]], options: AskOptions | None = None) -> Answer:
-        """The results of the last answer's calls ((call, result text) pairs) as the next turn; its answer."""
-        if not results:
-            raise ConfigError("send_tool_results needs at least one (call, result) pair")
-        return self.ask("\n".join(render_result(call.name, content) for call, content in results), options)
-
-
-def constrained(options: AskOptions, schema=None, grammar: str | None = None) -> AskOptions:
-    """``options`` with the constraint ``schema`` or ``grammar`` makes (structured.constraint_of), if any."""
-    made = constraint_of(schema, grammar)
-    return options if made is None else dataclasses.replace(options, constraint=made)
-
-
-def _drain(stream: AnswerStream) -> Answer:
-    for _ in stream:
-        pass
-    return stream.answer
+def image_list(images: "ImageInput | Sequence[ImageInput]") -> list[ImageInput]:
+    """One image or several (a list or tuple of them) as a list; none is a ConfigError."""
+    listed = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not listed:
+        raise ConfigError("no image given (a question without one: ask_text)")
+    return listed
 
 
 def load(bundle: str | os.PathLike | None = None, **kwargs) -> Model:

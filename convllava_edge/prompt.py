@@ -24,16 +24,22 @@ MAX_RENDERED_CHARS = 1 << 22  # 4 Mi characters: far past any context window, sh
 MAX_TEXT_CHARS = 1 << 20  # one question or answer: 1 Mi characters (~250k tokens, past every context)
 
 
-def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True,
-               image_turn: int = 0) -> list[tuple[str, str | None]]:
-    """Checked turns: questions stripped, the image's turn (the first, as LLaVA's code puts it, unless a
-    client put the image in a later one) preceded by "<image>\\n", only the last unanswered."""
+def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True, image_turn: int = 0,
+               counts: Sequence[int] | None = None) -> list[tuple[str, str | None]]:
+    """Checked turns: questions stripped, each turn's images as "<image>\\n" before its text (LLaVA's convention:
+    one placeholder per image, in the order given), only the last unanswered. ``counts``: the number of images
+    of each turn; without it, one image in turn ``image_turn`` (the first, as LLaVA's code puts it) when
+    ``image``, else none."""
     if not turns:
         raise ConfigError("a conversation needs at least one question")
-    if image and not 0 <= image_turn < len(turns):
-        raise ConfigError(f"the image is in turn {image_turn + 1} of a {len(turns)}-turn conversation")
+    if counts is None:
+        if image and not 0 <= image_turn < len(turns):
+            raise ConfigError(f"the image is in turn {image_turn + 1} of a {len(turns)}-turn conversation")
+        counts = [int(image and i == image_turn) for i in range(len(turns))]
+    if len(counts) != len(turns) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+        raise ConfigError(f"image counts {list(counts)} do not fit a {len(turns)}-turn conversation")
     out = []
-    for i, (question, answer) in enumerate(turns):
+    for i, ((question, answer), n) in enumerate(zip(turns, counts)):
         question = checked_text(question, "the question").strip()
         if not question:
             raise ConfigError("the question is empty")
@@ -43,7 +49,7 @@ def user_turns(turns: Sequence[tuple[str, str | None]], image: bool = True,
             raise ConfigError(f"the question may not contain {IMAGE_TOKEN!r}: the image is placed by the template")
         if answer is None and i != len(turns) - 1:
             raise ConfigError("only the last turn may be unanswered")
-        out.append(((IMAGE_TOKEN + "\n" + question) if i == image_turn and image else question, answer))
+        out.append(((IMAGE_TOKEN + "\n") * n + question, answer))
     return out
 
 
@@ -85,14 +91,15 @@ class Template:
     stop: tuple[str, ...]  # text that ends an answer besides the EOS token
 
     def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True, image_turn: int = 0,
-               system: str | None = None) -> str:
+               system: str | None = None, counts: Sequence[int] | None = None) -> str:
         """turns: (question, answer or None for the turn being asked); the image goes in the question of turn
-        ``image_turn`` (the first); ``system`` replaces the template's system prompt.
+        ``image_turn`` (the first), or ``counts[i]`` images in turn i (user_turns); ``system`` replaces the
+        template's system prompt.
 
         ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:``
         """
         out = (self.system if system is None else system) + self.sep
-        for question, answer in user_turns(turns, image, image_turn):
+        for question, answer in user_turns(turns, image, image_turn, counts):
             out += f"{self.roles[0]}: {question}{self.sep}"
             out += f"{self.roles[1]}:" if answer is None else f"{self.roles[1]}: {answer}{self.sep2}"
         return out
@@ -125,9 +132,9 @@ class ChatTemplate:
     kind: str = "jinja"
 
     def render(self, turns: Sequence[tuple[str, str | None]], image: bool = True, image_turn: int = 0,
-               system: str | None = None) -> str:
+               system: str | None = None, counts: Sequence[int] | None = None) -> str:
         messages = [{"role": "system", "content": self.system if system is None else system}]
-        for question, answer in user_turns(turns, image, image_turn):
+        for question, answer in user_turns(turns, image, image_turn, counts):
             messages.append({"role": "user", "content": question})
             if answer is not None:  # the empty assistant turn is dropped, as the official code does
                 messages.append({"role": "assistant", "content": answer})
@@ -245,14 +252,20 @@ class ImageSlot:
 Item = int | ImageSlot  # a token id or the image
 
 
-def splice(chunks: Sequence[list[int]], slot: ImageSlot, bos: int) -> list[Item]:
-    """tokenizer_image_token: chunks[i] are the BOS-prefixed token ids of the text between images."""
-    if len(chunks) != 2:
-        raise ConfigError(f"the prompt must hold exactly one {IMAGE_TOKEN}, found {len(chunks) - 1}")
-    first, rest = chunks
+def splice(chunks: Sequence[list[int]], slots: "ImageSlot | Sequence[ImageSlot]", bos: int) -> list[Item]:
+    """tokenizer_image_token: chunks[i] are the BOS-prefixed token ids of the text between images; slot i goes
+    between chunks i and i + 1 (as prepare_inputs_labels_for_multimodal puts image i's features at the i-th
+    placeholder)."""
+    slots = [slots] if isinstance(slots, ImageSlot) else list(slots)
+    if not slots or len(chunks) != len(slots) + 1:
+        raise ConfigError(f"the prompt holds {len(chunks) - 1} {IMAGE_TOKEN} for {len(slots)} image(s)")
+    first = chunks[0]
     if not first or first[0] != bos:
         raise ConfigError("the first chunk must start with BOS")
-    return [*first, slot, *_drop_bos(rest, bos)]
+    out: list[Item] = list(first)
+    for slot, chunk in zip(slots, chunks[1:]):
+        out += [slot, *_drop_bos(chunk, bos)]
+    return out
 
 
 def _drop_bos(ids: list[int], bos: int) -> list[int]:
@@ -262,6 +275,28 @@ def _drop_bos(ids: list[int], bos: int) -> list[int]:
 def positions(items: Sequence[Item]) -> int:
     """How many KV-cache positions the sequence occupies."""
     return sum(i.n_tokens if isinstance(i, ImageSlot) else 1 for i in items)
+
+
+def slots_of(items: Sequence[Item]) -> list[ImageSlot]:
+    """The image slots of a sequence, in order."""
+    return [item for item in items if isinstance(item, ImageSlot)]
+
+
+def describe_positions(items: Sequence[Item]) -> str:
+    """What a prompt's positions are, for errors: "3 images x 576 tokens + 41 text positions"."""
+    slots = slots_of(items)
+    n_text = positions(items) - sum(s.n_tokens for s in slots)
+    text = f"{n_text} text position" + ("" if n_text == 1 else "s")
+    if not slots:
+        return text
+    sizes = {s.n_tokens for s in slots}
+    if len(slots) == 1:
+        shown = f"1 image of {slots[0].n_tokens} tokens"
+    elif len(sizes) == 1:
+        shown = f"{len(slots)} images x {slots[0].n_tokens} tokens"
+    else:
+        shown = f"{len(slots)} images ({' + '.join(str(s.n_tokens) for s in slots)} tokens)"
+    return f"{shown} + {text}"
 
 
 def image_end(items: Sequence[Item]) -> int:

@@ -39,8 +39,8 @@ class Answerer:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        lines = [json.dumps(answer_line(self.model, Item(str(image), str(question)), self.options), ensure_ascii=False)
-                 for image, question in zip(batch["image"], batch["question"])]
+        lines = [json.dumps(answer_line(self.model, Item.from_json(str(item)), self.options), ensure_ascii=False)
+                 for item in batch["item"]]
         return {"line": np.asarray(lines, dtype=object)}
 
 
@@ -66,7 +66,7 @@ def run_on_ray(bundle: Path, items: list[Item], log: AnswerLog, options, runtime
     says (its threads, when unset, are each node's cores shared out among its actors)."""
     import ray
 
-    todo = [{"image": i.image, "question": i.question} for i in items if i.key not in log.done]
+    todo = [{"item": i.to_json()} for i in items if i.key not in log.done]  # one column: images are a list or one path
     if not todo:
         return
     started = start_ray(address)

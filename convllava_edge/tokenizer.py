@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 from .backends.base import LlmBackend
 from .errors import BundleError
@@ -39,11 +40,11 @@ class PromptTokenizer:
                 after_special = False
         return ids
 
-    def items(self, prompt: str, slot: ImageSlot | None) -> list[Item]:
-        """The rendered prompt as token ids with the image slot where ``<image>`` was (no slot: text only)."""
-        if slot is None:
+    def items(self, prompt: str, slots: "ImageSlot | Sequence[ImageSlot] | None") -> list[Item]:
+        """The rendered prompt as token ids with image slot i where the i-th ``<image>`` was (none: text only)."""
+        if slots is None or (not isinstance(slots, ImageSlot) and not slots):
             return self.chunk(prompt)
-        return splice([self.chunk(c) for c in prompt.split(IMAGE_TOKEN)], slot, self.llm.bos)
+        return splice([self.chunk(c) for c in prompt.split(IMAGE_TOKEN)], slots, self.llm.bos)
 
     def _ids_without_prefix(self, text: str) -> list[int]:
         """Tokenize ``text`` without SentencePiece's dummy-prefix space.

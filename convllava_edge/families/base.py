@@ -10,7 +10,10 @@ families/ (and the export side's family modules) asks which family a bundle is. 
   (``reuse_prefix_across_images``), states after the system prompt and the image on disk
   (``cache_kv_states``); whether ``ask`` may size its context from the square image's token count
   (``fit_context``); whether it reads videos (``video``); whether every prompt runs a graph
-  (``vision_in_prompt``: else a one-shot answer may free the graphs once the image is encoded).
+  (``vision_in_prompt``: else a one-shot answer may free the graphs once the image is encoded); how a
+  conversation's several images meet the prompt: each at a placeholder of its own in its turn (LLaVA's), or
+  all as the frames of one video at one placeholder (``images_as_frames``: LLaVA-Mini's official code takes one
+  image or one video per conversation).
 The prompt template, stop strings and the assistant header are the manifest's (``template``).
 """
 
@@ -52,6 +55,7 @@ class Family:
     cache_kv_states: bool = True
     fit_context: bool = True
     vision_in_prompt: bool = False  # the graphs run again for every prompt (not only per image)
+    images_as_frames: bool = False  # several images: one placeholder, the images as a video's frames
 
     def graph_files(self, entry: "VisionEntry") -> dict[str, str]:
         """Role -> the bundle file of each graph of ``entry``."""

@@ -105,6 +105,7 @@ class LlavaMini(Family):
     cache_kv_states = False
     fit_context = False  # a video's frames take one position each: the model's context
     vision_in_prompt = True  # pre-fusion runs over every prompt
+    images_as_frames = True  # the official code's video path: frames in order, fused text averaged
 
     def encoder(self, graphs: Mapping, backend) -> MiniEncoder:
         return MiniEncoder(graphs, backend)

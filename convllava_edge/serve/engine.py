@@ -25,7 +25,7 @@ from ..backends import llm_kind
 from ..backends.base import ContextOverflowError
 from ..errors import ConvLlavaEdgeError
 from ..model import Answer, AskOptions, Model
-from ..prompt import positions
+from ..prompt import describe_positions, positions
 from ..runtime import RuntimeOptions
 from ..threads import default_threads
 from .replies import Piece, logprob_entries
@@ -43,7 +43,7 @@ class Slot:
     model: Model
     index: int
     busy: bool = False
-    history: tuple = ()  # (image digest, system, turns with their answers) of the conversation its KV cache holds
+    history: tuple = ()  # (conversation_key, conversation_turns) of the conversation its KV cache holds
     used_at: float = 0.0
 
 
@@ -105,8 +105,14 @@ def load_served(name: str, path: Path, parallel: int, queue_limit: int, runtime:
 
 
 def conversation_key(request: ChatRequest) -> tuple:
-    digest = hashlib.sha256(request.image).hexdigest() if request.image is not None else None
-    return digest, request.system, request.image_turn, request.tools  # the tools are in the system prompt
+    return request.system, request.tools  # the tools are in the system prompt
+
+
+def conversation_turns(request: ChatRequest, answer: str | None = None) -> tuple:
+    """Each turn as (question, answer, its images' digests); the last one's answer ``answer``."""
+    answers = [a for _, a in request.turns[:-1]] + [answer]
+    return tuple((q, a, tuple(hashlib.sha256(image).hexdigest() for image in images))
+                 for (q, _), a, images in zip(request.turns, answers, request.images))
 
 
 class Engine:
@@ -143,10 +149,10 @@ class Engine:
 
     @staticmethod
     def _pick(served: Served, request: ChatRequest) -> Slot:
-        key, turns = conversation_key(request), list(request.turns[:-1])
+        key, turns = conversation_key(request), conversation_turns(request)[:-1]
         free = [s for s in served.slots if not s.busy]
         for slot in free:  # the slot whose KV cache holds this conversation's earlier turns
-            if slot.history and slot.history[0] == key and list(slot.history[1]) == turns[:len(slot.history[1])]:
+            if slot.history and slot.history[0] == key and slot.history[1] == turns[:len(slot.history[1])]:
                 return slot
         return min(free, key=lambda s: (bool(s.history), s.used_at))  # else an unused or the least recent
 
@@ -185,16 +191,18 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
     slot.history = ()  # until this answer is complete, the KV cache holds no finished conversation
     locked = served.prefill_lock.acquire()
     try:
-        embedded = model.embed(request.image) if request.image is not None else None
+        # each image encoded once: one seen before (an earlier turn's) comes from the embeddings in memory or on disk
+        placed = model.place([model.embed_all(images) if images else [] for images in request.images])
         system, constraint = request.system, request.constraint
         if request.tools is not None and request.tools.active:  # tools.py: the generic format
             system = request.tools.system_prompt(model.template.system if system is None else system)
             constraint = request.tools.constraint()
-        items = model.prompt_items(request.turns, embedded.slot if embedded else None, request.image_turn, system)
+        items = model.prompt_items(request.turns, [[e.slot for e in turn] for turn in placed], system=system)
         room = model.llm.n_ctx - positions(items)
         if room < 1:
-            raise ContextOverflowError(f"the conversation takes {positions(items)} positions and the context holds "
-                                       f"{model.llm.n_ctx}: start a new conversation or send less text")
+            raise ContextOverflowError(f"{describe_positions(items)} = {positions(items)} positions > {model.llm.n_ctx - 1} "
+                                       f"(a context of {model.llm.n_ctx}, one position kept for the answer): start a "
+                                       "new conversation, or send fewer images or less text")
         options = AskOptions(max_tokens=asked or min(cap, room), sampling=request.sampling, stop=request.stop,
                              constraint=constraint, logprobs=request.logprobs)
         try:
@@ -202,7 +210,7 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
         except ConvLlavaEdgeError as e:
             raise ApiError(400, str(e), "response_format", "invalid_schema") from None
         emit(READY)
-        stream = model.answer(items, embedded, options)
+        stream = model.answer(items, [e for turn in placed for e in turn], options)
         pieces = iter(stream)
         sent = 0  # logprob entries streamed so far
         for piece in pieces:
@@ -224,5 +232,5 @@ def run_in_slot(served: Served, slot: Slot, request: ChatRequest, max_tokens: tu
         if locked:
             served.prefill_lock.release()
     answer = stream.answer
-    slot.history = (conversation_key(request), tuple(request.turns[:-1]) + ((request.turns[-1][0], answer.text),))
+    slot.history = (conversation_key(request), conversation_turns(request, answer.text))
     return answer

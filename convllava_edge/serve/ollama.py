@@ -21,7 +21,8 @@ from .generate import STARTED, complete
 from ..structured import Constraint, json_object
 from ..tools import dumps
 from .replies import finish_reason, logprob_entries
-from .wire import ApiError, ChatRequest, bad, parse_chat, refuse_unsupported, schema_constraint, top_logprobs
+from .wire import (DEFAULT_MAX_IMAGES, ApiError, ChatRequest, bad, parse_chat, refuse_unsupported, schema_constraint,
+                   top_logprobs)
 
 OLLAMA_DEFAULT_TEMPERATURE = 0.8  # Ollama's own default when a request sets none
 NS = 1_000_000  # per ms
@@ -125,9 +126,9 @@ def _options(body: dict) -> dict:
     return out
 
 
-def parse(kind: str, body: Any, max_image_bytes: int) -> ChatRequest:
+def parse(kind: str, body: Any, max_image_bytes: int, max_images: int = DEFAULT_MAX_IMAGES) -> ChatRequest:
     """/api/chat's or /api/generate's body, checked as OpenAI's is (images: base64 only, no file paths)."""
-    chat = parse_chat(chat_body(body) if kind == "chat" else generate_body(body), max_image_bytes, None)
+    chat = parse_chat(chat_body(body) if kind == "chat" else generate_body(body), max_image_bytes, None, max_images)
     return dataclasses.replace(chat, constraint=output_format(body.get("format")), logprobs=top_logprobs(body))
 
 

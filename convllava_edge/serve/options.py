@@ -18,7 +18,8 @@ class ServeOptions:
     queue: int = 64  # requests waiting per bundle before 503
     api_key: str | None = None
     max_tokens_cap: int = 1024
-    max_image_bytes: int = 20 * MiB
+    max_image_bytes: int = 20 * MiB  # each image
+    max_images: int = 8  # images per request (wire.DEFAULT_MAX_IMAGES)
     media_dir: Path | None = None
     # How each bundle runs: threads are each slot's decoding (default: the cores shared out between the slots),
     # threads_batch the vision graphs' and prefill's, one slot at a time (default: every core); n_ctx per slot
@@ -31,7 +32,8 @@ class ServeOptions:
     allowed_origins: tuple[str, ...] = ()  # --allowed-origins: pages that may call the server ("*": any)
 
     def validate(self) -> None:
-        for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1)):
+        for name, low in (("parallel", 1), ("queue", 0), ("max_tokens_cap", 1), ("max_image_bytes", 1),
+                          ("max_images", 1)):
             if getattr(self, name) < low:
                 raise ConvLlavaEdgeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         for name in ("request_timeout", "read_timeout"):
@@ -50,7 +52,7 @@ class ServeOptions:
 
     @property
     def max_body(self) -> int:
-        return self.max_image_bytes * 4 // 3 + 4 * MiB  # one base64 image and the conversation's text
+        return self.max_images * (self.max_image_bytes * 4 // 3) + 4 * MiB  # the base64 images and the text
 
 
 def served_names(bundles: Sequence[Path]) -> dict[str, Path]:

@@ -3,8 +3,8 @@
 The routes take raw requests and check them by hand (wire.py, ollama.py: unknown fields pass, each known field
 of the wrong type is a 400 naming it), so FastAPI can infer nothing; these schemas say what those parsers take.
 Every object allows additional properties (clients send fields newer than ours). A schema states the types and
-ranges the parser checks; what a schema cannot say (a conversation must end with the user's turn, one image, text
-that is valid Unicode, the server's caps) the parser still refuses: whatever the parser accepts, the schema
+ranges the parser checks; what a schema cannot say (a conversation must end with the user's turn, text that is
+valid Unicode, the server's caps: --max-images per request, --max-image-bytes each) the parser still refuses: whatever the parser accepts, the schema
 accepts (tests/fuzz/test_fuzz_http_schema.py checks both directions on generated bodies).
 """
 
@@ -67,7 +67,10 @@ TOOL_CALL = _object({"id": _TEXT, "type": {"const": "function"}, "function": _ob
     "name": _TEXT, "arguments": {"type": "string", "description": "JSON text"}}, ("name",))}, ("id", "function"))
 MESSAGE = _object({
     "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-    "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": CONTENT_PART}]},
+    "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {
+        "type": "array", "items": CONTENT_PART,
+        "description": "text and image_url parts; a user turn's images go before its text, in the order given "
+                       "(at most --max-images, 8 by default, in the whole request)"}]},
     "tool_calls": {"oneOf": [{"type": "null"}, {"type": "array", "items": TOOL_CALL, "minItems": 1}],
                    "description": "an assistant turn's calls, sent back"},
     "tool_call_id": {"type": ["string", "null"], "description": "a tool message: the call it answers"},
@@ -99,7 +102,8 @@ OPENAI_ERROR = _object({"error": _object({
 }, ("message", "type", "param", "code"))}, ("error",))
 
 # -- Ollama: /api/chat, /api/generate, /api/show -----------------------------------------------------------
-_IMAGES = {"type": ["array", "null"], "items": {"type": "string", "description": "base64 of an image file"}}
+_IMAGES = {"type": ["array", "null"], "items": {"type": "string", "description": "base64 of an image file"},
+           "description": "this message's images, in order (at most --max-images, 8 by default, in the request)"}
 OLLAMA_OPTIONS = {"oneOf": [{"type": "null"}, _object({
     **_SAMPLING, "stop": _STOP,
     "num_predict": {"type": ["integer", "null"], "description": "-1 or -2: until the end", "minimum": -2},

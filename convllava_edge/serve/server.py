@@ -146,7 +146,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         check_key(request)
         eng = engine()
         body = await read_json(request, options.max_body, options.read_timeout)
-        chat = parse_chat(body, options.max_image_bytes, media)
+        chat = parse_chat(body, options.max_image_bytes, media, options.max_images)
         served = pick_model(eng, chat.model)
         gen = generation(eng, served, chat)
         if chat.stream:
@@ -212,7 +212,8 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         try:
             check_key(request)
             eng = engine()
-            chat = ollama_api.parse(kind, await read_json(request, options.max_body, options.read_timeout), options.max_image_bytes)
+            chat = ollama_api.parse(kind, await read_json(request, options.max_body, options.read_timeout), options.max_image_bytes,
+                                    options.max_images)
             served = pick_model(eng, ollama_api.model_name(chat.model))
             gen = generation(eng, served, chat)
             started = time.perf_counter()

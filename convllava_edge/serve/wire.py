@@ -22,6 +22,7 @@ from ..tools import ToolError, Tools, parse_choice, parse_tools, render_calls, r
 from .media import MediaDir, MediaError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+DEFAULT_MAX_IMAGES = 8  # images per request (--max-images)
 DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
@@ -84,8 +85,7 @@ def _not_text(text: str) -> int | None:
 class ChatRequest:
     model: str | None
     turns: list[tuple[str, str | None]]  # (question, earlier answer or None for the one asked)
-    image: bytes | None
-    image_turn: int  # which turn the image belongs to
+    images: list[list[bytes]]  # per turn, its images in the order given (before its text, whatever the parts' order)
     system: str | None
     max_tokens: int | None
     sampling: SamplingOptions
@@ -96,6 +96,10 @@ class ChatRequest:
     constraint: Constraint | None = None  # response_format (Ollama: format)
     logprobs: int | None = None  # None: no logprobs; else top_logprobs alternatives (0..20)
     tools: Tools | None = None  # tools, tool_choice, parallel_tool_calls (tools.py)
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(t) for t in self.images)
 
 
 # Each field OpenAI's chat-completions request defines (openai-python's CompletionCreateParams) is implemented,
@@ -176,7 +180,9 @@ def top_logprobs(body: dict, flag: str = "logprobs", count: str = "top_logprobs"
     return (top or 0) if wanted else None
 
 
-def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> ChatRequest:
+def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None,
+               max_images: int = DEFAULT_MAX_IMAGES) -> ChatRequest:
+    """The request's body checked, its images read (at most ``max_images``, each at most ``max_image_bytes``)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     refuse_unsupported(body, OPENAI_REFUSED)
@@ -211,13 +217,18 @@ def parse_chat(body: Any, max_image_bytes: int, media_dir: MediaDir | None) -> C
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
     tools = request_tools(body)
-    system, turns, image, image_turn = _conversation(messages, max_image_bytes, media_dir)
+    sent = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+    if sent > max_images:  # counted before any is decoded
+        raise bad(f"{sent} images in one request, more than the {max_images} this server takes (--max-images)",
+                  "messages", "too_many_images")
+    system, turns, images = _conversation(messages, max_image_bytes, media_dir)
     sampling = SamplingOptions(temperature=temperature, top_p=top_p,
                                seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little") % SEED_LIMIT)
     constraint = response_format(body.get("response_format"))
     if constraint is not None and tools is not None and tools.active:
         raise bad("response_format and tools both constrain the answer: send one", "response_format")
-    return ChatRequest(model, turns, image, image_turn, system, max_tokens, sampling, stops, stream, include_usage,
+    return ChatRequest(model, turns, images, system, max_tokens, sampling, stops, stream, include_usage,
                        constraint=constraint, logprobs=top_logprobs(body), tools=tools)
 
 
@@ -256,8 +267,8 @@ def _article(kind: type) -> str:
 
 
 def _conversation(messages: list, max_image_bytes: int, media_dir: MediaDir | None):
-    """(system text or None, turns, image bytes or None, the turn the image is in): messages merged by role
-    (two user messages in a row are one turn), the last one the user's."""
+    """(system text or None, turns, each turn's images): messages merged by role (two user messages in a row are
+    one turn, their images in order), the last one the user's."""
     system_parts: list[str] = []
     merged: list[list] = []  # [role, text parts, images]
     calls: dict[str, str] = {}  # tool_call_id -> the function's name, of the assistant turns so far
@@ -289,19 +300,15 @@ def _conversation(messages: list, max_image_bytes: int, media_dir: MediaDir | No
             merged.append([role, texts, images])
     if not merged or merged[0][0] != "user" or merged[-1][0] != "user":
         raise bad("the conversation must start and end with a user message", "messages")
-    images = [(n, img) for n, (role, _, imgs) in enumerate(merged) for img in imgs]
-    if len(images) > 1:
-        raise bad(f"{len(images)} images: this model takes one image per conversation", "messages")
-    turns, turn_of_message = [], {}
+    turns, images = [], []
     for n in range(0, len(merged), 2):
         question = "\n".join(merged[n][1]).strip()
         answer = "\n".join(merged[n + 1][1]) if n + 1 < len(merged) else None
-        turn_of_message[n] = len(turns)
         if not question:
             raise bad(f"user message {n // 2 + 1} has no text: ask something about the image", "messages")
         turns.append((question, answer))
-    image, image_turn = (images[0][1], turn_of_message[images[0][0]]) if images else (None, 0)
-    return ("\n".join(system_parts) or None), turns, image, image_turn
+        images.append(merged[n][2])
+    return ("\n".join(system_parts) or None), turns, images
 
 
 def _assistant_calls(value: Any, where: str, calls: dict[str, str]) -> str:

@@ -152,7 +152,7 @@ def test_models_health_auth_and_unknown_model(server):
     ({"messages": [image_message(url="data:image/png;base64,@@@")]}, 400, "base64 is malformed"),
     ({"messages": [image_message(url="data:image/png;base64," + base64.b64encode(b"not an image").decode())]}, 400,
      "image"),
-    ({"messages": [image_message(), image_message()]}, 400, "one image per conversation"),
+    ({"messages": [image_message()] * 9}, 400, "9 images in one request, more than the 8 this server takes"),
     ({"messages": [image_message()], "max_tokens": 65}, 400, "over this server's cap"),
     ({"messages": [image_message()], "max_tokens": "3"}, 400, "max_tokens must be an integer"),
     ({"messages": [image_message()], "temperature": "hot"}, 400, "temperature must be a finite number"),

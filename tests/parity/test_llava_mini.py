@@ -115,6 +115,30 @@ def test_answers_are_token_exact(model, reference, question):
         assert_token_exact(ours.token_ids, reference, [image], [(question, None)])
 
 
+def test_two_images_take_the_video_path_and_are_token_exact(model, reference):
+    """The official code takes one image or one video per conversation: several images are a video's frames, in
+    order, each preprocessed as a single image, their compressed tokens at the one placeholder."""
+    a, b = _images()[:2]
+    question = "Which picture has more shapes?"
+    ours = model.ask([a, b], question, GREEDY)
+    assert ours.n_image_tokens == 2
+    assert_token_exact(ours.token_ids, reference, [a, b], [(question, None)])
+    swapped = model.ask([b, a], question, GREEDY)
+    assert_token_exact(swapped.token_ids, reference, [b, a], [(question, None)])
+
+
+def test_an_image_added_later_joins_the_frames_and_the_prompt_is_prefilled_again(model, reference):
+    a, b = _images()[:2]
+    chat = model.chat(a, GREEDY)
+    first = chat.ask("How many shapes are there?")
+    assert_token_exact(first.token_ids, reference, [a], [("How many shapes are there?", None)])
+    second = chat.ask("And in this one?", image=b)
+    # every position's fused text depends on every frame: nothing of the first turn's KV state is reusable
+    assert second.cached_tokens == 0 and second.n_evaluated == second.n_prompt_positions and second.n_image_tokens == 2
+    assert_token_exact(second.token_ids, reference, [a, b], [("How many shapes are there?", first.text),
+                                                             ("And in this one?", None)])
+
+
 def test_video_gives_one_token_per_frame_and_matches(model, reference, tmp_path):
     frames = probe_images(5, seed=3)
     gif = tmp_path / "clip.gif"

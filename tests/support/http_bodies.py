@@ -22,14 +22,17 @@ VALID = {
     "/v1/chat/completions": {"model": "shapes-demo", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 1, "n": 1,
                              "stop": ["\n"], "stream": True, "stream_options": {"include_usage": True},
                              "messages": [{"role": "system", "content": "Be brief."},
-                                          {"role": "user", "content": [
+                                          {"role": "user", "content": [  # several images, in several turns
                                               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG}},
-                                              {"type": "text", "text": "How many?"}]},
+                                              {"type": "text", "text": "How many?"},
+                                              {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG}}]},
                                           {"role": "assistant", "content": "2"},
-                                          {"role": "user", "content": "Colors?"}]},
+                                          {"role": "user", "content": [
+                                              {"type": "text", "text": "Colors?"},
+                                              {"type": "image_url", "image_url": "data:image/png;base64," + PNG}]}]},
     "/api/chat": {"model": "shapes-demo:latest", "stream": False, "options": {"temperature": 0, "seed": 3, "num_predict": 5,
                                                                       "stop": ["x"], "top_p": 0.5},
-                  "messages": [{"role": "user", "content": "How many?", "images": [PNG]}]},
+                  "messages": [{"role": "user", "content": "How many?", "images": [PNG, PNG]}]},
     "/api/generate": {"model": "shapes-demo", "prompt": "How many?", "system": "Be brief.", "images": [PNG], "stream": True,
                       "options": {"num_predict": -1}},
     "/api/show": {"model": "shapes-demo"},

@@ -80,12 +80,14 @@ def reference_llm(folder: Path) -> LlamaForCausalLM:
     return model
 
 
-def official_prompt(turns: list[tuple[str, str | None]]) -> str:
-    """conv_vicuna_v1.get_prompt() with '<image>\\n' + the first question (SeparatorStyle.TWO)."""
+def official_prompt(turns: list[tuple[str, str | None]], counts: list[int] | None = None) -> str:
+    """conv_vicuna_v1.get_prompt() with '<image>\\n' + the first question (SeparatorStyle.TWO); ``counts``: that
+    many '<image>\\n' before each turn's question instead (LLaVA's convention for several images)."""
     seps = [" ", "</s>"]
+    counts = counts if counts is not None else [1] + [0] * (len(turns) - 1)
     messages = []
-    for i, (q, a) in enumerate(turns):
-        messages.append(("USER", ("<image>\n" + q) if i == 0 else q))
+    for (q, a), n in zip(turns, counts):
+        messages.append(("USER", "<image>\n" * n + q))
         messages.append(("ASSISTANT", a))
     ret = SYSTEM + seps[0]
     for i, (role, message) in enumerate(messages):
@@ -120,14 +122,24 @@ class ReferencePipeline:
         return torch.from_numpy(self.vision(self.vision.pixels(image)))
 
     @torch.no_grad()
-    def generate(self, image: Image.Image, turns: list[tuple[str, str | None]], max_new_tokens: int) -> list[int]:
-        """Greedy ids (EOS excluded), stopping at EOS or when the text holds '</s>'."""
-        ids = tokenizer_image_token(official_prompt(turns), self.tokenizer)
-        at = ids.index(IMAGE_TOKEN_INDEX)
+    def generate(self, image: "Image.Image | list[list[Image.Image]]", turns: list[tuple[str, str | None]],
+                 max_new_tokens: int) -> list[int]:
+        """Greedy ids (EOS excluded), stopping at EOS or when the text holds '</s>'. ``image``: one image (in the
+        first turn), or per turn the list of its images."""
+        per_turn = [[image]] + [[] for _ in turns[1:]] if isinstance(image, Image.Image) else image
+        ids = tokenizer_image_token(official_prompt(turns, [len(t) for t in per_turn]), self.tokenizer)
         embed = self.llm.get_input_embeddings()
-        text_before = embed(torch.tensor(ids[:at]))
-        text_after = embed(torch.tensor(ids[at + 1:]))
-        inputs = torch.cat([text_before, self.image_features(image), text_after])[None]
+        # prepare_inputs_labels_for_multimodal: the text between placeholders embedded, image i's features at the
+        # i-th IMAGE_TOKEN_INDEX
+        at = [-1] + [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX] + [len(ids)]
+        features = [self.image_features(img) for turn in per_turn for img in turn]
+        assert len(features) == len(at) - 2
+        parts = []
+        for i in range(len(at) - 1):
+            parts.append(embed(torch.tensor(ids[at[i] + 1:at[i + 1]], dtype=torch.long)))
+            if i < len(features):
+                parts.append(features[i])
+        inputs = torch.cat(parts)[None]
         out, past = [], None
         for _ in range(max_new_tokens):
             result = self.llm(inputs_embeds=inputs, past_key_values=past, use_cache=True)

@@ -6,7 +6,8 @@ import pytest
 
 from convllava_edge.errors import ConfigError
 from convllava_edge.prompt import (MAX_TEXT_CHARS, VICUNA_V1, ChatTemplate, ImageSlot, Template, common_prefix,
-                                   image_end, positions, splice, template_from_dict, user_turns)
+                                   describe_positions, image_end, positions, splice, template_from_dict,
+                                   user_turns)
 
 SYSTEM = VICUNA_V1.system
 BOS = 1
@@ -97,15 +98,47 @@ def test_splice_keeps_the_first_bos_and_drops_the_second():
     assert splice([[BOS], []], SLOT, BOS) == [BOS, SLOT]
 
 
-@pytest.mark.parametrize("chunks,message", [
-    ([[BOS, 5]], "exactly one <image>, found 0"),
-    ([[BOS], [BOS], [BOS]], "exactly one <image>, found 2"),
-    ([[5, 6], [BOS, 7]], "must start with BOS"),
-    ([[], [BOS, 7]], "must start with BOS"),
+def test_splice_puts_image_i_at_the_i_th_placeholder_and_drops_every_later_bos():
+    other = ImageSlot("b" * 64, 4)
+    # tokenizer_image_token: chunks "...", "\n", "Q" around two placeholders; prepare_inputs_labels_for_multimodal
+    # puts image 0's features at the first -200 and image 1's at the second
+    assert splice([[BOS, 5], [BOS, 13], [BOS, 7, 8]], [SLOT, other], BOS) == [BOS, 5, SLOT, 13, other, 7, 8]
+    assert splice([[BOS, 5], [BOS], [BOS, 7]], [other, SLOT], BOS) == [BOS, 5, other, SLOT, 7]
+
+
+@pytest.mark.parametrize("chunks,slots,message", [
+    ([[BOS, 5]], [SLOT], "holds 0 <image> for 1 image"),
+    ([[BOS], [BOS], [BOS]], [SLOT], "holds 2 <image> for 1 image"),
+    ([[BOS], [BOS]], [SLOT, SLOT], "holds 1 <image> for 2 image"),
+    ([[BOS], [BOS]], [], "holds 1 <image> for 0 image"),
+    ([[5, 6], [BOS, 7]], [SLOT], "must start with BOS"),
+    ([[], [BOS, 7]], [SLOT], "must start with BOS"),
 ])
-def test_splice_refuses_prompts_without_exactly_one_image_or_bos(chunks, message):
+def test_splice_refuses_a_placeholder_count_other_than_the_images_or_no_bos(chunks, slots, message):
     with pytest.raises(ConfigError, match=message):
-        splice(chunks, SLOT, BOS)
+        splice(chunks, slots, BOS)
+
+
+def test_each_turn_gets_one_placeholder_per_image_before_its_text():
+    text = VICUNA_V1.render([("Which is newer?", "the second"), ("And this one?", None)], counts=[2, 1])
+    assert text == (f"{SYSTEM} USER: <image>\n<image>\nWhich is newer? ASSISTANT: the second</s>"
+                    "USER: <image>\nAnd this one? ASSISTANT:")
+    assert VICUNA_V1.render([("a", "b"), ("c", None)], counts=[0, 1]) == f"{SYSTEM} USER: a ASSISTANT: b</s>USER: <image>\nc ASSISTANT:"
+    assert TINY_CHAT.render([("q", None)], counts=[3]).count("<image>\n") == 3
+
+
+@pytest.mark.parametrize("counts", [[1], [1, 1, 0], [-1, 1], [True, 0], [1.0, 0]])
+def test_image_counts_must_fit_the_turns(counts):
+    with pytest.raises(ConfigError, match="do not fit a 2-turn conversation"):
+        user_turns([("a", "b"), ("c", None)], counts=counts)
+
+
+def test_describe_positions_gives_the_arithmetic_of_a_prompt():
+    other = ImageSlot("b" * 64, 9)
+    assert describe_positions([BOS, SLOT, 5, ImageSlot("c" * 64, 16), SLOT, 7]) == "3 images x 16 tokens + 3 text positions"
+    assert describe_positions([BOS, SLOT, other, 7]) == "2 images (16 + 9 tokens) + 2 text positions"
+    assert describe_positions([BOS, SLOT]) == "1 image of 16 tokens + 1 text position"
+    assert describe_positions([BOS, 5]) == "2 text positions"
 
 
 def test_positions_count_an_image_slot_as_its_tokens():

@@ -14,7 +14,7 @@ from convllava_edge.manifest import TokensPerImage
 from convllava_edge.preprocess import PreprocessConfig
 from convllava_edge.serve import ollama
 from convllava_edge.serve.engine import image_token_rule
-from convllava_edge.serve.wire import ApiError
+from convllava_edge.serve.wire import ApiError, parse_chat
 
 
 def png(size=(8, 6)) -> bytes:
@@ -24,17 +24,18 @@ def png(size=(8, 6)) -> bytes:
 
 
 def test_an_ollama_chat_is_the_chat_request_of_its_openai_form():
-    image = png()
+    image, other, third = png(), png((4, 4)), png((5, 3))
+    b64 = [base64.b64encode(i).decode() for i in (image, other, third)]
     chat = ollama.parse("chat", {
         "model": "demo:latest", "stream": False,
         "messages": [{"role": "system", "content": "Be brief."},
-                     {"role": "user", "content": "How many?", "images": [base64.b64encode(image).decode()]},
-                     {"role": "assistant", "content": "3"}, {"role": "user", "content": "Colors?"}],
+                     {"role": "user", "content": "How many?", "images": b64[:2]},
+                     {"role": "assistant", "content": "3"}, {"role": "user", "content": "Colors?", "images": b64[2:]}],
         "options": {"temperature": 0, "top_p": 0.5, "seed": 7, "stop": ["\n"], "num_predict": 12, "num_ctx": 99}},
         max_image_bytes=1 << 20)
     assert chat.model == "demo:latest" and ollama.model_name(chat.model) == "demo" and not chat.stream
     assert chat.system == "Be brief." and chat.turns == [("How many?", "3"), ("Colors?", None)]
-    assert chat.image == image and chat.image_turn == 0
+    assert chat.images == [[image, other], [third]] and chat.n_images == 3  # each message's, in order
     assert (chat.sampling.temperature, chat.sampling.top_p, chat.sampling.seed) == (0.0, 0.5, 7)
     assert chat.stop == ("\n",) and chat.max_tokens == 12
 
@@ -43,7 +44,22 @@ def test_ollama_defaults_and_generate():
     chat = ollama.parse("generate", {"model": "m", "prompt": "Hi?", "system": "S", "options": {"num_predict": -1}},
                         max_image_bytes=100)
     assert chat.stream and chat.max_tokens is None and chat.sampling.temperature == ollama.OLLAMA_DEFAULT_TEMPERATURE
-    assert chat.system == "S" and chat.turns == [("Hi?", None)] and chat.image is None
+    assert chat.system == "S" and chat.turns == [("Hi?", None)] and chat.images == [[]]
+
+
+def test_openai_images_go_with_their_turn_in_the_order_given_and_are_capped():
+    a, b, c = png(), png((4, 4)), png((5, 3))
+    part = lambda data: {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
+    body = {"messages": [{"role": "user", "content": [part(a), {"type": "text", "text": "Which?"}, part(b)]},
+                         {"role": "assistant", "content": "the first"},
+                         {"role": "user", "content": "And now?"}, {"role": "user", "content": [part(c)]}]}
+    chat = parse_chat(body, 1 << 20, None)
+    assert chat.images == [[a, b], [c]] and chat.turns == [("Which?", "the first"), ("And now?", None)]
+    assert parse_chat(body, 1 << 20, None, max_images=3).n_images == 3
+    with pytest.raises(ApiError) as e:
+        parse_chat(body, 1 << 20, None, max_images=2)
+    assert e.value.status == 400 and "3 images in one request, more than the 2" in e.value.message
+    assert e.value.code == "too_many_images"
 
 
 @pytest.mark.parametrize("kind, body, needle", [

@@ -1,4 +1,5 @@
-// convllava-edge's page: one image, a conversation about it, answers streamed from /v1/chat/completions
+// convllava-edge's page: a conversation about images (each dropped image joins it, going with the next question),
+// answers streamed from /v1/chat/completions
 // (the same OpenAI endpoint every client uses; no private API). Plain JavaScript, no build step, no downloads.
 "use strict";
 
@@ -7,7 +8,8 @@ const KEY_STORE = "convllava-edge-key"; // sessionStorage: this tab only
 
 const state = {
   models: {},       // id -> /v1/models entry
-  image: null,      // {url: data URL, name, bytes, width, height}
+  image: null,      // the last image chosen: {url: data URL, name, bytes, width, height, sent}
+  images: [],       // the conversation's images, in the order chosen (sent: in a question already asked)
   messages: [],     // the conversation so far, OpenAI messages
   controller: null, // AbortController of the generation running
 };
@@ -72,24 +74,36 @@ function imageTokens(rule, width, height) {
 }
 
 // -- the image ----------------------------------------------------------------------------------
+// Each image chosen joins the conversation in the order chosen (its data read in the background: a question
+// waits for it) and goes with the next question.
 function useFile(file) {
   if (!file) return;
+  const img = { url: null, name: file.name || "pasted image", bytes: file.size, width: 0, height: 0, sent: false };
+  state.images.push(img);
+  addEntry("notice", state.images.length === 1 && state.messages.length === 0
+    ? `New conversation about ${img.name}.`
+    : `${img.name} added to this conversation: it goes with your next question.`);
+  listImages();
   const reader = new FileReader();
   reader.onload = () => {
-    state.image = { url: reader.result, name: file.name || "pasted image", bytes: file.size, width: 0, height: 0 };
+    img.url = reader.result;
+    state.image = img;
     const thumb = $("thumb");
     thumb.onload = () => {
-      state.image.width = thumb.naturalWidth;
-      state.image.height = thumb.naturalHeight;
-      describeImage();
+      img.width = thumb.naturalWidth;
+      img.height = thumb.naturalHeight;
+      if (state.image === img) describeImage();
     };
-    thumb.onerror = () => describeImage(); // the server decides whether it can read it
+    thumb.onerror = () => { if (state.image === img) describeImage(); }; // the server decides whether it can read it
     thumb.src = reader.result;
     $("preview").hidden = false;
-    newConversation(`New conversation about ${state.image.name}.`);
     describeImage();
   };
-  reader.onerror = () => showError(`Could not read ${file.name}.`);
+  reader.onerror = () => {
+    state.images = state.images.filter((other) => other !== img);
+    listImages();
+    showError(`Could not read ${img.name}.`);
+  };
   reader.readAsDataURL(file);
 }
 
@@ -106,9 +120,23 @@ function describeImage() {
   $("image-info").textContent = `${img.name}, ${img.width}×${img.height} px, ${size}${tokens}`;
 }
 
+// The conversation's images, each with whether it was asked about yet.
+function listImages() {
+  const list = $("images");
+  list.replaceChildren();
+  for (const img of state.images) {
+    const li = document.createElement("li");
+    li.textContent = `${img.name}${img.sent ? "" : " (goes with your next question)"}`;
+    list.append(li);
+  }
+  $("images-title").hidden = list.hidden = state.images.length === 0;
+}
+
 // -- the conversation ---------------------------------------------------------------------------
 function newConversation(notice) {
   state.messages = [];
+  state.images = [];
+  listImages();
   addEntry("notice", notice);
 }
 
@@ -140,8 +168,10 @@ function setBusy(busy) {
 
 async function ask(question) {
   const model = $("model").value;
-  const content = [];
-  if (state.messages.length === 0 && state.image) content.push({ type: "image_url", image_url: { url: state.image.url } });
+  const pending = state.images.filter((img) => !img.sent); // this question's images, before its text
+  const unread = pending.find((img) => !img.url);
+  if (unread) { showError(`${unread.name} is still being read: ask again in a moment.`); return; }
+  const content = pending.map((img) => ({ type: "image_url", image_url: { url: img.url } }));
   content.push({ type: "text", text: question });
   const messages = [...state.messages, { role: "user", content }];
   const body = { model, messages, stream: true, stream_options: { include_usage: true },
@@ -172,6 +202,8 @@ async function ask(question) {
       }
     }
     state.messages = [...messages, { role: "assistant", content: answer }];
+    for (const img of pending) img.sent = true;
+    listImages();
     if (usage) entry.append(timingView(usage, timings));
   } catch (e) {
     if (e.name === "AbortError") {
@@ -250,14 +282,14 @@ function timingView(usage, t) {
 }
 
 // -- wiring -------------------------------------------------------------------------------------
-$("file").addEventListener("change", (e) => useFile(e.target.files[0]));
+$("file").addEventListener("change", (e) => { for (const f of e.target.files) useFile(f); e.target.value = ""; });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
-  useFile(e.dataTransfer.files[0]);
+  for (const f of e.dataTransfer.files) useFile(f);
 });
 document.addEventListener("paste", (e) => {
   const file = [...(e.clipboardData ? e.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
