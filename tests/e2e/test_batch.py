@@ -89,6 +89,15 @@ def test_questions_file_globs_and_bad_input(images, tmp_path, capsys):
     assert sorted((Path(r["image"]).name, r["question"]) for r in lines(out)) == [
         ("probe.jpg", "What color is the triangle?"), ("shapes-1.png", QUESTIONS[0]), ("shapes-2.png", QUESTIONS[0])]
     capsys.readouterr()
+    pair = [str(images / "shapes-1.png"), str(images / "shapes-2.png")]
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"images": pair, "question": QUESTIONS[0]}) + "\n")
+    assert main(["batch", "--questions", str(both), "--out", str(tmp_path / "both-a.jsonl"), *GREEDY]) == 0
+    (row,) = lines(tmp_path / "both-a.jsonl")
+    capsys.readouterr()
+    assert main(["ask", *pair, QUESTIONS[0], *GREEDY, "--json"]) == 0  # a line about two images is that ask
+    asked = json.loads(capsys.readouterr().out)
+    assert row["images"] == pair and row["token_ids"] == asked["token_ids"] and row["n_image_tokens"] == 72
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok?"}\n{"question": 3}\n')
     foreign = tmp_path / "foreign.jsonl"

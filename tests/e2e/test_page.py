@@ -131,6 +131,30 @@ def test_an_image_question_streams_its_answer_and_a_follow_up_is_cached(driver, 
     assert not first.find_elements(By.CLASS_NAME, "cached")
 
 
+def test_a_second_image_joins_the_conversation_and_new_conversation_starts_over(driver, server, tmp_path):
+    open_page(driver, server)
+    choose_image(driver, EXAMPLE)
+    ask(driver, QUESTION)
+    first = wait_answered(driver, 1)
+    assert "(36 image)" in first.find_element(By.CLASS_NAME, "timing").text
+    other = tmp_path / "second.png"
+    Image.open(EXAMPLE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    choose_image(driver, other)
+    notices = [n.text for n in driver.find_elements(By.CSS_SELECTOR, "#log li.notice")]
+    assert "second.png added to this conversation" in notices[-1]
+    listed = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#images li")]
+    assert listed == [EXAMPLE.name, "second.png (goes with your next question)"]
+    ask(driver, QUESTION)
+    second = wait_answered(driver, 2)
+    timing = second.find_element(By.CLASS_NAME, "timing").text
+    assert "(72 image)" in timing, timing  # both images are in the prompt
+    assert second.find_elements(By.CLASS_NAME, "cached")  # the first turn, image and all, from the KV cache
+    driver.find_element(By.ID, "new").click()
+    assert not driver.find_element(By.ID, "images").is_displayed()
+    ask(driver, "What is two plus two?")  # no image now: a text-only question
+    assert "(0 image)" in wait_answered(driver, 3).find_element(By.CLASS_NAME, "timing").text
+
+
 def test_the_servers_errors_are_shown_in_words_and_the_page_goes_on(driver, server, tmp_path):
     open_page(driver, server)
     notes = tmp_path / "notes.png"
@@ -142,7 +166,8 @@ def test_the_servers_errors_are_shown_in_words_and_the_page_goes_on(driver, serv
     error = driver.find_element(By.ID, "error").text
     assert re.search(r"not an image file|cannot decode", error), error  # the server's words
     assert not answers(driver)  # the failed answer is not left in the conversation
-    choose_image(driver, EXAMPLE)  # a new image starts a new conversation; the page still works
+    driver.find_element(By.ID, "new").click()  # the button starts a new conversation, without the unreadable file
+    choose_image(driver, EXAMPLE)  # the page still works
     driver.execute_script("document.getElementById('question').value = arguments[0]", "word " * 3000)
     ask(driver, "")  # Enter: a question over the context is the server's error, in words
     WebDriverWait(driver, WAIT_S).until(lambda d: "context" in d.find_element(By.ID, "error").text)

@@ -137,6 +137,21 @@ def test_a_second_chat_turn_is_token_exact(models, reference, images):
     assert turns[1] == [first, second]
 
 
+def test_several_images_are_spliced_as_on_llamacpp(models, reference, images):
+    """Two images in one turn, then a third image (the first again) in a follow-up: the rows at the same places on
+    both backends, token-exact with each other and with the reference's multi-image data flow."""
+    here, there = models
+    wide, tall = Image.open(images["wide"]), Image.open(images["tall"])
+    chats = [m.chat([images["wide"], images["tall"]], GREEDY) for m in (here, there)]
+    firsts = [c.ask(QUESTIONS[0]).token_ids for c in chats]
+    seconds = [c.ask(QUESTIONS[1], image=images["wide"]).token_ids for c in chats]
+    assert firsts[0] == firsts[1] and seconds[0] == seconds[1]
+    expected = reference.generate([[wide, tall]], [(QUESTIONS[0], None)], 12)
+    assert firsts[1] == expected
+    turns = [(QUESTIONS[0], reference.decode(expected)), (QUESTIONS[1], None)]
+    assert seconds[1] == reference.generate([[wide, tall], [wide]], turns, 12)
+
+
 def test_the_cli_and_serve_run_on_it(bundle, vllm, images, capsys, tmp_path, models):
     args = ["ask", str(images["wide"]), QUESTIONS[1], "--model", str(bundle), "--temperature", "0",
             "--max-tokens", "12", "--no-cache", "--json"]

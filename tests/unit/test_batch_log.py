@@ -52,6 +52,28 @@ def test_questions_and_items(tmp_path):
             read_questions(q)
 
 
+def test_a_question_line_may_name_several_images(tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"images": ["a.png", "b.png"], "question": "Which?"}\n{"images": ["c.png"], "question": "C?"}\n')
+    rows = read_questions(q)
+    both = (str(tmp_path / "a.png"), str(tmp_path / "b.png"))
+    assert make_items([], [], rows) == [Item(both, "Which?"), Item(str(tmp_path / "c.png"), "C?")]
+    out = tmp_path / "a.jsonl"
+    with AnswerLog(out) as log:
+        log.write({"images": list(both), "question": "Which?", "answer": "the first"})
+    assert json.loads(out.read_text())["images"] == list(both)
+    with AnswerLog(out) as log:  # resumed: the same (images, question) is done
+        assert log.done == {Item(both, "Which?").key}
+    assert Item.from_json(Item(both, "Which?").to_json()) == Item(both, "Which?")  # as Ray's actors receive it
+    for text, fragment in (('{"images": [], "question": "?"}', "non-empty list of paths"),
+                           ('{"images": "a.png", "question": "?"}', "non-empty list of paths"),
+                           ('{"images": ["a.png", 3], "question": "?"}', "non-empty list of paths"),
+                           ('{"image": "a.png", "images": ["b.png"], "question": "?"}', "not both")):
+        q.write_text(text)
+        with pytest.raises(ConfigError, match=fragment):
+            read_questions(q)
+
+
 def test_the_log_resumes_repairs_and_refuses(tmp_path):
     out = tmp_path / "deep" / "a.jsonl"
     with AnswerLog(out) as log:
