@@ -13,6 +13,7 @@ import base64
 import io
 import json
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -170,6 +171,20 @@ def test_serve_takes_several_images_per_turn_and_in_later_turns(server, referenc
     turns = [("Compare them.", reference.decode(expected1)), ("And this one?", None)]
     assert r2.model_extra["token_ids"] == reference.generate([[a, b], [c]], turns, 12)
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens  # the first turn, from the slot
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    cached = next(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("convllava_edge_cached_prompt_tokens_total"))
+    assert cached >= r2.usage.prompt_tokens_details.cached_tokens  # /metrics counts the reuse
     too_many = [{"role": "user", "content": [_url(pictures[k]) for k in "abca"] + [{"type": "text", "text": "?"}]}]
     with pytest.raises(openai.BadRequestError, match="4 images in one request, more than the 3"):
         client.chat.completions.create(model="tiny", messages=too_many, max_tokens=2)
+
+
+def test_ollama_takes_several_images_on_a_message(server, reference, pictures):
+    a, b = opened(pictures["a"]), opened(pictures["b"])
+    images = [base64.b64encode(pictures[k].read_bytes()).decode() for k in "ab"]
+    body = {"model": "tiny", "stream": False, "options": {"temperature": 0, "num_predict": 12},
+            "messages": [{"role": "user", "content": "Compare them.", "images": images}]}
+    r = httpx.post(server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["token_ids"] == reference.generate([[a, b]], [("Compare them.", None)], 12)
