@@ -39,9 +39,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Path = typer.Argument(..., help="ConvLLaVA model folder (config.json + .bin/.safetensors shards)."),
+    checkpoint: Path = typer.Argument(..., help="ConvLLaVA or LLaVA-Mini model folder (config.json + .bin/.safetensors "
+                                      "shards), or a Hugging Face repo id ORG/NAME[@REVISION] (its files fetched "
+                                      "through the hub cache; the tower from its config's mm_vision_tower)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to create."),
-    vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="ConvNeXt tower folder; default: the copy in the shards."),
+    vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="Vision tower folder or repo id; default: the copy in the shards (for a repo id checkpoint: the repo its config's mm_vision_tower names)."),
     llm_type: List[str] = typer.Option(["Q4_K_M"], "--llm-type", help="GGUF: Q4_K_M, Q4_0, Q5_K_M, Q6_K, Q8_0 (llama.cpp quantizer), F16, BF16, F32; or hf (a Hugging Face folder, for vLLM); repeat for hf beside one GGUF type."),
     vision_type: Optional[List[str]] = typer.Option(None, "--vision-type", help="fp32, fp16, int8 or bf16 (the fp32 graph run in bf16: OpenVINO, a CPU with bf16); repeat to ship several (the first is the default). Default: int8, with fp32 in front where int8 misses check's vision gate on the probe images."),
     calibration_images: Optional[Path] = typer.Option(None, "--calibration-images", help="Folder of images: static (TensorRT-ready QDQ) int8 instead of dynamic."),
@@ -74,9 +76,26 @@ def export_cmd(
     out.print(files_table(manifest, str(out_dir)))
 
 
+@app.command("pull")
+def pull_cmd(
+    repo: str = typer.Argument(..., metavar="ORG/NAME[@REVISION]", help="A published bundle's repository."),
+) -> None:
+    """Fetch a published bundle into the Hugging Face cache (HF_HOME) and verify every file against its manifest;
+    then --model ORG/NAME runs it, offline too."""
+    from ..hub import parse_spec, pull
+    from ..manifest import load_manifest
+
+    if parse_spec(repo) is None:
+        raise ConfigError(f"{repo}: not a repo id (ORG/NAME or ORG/NAME@REVISION)")
+    got = pull(repo)
+    n = len(load_manifest(got.path, verify=False).files)
+    out.print(f"{got.repo} ({got.revision or 'main'} = {got.commit[:12]}): {n} files verified, in {got.path}",
+              markup=False)
+
+
 @app.command("info")
 def info_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    bundle: Path = typer.Argument(..., help="Bundle folder or Hugging Face repo id (ORG/NAME[@REVISION])."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's SHA-256."),
 ) -> None:
@@ -85,7 +104,7 @@ def info_cmd(
     from ..manifest import load_manifest
     from ..vision import cached_choice, can_run
 
-    manifest = load_manifest(bundle, verify=verify)
+    manifest = load_manifest(_bundle(bundle), verify=verify)
     runs_on = {e.variant: [k.name for k in vision_kinds() if can_run(k.name, e)] for e in manifest.vision}
     choice = cached_choice(manifest)  # what --vision-backend auto measured here, if it ran
     if as_json:
@@ -216,7 +235,7 @@ def check_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle to measure."),
+    bundle: Path = typer.Argument(..., help="Bundle to measure (a folder or a repo id)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Image (default: examples/shapes-1.png)."),
     question: str = typer.Option("Describe the image.", "--question"),
     runs: int = typer.Option(5, "--runs", min=1, help="Measured runs after one warm-up (each series)."),
@@ -237,6 +256,7 @@ def bench_cmd(
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               calibrate=calibration("now"))
     image_path = image or default_image()
+    bundle = _bundle(bundle)
     data = _checked_image(image_path, bundle)
     with stage_bars(err) as progress:
         result = run_bench(bundle, data, question, runs, max_tokens, runtime, progress)
@@ -249,10 +269,18 @@ def bench_cmd(
     out.print(summary)
 
 
+def _bundle(spec: Optional[Path]) -> Optional[Path]:
+    """A bundle named by a folder as it is; by a Hugging Face repo id (ORG/NAME[@REVISION], no folder of that name):
+    from the hub cache without network access, else pulled and verified (hub.py)."""
+    from ..hub import bundle_path, is_repo_spec
+
+    return bundle_path(str(spec)) if spec is not None and is_repo_spec(spec) else spec
+
+
 def _bundle_or_demo(model: Optional[Path]) -> Path:
     """``--model``, or the demo model shipped with the package (said in one line), as every command defaults."""
     if model is not None:
-        return model
+        return _bundle(model)
     from ..default_model import default_bundle
 
     bundle = default_bundle()
@@ -345,6 +373,7 @@ def ask_cmd(
     options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               no_cache, calibrate=calibration("later"))
+    model = _bundle(model)  # a repo id: resolved before the images are checked against its preprocessing
     *paths, question = images_and_question
     if video is not None:
         if paths:
@@ -409,6 +438,7 @@ def chat_cmd(
     options = ask_options(max_tokens, temperature, top_p, seed, aspect, json_schema, grammar)
     runtime = runtime_options(device, threads, vision_type, vision_backend, vision_url, llm_backend, llm_url, llm_model,
                               no_cache, calibrate=calibration("later"))
+    model = _bundle(model)  # a repo id: resolved before the images are checked against its preprocessing
     image_data = [_checked_image(image, model, aspect) for image in images]
     loaded = _load_model(model, runtime)
     err.print(loaded.note, markup=False)
@@ -544,7 +574,7 @@ def deploy_triton_cmd(
     """The bundle's vision graphs as Triton models (ONNX Runtime backend), each config checked offline."""
     from ..deploy_triton import TritonOptions, deploy_triton
 
-    for folder in deploy_triton(bundle, out_repo, TritonOptions(vision_type, instances, tensorrt, gpu, force)):
+    for folder in deploy_triton(_bundle(bundle), out_repo, TritonOptions(vision_type, instances, tensorrt, gpu, force)):
         out.print(f"{folder}: config.pbtxt + 1/model.onnx (checked)", markup=False)
 
 

@@ -20,7 +20,8 @@ LLM_URL_HELP = "The vLLM server, e.g. http://127.0.0.1:8000 (with --llm-backend 
 LLM_MODEL_HELP = "The model's name on the vLLM server (default: the one it serves)."
 VISION_URL_HELP = ("A Triton server running the bundle's vision graphs, http://HOST:PORT (models named by `deploy "
                    "triton`; the 'triton' extra).")
-MODEL_HELP = "Bundle folder (default: the demo model shipped with the package)."
+MODEL_HELP = ("Bundle folder or Hugging Face repo id ORG/NAME[@REVISION] (pulled once, then from the cache; default: "
+              "the demo model shipped with the package).")
 ASPECT_HELP = "pad (as trained), native (keep aspect ratio) or crop (centre crop, LLaVA-Mini's default)."
 
 # -- how the bundle runs ---------------------------------------------------------------------------------------

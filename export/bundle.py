@@ -23,6 +23,8 @@ from ..vision import VISION_GATE, accuracy_cosines, gate_passed
 from .checkpoint import TensorStore
 from .families import ExportFamily, VisionResult, export_family_for
 from .gguf_convert import OUT_TYPES, GgufConversion
+from .model_card import write_card
+from .sources import resolve_sources
 from .staging import check_out, staging_folder
 
 LLM_TYPES = tuple(QUANT_FTYPES) + tuple(OUT_TYPES)  # Q4_K_M Q4_0 Q5_K_M Q6_K Q8_0 F32 F16 BF16
@@ -80,13 +82,16 @@ class ExportOptions:
             raise ConfigError("--calibration-images only applies to --vision-type int8")
 
 
-def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_tower: Path | None = None,
+def export_bundle(checkpoint: str | Path, out: Path, options: ExportOptions, vision_tower: str | Path | None = None,
                   progress: Progress = SilentProgress()) -> Manifest:
+    """``checkpoint`` and ``vision_tower``: folders, or Hugging Face repo ids (ORG/NAME[@REVISION], sources.py)."""
     options.validate()
-    checkpoint = Path(checkpoint)
     protect = {role: Path(p) for role, p in (("the checkpoint", checkpoint), ("the vision tower", vision_tower),
                                              ("the calibration images", options.calibration_images)) if p is not None}
     check_out(Path(out), options.force, protect)  # before any work: a refusal costs nothing
+    sources = resolve_sources(checkpoint, vision_tower)  # repo ids: downloaded (or found in the hub cache) now
+    checkpoint, vision_tower = sources.checkpoint, sources.vision_tower
+    name = sources.name or checkpoint.name
     family = export_family_for(checkpoint)
     opened = family.open(checkpoint, vision_tower, options)
     with staging_folder(out, options.force, protect) as tmp:
@@ -99,7 +104,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
         options = replace(options, vision_types=tuple(v.variant for v in vision.vision))
         llm_path = conversion = report = agreement = hf = None
         if options.llm_type is not None:
-            llm_path, conversion, report = export_llm(family, checkpoint, tmp, options, progress)
+            llm_path, conversion, report = export_llm(family, checkpoint, tmp, options, progress, name)
         if options.hf:
             hf = export_hf(family, checkpoint, tmp, progress)
         if report is not None and family.measures_agreement:
@@ -109,9 +114,10 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions, vision_to
             conversion.path.unlink()  # the unquantized file was only needed as the reference
         for f in vision.unshipped:  # the fp32 graph is always made (it is the reference); dropped if not asked for
             f.unlink()
-        manifest = build_manifest(tmp, checkpoint.name, family, vision, llm_path, conversion, report, agreement,
-                                  vision_tower, hf)
+        manifest = build_manifest(tmp, name, family, vision, llm_path, conversion, report, agreement,
+                                  vision_tower, hf, sources.hub)
         write_manifest(tmp, manifest)
+        write_card(tmp, manifest, sources.base_model, sources.card_license)
     return manifest
 
 
@@ -132,7 +138,7 @@ def default_types(vision: VisionResult, progress: Progress) -> VisionResult:
 
 
 def export_llm(family: ExportFamily, checkpoint: Path, folder: Path, options: ExportOptions,
-               progress: Progress) -> tuple[Path, GgufConversion, QuantReport | None]:
+               progress: Progress, name: str | None = None) -> tuple[Path, GgufConversion, QuantReport | None]:
     """Convert (and quantize) the LLM into ``folder``; returns the shipped file, conversion, quant report."""
     from ..quantize.gguf_quant import quantize_gguf
     from .gguf_convert import convert_llm
@@ -142,8 +148,8 @@ def export_llm(family: ExportFamily, checkpoint: Path, folder: Path, options: Ex
     base_type = _intermediate_type(checkpoint) if quantized else options.llm_type
     base = folder / (f"llm-{base_type.lower()}.unquantized.gguf" if quantized else f"llm-{base_type.lower()}.gguf")
     progress.stage(f"converting the LLM to GGUF {base_type}")
-    conversion = convert_llm(checkpoint, base, base_type, progress=lambda i, n, name: progress.advance(i, n),
-                             config=family.llm_config(checkpoint))
+    conversion = convert_llm(checkpoint, base, base_type, progress=lambda i, n, _: progress.advance(i, n),
+                             name=name, config=family.llm_config(checkpoint))
     progress.stage("checking the GGUF tokenizer against the checkpoint's")
     check_tokenizer(base, checkpoint)
     if not quantized:
@@ -188,7 +194,7 @@ def _intermediate_type(checkpoint: Path) -> str:
 
 def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: VisionResult, llm_path: Path,
                    conversion: GgufConversion | None, report: QuantReport | None, agreement: dict | None,
-                   vision_tower: Path | None = None, hf: HfWritten | None = None) -> Manifest:
+                   vision_tower: Path | None = None, hf: HfWritten | None = None, hub: tuple = ()) -> Manifest:
     """The one manifest builder: the family's fields, the files as written, the LLM as quantized."""
     entries, records, recorded = [], [], set()
     for v in vision.vision:
@@ -209,6 +215,8 @@ def build_manifest(bundle: Path, name: str, family: ExportFamily, vision: Vision
     source = {"checkpoint": name, "notes": vision.notes}
     if vision_tower is not None:  # check --reference CHECKPOINT finds the tower again
         source["vision_tower"] = str(Path(vision_tower).resolve())
+    if hub:  # each repo the export read: role, repo, revision and commit
+        source["hub"] = [dict(h) for h in hub]
     return Manifest(
         schema_version=SCHEMA_VERSION, family=family.name, name=name, created_with=f"convllava-edge {__version__}",
         files=tuple(records), preprocess=vision.preprocess, n_embd=vision.n_embd,

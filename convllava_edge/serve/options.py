@@ -55,11 +55,15 @@ class ServeOptions:
         return self.max_images * (self.max_image_bytes * 4 // 3) + 4 * MiB  # the base64 images and the text
 
 
-def served_names(bundles: Sequence[Path]) -> dict[str, Path]:
+def served_names(bundles: Sequence[str | Path]) -> dict[str, Path]:
+    """Name -> folder of each bundle: a folder by its name; a repo id (hub.py) by the repo's name part, from the
+    Hugging Face cache or pulled."""
+    from ..hub import bundle_path, served_name
+
     names: dict[str, Path] = {}
-    for path in bundles:
-        name = Path(path).resolve().name
+    for spec in bundles:
+        name, path = served_name(spec), bundle_path(spec)
         if name in names:
-            raise ConvLlavaEdgeError(f"two bundles are named {name!r} ({names[name]} and {path}): rename one folder")
+            raise ConvLlavaEdgeError(f"two bundles are named {name!r} ({names[name]} and {spec}): rename one folder")
         names[name] = Path(path)
     return names

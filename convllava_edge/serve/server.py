@@ -39,7 +39,8 @@ PAGE = Path(__file__).resolve().parent / "page"  # the web page's static files, 
 
 
 def app(models: Sequence[str | Path] | None = None, options: ServeOptions = ServeOptions(), wait: bool = False):
-    """The server for ``models`` (bundle folders; None: the demo model), named by their folder names. The models
+    """The server for ``models`` (bundle folders or repo ids; None: the demo model), named by their folder names
+    (a repo's name part). The models
     load in the background (/health: 503 until then); ``wait``: the app's startup waits for them and fails with
     their error (a Ray Serve replica is then ready only once its models are, or fails to start)."""
     options.validate()
@@ -48,7 +49,7 @@ def app(models: Sequence[str | Path] | None = None, options: ServeOptions = Serv
         from ..default_model import default_bundle
 
         models = [default_bundle()]
-    names = served_names([Path(m) for m in models])
+    names = served_names(list(models))
     state: dict = {"engine": None, "error": None}
 
     def load() -> None:
