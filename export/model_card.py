@@ -12,6 +12,24 @@ from pathlib import Path
 from ..manifest import Manifest
 
 CARD_NAME = "README.md"
+CARD_MARK = "library_name: convllava-edge"  # in the front matter: the card is ours, not a README the user wrote
+MAX_CARD_PEEK = 4096  # the front matter comes first; reading further decides nothing
+
+
+def is_our_card(path: Path) -> bool:
+    """Whether ``path`` is a card this tool wrote: a regular file whose YAML front matter names our library.
+    --force replaces a bundle with such a card; a README.md the user wrote in the folder makes it not ours."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as f:
+            head = f.read(MAX_CARD_PEEK).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    if not head.startswith("---\n"):
+        return False
+    front = head[4:].split("\n---", 1)[0]
+    return CARD_MARK in front.splitlines()
 
 
 def _accuracy_lines(manifest: Manifest) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Iterator, Mapping
 from ..errors import ConvLlavaEdgeError, ExportError
 from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, check_relative
 from ..files import TooManyEntries, apply_default_modes, first_unlisted
+from .model_card import CARD_NAME, is_our_card
 
 PARTIAL, OLD = ".partial-", ".old-"  # staging folders: ".OUT.partial-XXXX" (new bundle), ".OUT.old-XXXX" (swapped out)
 OWNER_FILE = ".convllava-edge-owner.json"  # inside a staging folder: the export that writes it
@@ -144,6 +145,8 @@ def not_a_bundle(folder: Path) -> str | None:
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version:
         return f"{MANIFEST_NAME} has schema_version {version!r}"
     listed = {MANIFEST_NAME}
+    if is_our_card(folder / CARD_NAME):  # the model card export writes beside the manifest, which does not list it
+        listed.add(CARD_NAME)
     try:
         for record in data["files"]:
             check_relative(record["path"], str(manifest))

@@ -314,8 +314,8 @@ def test_quantized_bundle_manifest_records_agreement(q4_bundle):
     agreement = manifest["accuracy"]["llm_vs_unquantized"]
     assert agreement["n_positions"] > 0 and 0 <= agreement["top1"] <= 1 and agreement["kl_mean"] >= 0
     assert manifest["llm"]["tensor_types"]["Q4_K"] > 0 and manifest["llm"]["fallbacks"] == 0
-    assert sorted(p.name for p in q4_bundle.iterdir()) == ["llm-q4_k_m.gguf", "manifest.json", "vision-fp32.onnx",
-                                                           "vision-int8.onnx"]
+    assert sorted(p.name for p in q4_bundle.iterdir()) == ["README.md", "llm-q4_k_m.gguf", "manifest.json",
+                                                           "vision-fp32.onnx", "vision-int8.onnx"]
 
 
 def test_bench_reports_every_figure_and_the_cache_hit(f32_bundle, images, capsys):

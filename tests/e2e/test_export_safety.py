@@ -180,6 +180,26 @@ def test_a_bundle_holding_a_file_it_does_not_list_is_not_replaced(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("card,ours", [
+    (b"---\nlibrary_name: convllava-edge\ntags:\n- gguf\n---\n# a bundle\n", True),  # what export writes
+    (b"# my notes on this bundle\nlibrary_name: convllava-edge\n", False),  # no front matter: the user's
+    (b"---\nlibrary_name: transformers\n---\nlibrary_name: convllava-edge\n", False),  # mark outside it
+])
+def test_a_bundle_card_is_ours_only_when_its_front_matter_says_so(tmp_path, card, ours):
+    out = fake_bundle(tmp_path / "b", {"README.md": card})
+    if ours:
+        with staging_folder(out, force=True) as tmp:
+            (tmp / "new.gguf").write_bytes(b"new")
+        assert [p.name for p in out.iterdir()] == ["new.gguf"]
+    else:
+        with pytest.raises(ExportError, match=r"holds 'README.md', which its manifest.json does not list"):
+            with staging_folder(out, force=True):
+                pass
+        assert (out / "README.md").read_bytes() == card
+    assert staging_leftovers(tmp_path) == []
+
+
+@pytest.mark.timeout(60)
 def test_force_replaces_an_empty_folder_and_a_damaged_bundle(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -368,7 +388,8 @@ def test_force_replaces_a_real_bundle_with_usual_modes(tiny, tiny_bundle, tmp_pa
     assert code == 0, captured.err
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["llm"]["type"] == "F16"
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME] + [f["path"] for f in manifest["files"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, "README.md"]
+                                                           + [f["path"] for f in manifest["files"]])
     assert not (out / "llm-q4_k_m.gguf").exists()  # the previous bundle is gone, not merged
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
