@@ -21,6 +21,7 @@ is counted:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -34,8 +35,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # tests.support.memwatch: the sampler the export memory test uses too
 QUESTION = "What is in the image?"
 IMAGE_SIZE = 1536
+CHECKPOINT_BYTES = 15 * 10**9  # the shards, already written on a second run
 DISK_NEEDED = 40 * 10**9  # shards ~15 GB + F16 GGUF ~13.5 GB + Q4_K_M ~4 GB + ONNX fp32 while exporting ~2.7 GB
 
 
@@ -181,6 +185,51 @@ def torch_child(ckpt: Path, image: Path, n_decode: int, threads: int) -> None:
     print(json.dumps({"positions": int(prompt.shape[1]), "image_rows": int(image_rows.shape[0])}))
 
 
+def export_side(args, ckpt: Path, bundle: Path, cpu: str) -> None:
+    """The export in a child of its own (what `convllava-edge export` calls), its tree sampled every 0.1 s:
+    RssAnon (what must stay resident) and RssFile (mapped files: reclaimable page cache) per stage, ru_maxrss
+    (which counts mapped file pages), and under --memory-limit the cgroup's peak charge and OOM kills."""
+    from tests.support.memwatch import export_command, memory_cgroup, run_watched
+
+    shutil.rmtree(bundle, ignore_errors=True)
+    log = args.work / "export-stages.log"
+    log.unlink(missing_ok=True)
+    limit = int(args.memory_limit * 1e9) if args.memory_limit else None
+    cmd = export_command(ckpt, bundle, log, llm_type="Q4_K_M", vision_types=("int8",), threads=args.threads)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    with memory_cgroup(limit) if limit else contextlib.nullcontext() as group:
+        if limit and group is None:
+            raise SystemExit("--memory-limit: this machine does not let this process make a memory cgroup")
+        run = run_watched(cmd, stage_log=log, cgroup=group, env=env)
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "threads": args.threads, "label": args.label,
+              "memory_limit_gb": args.memory_limit, "command": "export --llm-type Q4_K_M --vision-type int8",
+              **run.to_dict()}
+    if run.returncode == 0:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        result["files"] = {f["path"]: f["sha256"] for f in manifest["files"]}
+        result["llm_vs_unquantized"] = manifest["accuracy"].get("llm_vs_unquantized")
+        result["vision_int8"] = next((v.get("accuracy") for v in manifest["vision"] if v["variant"] == "int8"), None)
+    else:
+        result["stderr_tail"] = run.stderr[-3000:]
+    if args.compare and run.returncode == 0:
+        before = json.loads(args.compare.read_text())
+        result["same_files_as"] = {"results": str(args.compare), "identical": before.get("files") == result["files"],
+                                   "differing": sorted(k for k in set(before.get("files", {})) | set(result["files"])
+                                                       if before.get("files", {}).get(k) != result["files"].get(k))}
+    out = args.out.with_name(f"memory-export-{args.label}{'-small' if SMALL else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{cpu}, {args.threads} threads: export exit {run.returncode} in {run.seconds:.0f} s; peak anon "
+          f"{run.peak_anon / 1e9:.2f} GB, file {run.peak_file / 1e9:.2f} GB, ru_maxrss {run.ru_maxrss / 1e9:.2f} GB"
+          + (f", cgroup peak {run.cgroup_peak / 1e9:.2f} GB, OOM kills {run.oom_kills}" if group else ""))
+    print("| stage | s | peak anon GB | peak file GB |\n|---|---|---|---|")
+    for s in result["stages"]:
+        print(f"| {s['stage']} | {s['seconds']} | {s['peak_anon_gb']} | {s['peak_file_gb']} |")
+    print(f"results: {out}")
+    if not args.keep:
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "convllava-memory-bench")
@@ -188,6 +237,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep checkpoint and bundle (else removed at the end)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
     parser.add_argument("--small", action="store_true", help="a tiny model through the same steps (checks the script)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="measure the export alone: anonymous and file-backed peaks per stage, children included")
+    parser.add_argument("--memory-limit", type=float, default=None,
+                        help="with --export-only: run the export in a memory cgroup of this many GB (page cache counts)")
+    parser.add_argument("--label", default="after", help="with --export-only: results/memory-export-LABEL.json")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="with --export-only: an earlier results file whose bundle file hashes must be the same")
     parser.add_argument("--torch-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small and not SMALL:  # children read it from the environment
@@ -197,7 +253,7 @@ def main() -> None:
         torch_child(Path(args.torch_child[0]), Path(args.torch_child[1]), 8, args.threads)
         return
 
-    from convllava_edge.machine import cpu_info
+    from structured_bench import cpu_name  # the model and its vector flags
 
     if SMALL:
         args.work, args.out = args.work.with_name(args.work.name + "-small"), args.out.with_name("memory-small.json")
@@ -205,15 +261,19 @@ def main() -> None:
     ckpt, bundle, image = args.work / "ckpt", args.work / "bundle", args.work / "scene.png"
     have = (ckpt / "config.json").exists() + (bundle / "manifest.json").exists()
     free = shutil.disk_usage(args.work).free
-    if have < 2 and free < DISK_NEEDED and not SMALL:
-        raise SystemExit(f"{args.work}: {free / 1e9:.1f} GB free, this benchmark needs about {DISK_NEEDED / 1e9:.0f} GB "
+    needed = DISK_NEEDED - (CHECKPOINT_BYTES if (ckpt / "config.json").exists() else 0)
+    if have < 2 and free < needed and not SMALL:
+        raise SystemExit(f"{args.work}: {free / 1e9:.1f} GB free, this benchmark needs about {needed / 1e9:.0f} GB "
                          "(choose another --work)")
-    cpu = cpu_info()["model"]
+    cpu = cpu_name()
     print(f"{cpu}; work folder {args.work} ({free / 1e9:.1f} GB free)", flush=True)
     if not (ckpt / "config.json").exists():
         t = time.perf_counter()
         write_checkpoint(ckpt)
         print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.export_only:
+        export_side(args, ckpt, bundle, cpu)
+        return
     if not (bundle / "manifest.json").exists():
         exported = run_measured([sys.executable, "-m", "convllava_edge.cli.main", "export", str(ckpt), "--out", str(bundle),
                                  "--llm-type", "Q4_K_M", "--vision-type", "int8", "--threads", str(args.threads)])

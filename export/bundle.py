@@ -23,6 +23,7 @@ from ..vision import VISION_GATE, accuracy_cosines, gate_passed
 from .checkpoint import TensorStore
 from .families import ExportFamily, VisionResult, export_family_for
 from .gguf_convert import OUT_TYPES, GgufConversion
+from .isolated import worth_isolating
 from .model_card import write_card
 from .sources import resolve_sources
 from .staging import check_out, staging_folder
@@ -93,14 +94,17 @@ def export_bundle(checkpoint: str | Path, out: Path, options: ExportOptions, vis
     checkpoint, vision_tower = sources.checkpoint, sources.vision_tower
     name = sources.name or checkpoint.name
     family = export_family_for(checkpoint)
-    opened = family.open(checkpoint, vision_tower, options)
+    opened = family.open(checkpoint, vision_tower, options)  # its errors before any folder or work
+    isolate = family.vision_in_child and worth_isolating(checkpoint, vision_tower)
+    if isolate:
+        opened = None  # the child opens it again: nothing of the checkpoint stays open here
     with staging_folder(out, options.force, protect) as tmp:
         if options.vision_types is None:  # fp32 is made anyway: whether it ships is decided on the measured figures
-            vision = family.export_vision(opened, tmp, replace(options, vision_types=DEFAULT_VISION_TYPES + ("fp32",)),
-                                          progress)
+            vision = export_vision(family, opened, checkpoint, vision_tower, tmp,
+                                   replace(options, vision_types=DEFAULT_VISION_TYPES + ("fp32",)), progress, isolate)
             vision = default_types(vision, progress)
         else:
-            vision = family.export_vision(opened, tmp, options, progress)
+            vision = export_vision(family, opened, checkpoint, vision_tower, tmp, options, progress, isolate)
         options = replace(options, vision_types=tuple(v.variant for v in vision.vision))
         llm_path = conversion = report = agreement = hf = None
         if options.llm_type is not None:
@@ -119,6 +123,26 @@ def export_bundle(checkpoint: str | Path, out: Path, options: ExportOptions, vis
         write_manifest(tmp, manifest)
         write_card(tmp, manifest, sources.base_model, sources.card_license)
     return manifest
+
+
+def export_vision(family: ExportFamily, opened, checkpoint: Path, vision_tower: Path | None, folder: Path,
+                  options: ExportOptions, progress: Progress, isolate: bool) -> VisionResult:
+    """The family's vision graphs; with ``isolate`` in a process of their own (isolated.py): the tower, torch.onnx's
+    program and ONNX Runtime's arenas are gone before the LLM is converted."""
+    if not isolate:
+        return family.export_vision(opened, folder, options, progress)
+    from .isolated import run_isolated
+
+    return run_isolated(_vision_child, (family.name, checkpoint, vision_tower, folder, options), progress,
+                        "vision export")
+
+
+def _vision_child(family_name: str, checkpoint: Path, vision_tower: Path | None, folder: Path,
+                  options: ExportOptions, progress: Progress) -> VisionResult:
+    from .families import export_family_named
+
+    family = export_family_named(family_name)
+    return family.export_vision(family.open(checkpoint, vision_tower, options), folder, options, progress)
 
 
 def default_types(vision: VisionResult, progress: Progress) -> VisionResult:

@@ -53,6 +53,9 @@ class ExportFamily:
     name: str = ""  # the runtime family's name (manifest "family")
     model_types: tuple[str, ...] = ()  # config.json model_type values
     measures_agreement: bool = False  # the manifest carries accuracy.llm_vs_unquantized (llm_agreement)
+    # export_vision runs in a process of its own (isolated.py), its memory returned before the LLM stages. Only for
+    # a family a fresh interpreter finds by name (built in, or an entry point): one registered at run time is not.
+    vision_in_child: bool = False
 
     def detect(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...prompt import VICUNA_V1, ImageSlot
+from ...kv_cache import evaluate_items
+from ...prompt import VICUNA_V1, ImageSlot, image_end, positions
 from ..families import ExportFamily, ShippedVision, VisionResult
 
 AGREEMENT_QUESTIONS = ("Describe the image.", "What is in the picture?", "How many objects are there?")
@@ -22,6 +23,7 @@ AGREEMENT_ANSWER_TOKENS = 24  # per answer: enough positions to see where 4 bits
 class ConvLlavaExport(ExportFamily):
     name = "convllava"
     measures_agreement = True
+    vision_in_child = True
 
     @property
     def model_types(self):
@@ -109,16 +111,17 @@ def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:
     flips freely (the demo measured KL p99 19.8 there, 0.59 on its answers through `check`).
     """
     from ...backends.llm_llamacpp import LlamaCppBackend
-    from ...families.convllava import ConvLlavaEncoder
-    from ...preprocess import preprocess
-    from ...quantize.accuracy import compare_logits, sequence_logits
+    from ...quantize.accuracy import compare_logits
     from ...tokenizer import PromptTokenizer
-    from ..probe_images import probe_images
+    from ..bundle import SilentProgress
+    from ..isolated import ISOLATE_BYTES, run_isolated
 
     shipped = next(g for g in vision.graphs if g.variant == options.vision_types[0])
-    encoder = ConvLlavaEncoder.from_file(shipped.path, "cpu", options.threads)
-    images = [encoder.encode(preprocess(im, vision.preprocess)) for im in probe_images(AGREEMENT_IMAGES, seed=3)]
-    del encoder  # its memory before the LLMs'
+    # The image rows in a process of its own (export/isolated.py): ONNX Runtime's arenas for a 1536 px image are
+    # gigabytes that stay with the process that ran them, and the LLMs come next.
+    args = (shipped.path, vision.preprocess, options.threads)
+    images = run_isolated(_probe_rows, args, SilentProgress(), "probe image encode") \
+        if sum(f.stat().st_size for f in shipped.files) >= ISOLATE_BYTES else _probe_rows(*args, SilentProgress())
     # One model at a time, both written by this export a moment ago (no trial load in a child): a 7B's F16
     # reference (13.5 GB) and its Q4 file together thrashed a 24 GB machine. The reference loads without
     # extra buffer types: their repacked (AMX) copy of F16 weights doubled its memory.
@@ -126,17 +129,25 @@ def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:
                           extra_bufts=False)
     vocab = conversion.vocab
     tokenizer = PromptTokenizer(ref, vocab.runtime_entry())
-    sequences, ref_logits = [], []
+    per_image = []  # (the image's rows, its prompts): the questions share the system prompt and the image
     for n, embeds in enumerate(images):
         slot = ImageSlot(f"probe{n}", len(embeds))
-        for question in AGREEMENT_QUESTIONS:
-            items = tokenizer.items(VICUNA_V1.render([(question, None)]), slot)
-            answer, rows = _greedy_answer(ref, items, {slot.key: embeds})
+        per_image.append(({slot.key: embeds}, [tokenizer.items(VICUNA_V1.render([(q, None)]), slot)
+                                                for q in AGREEMENT_QUESTIONS]))
+    sequences, ref_logits = [], []  # per image: [(prompt + answer, answer rows)]
+    for embeds, prompts in per_image:
+        answers = []
+        for text in _after_shared_image(ref, prompts, embeds):
+            answer, rows = _greedy_answer(ref, text)
             ref_logits.append(rows)
-            sequences.append((list(items) + answer, {slot.key: embeds}, len(rows)))
+            answers.append((text + answer, len(rows)))
+        sequences.append((embeds, prompts, answers))
     ref.close()
     cand = LlamaCppBackend(llm_path, n_ctx=1024, threads=options.threads, kv_f32=True, trial=False)
-    cand_logits = [sequence_logits(cand, seq, embeds)[-n_rows:] for seq, embeds, n_rows in sequences]
+    cand_logits = []
+    for embeds, prompts, answers in sequences:
+        for (text, n_rows), _ in zip(answers, _after_shared_image(cand, prompts, embeds)):
+            cand_logits.append(cand.eval_tokens(text, all_logits=True)[-n_rows:])
     cand.close()
     agreement = compare_logits(ref_logits, cand_logits)
     return {**agreement.to_dict(),
@@ -145,12 +156,40 @@ def _llm_agreement(vision, llm_path: Path, conversion, options) -> dict:
                            f"(image rows from the {shipped.variant} graph)"}
 
 
-def _greedy_answer(backend, items, embeds: dict, max_tokens: int = AGREEMENT_ANSWER_TOKENS) -> tuple[list[int], np.ndarray]:
-    """The model's own greedy continuation of ``items`` (stops at its end-of-generation token), and its
-    logits at the last prompt position and after each answer token: [len(answer) + 1, n_vocab]."""
-    from ...quantize.accuracy import sequence_logits
+def _probe_rows(graph: Path, config, threads: int | None, progress) -> list[np.ndarray]:
+    """The projected rows of the agreement's generated images, from the bundle's default graph."""
+    from ...families.convllava import ConvLlavaEncoder
+    from ...preprocess import preprocess
+    from ..probe_images import probe_images
 
-    rows = [sequence_logits(backend, items, embeds)[-1]]
+    encoder = ConvLlavaEncoder.from_file(graph, "cpu", threads)
+    return [encoder.encode(preprocess(im, config)) for im in probe_images(AGREEMENT_IMAGES, seed=3)]
+
+
+def _after_shared_image(backend, prompts: list[list], embeds: dict):
+    """For each prompt, its text after the image (a list of token ids), the KV cache holding the system prompt and
+    the image before it: those are evaluated once for all the prompts (a 7B's prefill of ~600 positions is most
+    of a reference answer's time). The text after the image is evaluated in one run either way, as
+    quantize.accuracy.sequence_logits evaluates it, so every logit is the one a prompt evaluated from position 0
+    gets (tests/e2e/test_e2e.py compares the two)."""
+    cut = image_end(prompts[0])
+    shared = prompts[0][:cut]
+    backend.truncate(0)
+    evaluate_items(backend, shared, embeds)
+    n_shared = positions(shared)
+    for items in prompts:
+        text = list(items[cut:])
+        if items[:cut] != shared or any(isinstance(t, ImageSlot) for t in text):
+            raise AssertionError("the agreement's prompts share their text up to the image, and have one image")
+        backend.truncate(n_shared)
+        yield text
+
+
+def _greedy_answer(backend, text: list[int], max_tokens: int = AGREEMENT_ANSWER_TOKENS) -> tuple[list[int], np.ndarray]:
+    """The model's own greedy continuation of ``text`` (evaluated after what the KV cache holds; stops at its
+    end-of-generation token), and its logits at the last prompt position and after each answer token:
+    [len(answer) + 1, n_vocab]."""
+    rows = [backend.eval_tokens(text, all_logits=True)[-1]]  # all rows, as sequence_logits asks for them
     answer: list[int] = []
     while len(answer) < max_tokens:
         token = int(np.argmax(rows[-1]))
@@ -160,7 +199,6 @@ def _greedy_answer(backend, items, embeds: dict, max_tokens: int = AGREEMENT_ANS
         backend.eval_tokens([token])
         rows.append(backend.last_logits())
     return answer, np.stack(rows)
-
 
 
 FAMILY = ConvLlavaExport()

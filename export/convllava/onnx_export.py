@@ -21,7 +21,7 @@ from torch.export import Dim
 from ...errors import ExportError
 from ...families.convllava import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ConvLlavaEncoder
 from ...metrics import relative_max_error
-from ..onnx_graphs import FP32_TOLERANCE, check_opset, quiet_exporter, save_graph
+from ..onnx_graphs import FP32_TOLERANCE, check_opset, needs_external_data, quiet_exporter, save_graph, stream_weights
 from .vision_model import ConvLlavaVision, VisionGraph
 
 # LayerNormalization entered ONNX at opset 17, and TensorRT 8.6 (JetPack 5) reads up to 17; TensorRT
@@ -58,7 +58,10 @@ def export_onnx(model: ConvLlavaVision, path: Path, sample_hw: tuple[int, int], 
             )
         except Exception as e:  # torch.export raises many types; all mean "this module did not trace"
             raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if needs_external_data(model):  # the weights go to the data file one by one: no second copy of the tower
+        stream_weights(program.model, path.with_name(path.name + ".data"))
     model_proto = program.model_proto
+    del program
     check_opset(model_proto, OPSET, path.name)
     _name_output_dims(model_proto)
     return save_graph(model_proto, path, model)
@@ -72,24 +75,31 @@ def _name_output_dims(model: onnx.ModelProto) -> None:
             dims[1].dim_param = "grid_height*grid_width"
 
 
-def validate_onnx(path: Path, model: ConvLlavaVision, inputs: Sequence[np.ndarray],
-                  tolerance: float = FP32_TOLERANCE, threads: int | None = None) -> list[ValidationResult]:
-    """Run the graph and the module on each input; raise ExportError listing every failure.
+def torch_outputs(model: ConvLlavaVision, inputs: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The module's (features, embeds) for each input: what the graph is validated against. Taken before the
+    graph's session opens, so that the module and the session are never resident together (at 1536 px each
+    holds gigabytes: the weights and the activations)."""
+    with torch.no_grad():
+        return [tuple(t.numpy()[0].copy() for t in model.features_and_embeds(torch.from_numpy(pixels)))
+                for pixels in inputs]
 
-    Both outputs are compared; the result records the worse of the two.
+
+def validate_onnx(path: Path, expected: Sequence[tuple[np.ndarray, np.ndarray]], inputs: Sequence[np.ndarray],
+                  tolerance: float = FP32_TOLERANCE, threads: int | None = None) -> list[ValidationResult]:
+    """Run the graph on each input and compare with ``expected`` (torch_outputs); raise ExportError listing every
+    failure. Both outputs are compared; the result records the worse of the two.
     """
     encoder = ConvLlavaEncoder.from_file(path, "cpu", threads)
     results = []
-    with torch.no_grad():
-        for pixels in inputs:
-            expected = [t.numpy()[0] for t in model.features_and_embeds(torch.from_numpy(pixels))]
-            got = encoder.encode_both(pixels)
-            for name, g, e in zip((FEATURES_NAME, OUTPUT_NAME), got, expected):
-                if g.shape != e.shape:
-                    raise ExportError(f"{path.name}: {name} shape {list(g.shape)} for input {list(pixels.shape)}, "
-                                      f"PyTorch gives {list(e.shape)}")
-            error = max(relative_max_error(g, e) for g, e in zip(got, expected))
-            results.append(ValidationResult(pixels.shape[2], pixels.shape[3], error, tolerance))
+    for pixels, want in zip(inputs, expected, strict=True):
+        got = encoder.encode_both(pixels)
+        for name, g, e in zip((FEATURES_NAME, OUTPUT_NAME), got, want):
+            if g.shape != e.shape:
+                raise ExportError(f"{path.name}: {name} shape {list(g.shape)} for input {list(pixels.shape)}, "
+                                  f"PyTorch gives {list(e.shape)}")
+        error = max(relative_max_error(g, e) for g, e in zip(got, want))
+        results.append(ValidationResult(pixels.shape[2], pixels.shape[3], error, tolerance))
+    del encoder
     failures = [r for r in results if not r.passed]
     if failures:
         detail = "; ".join(f"{r.height}x{r.width}: max error {r.rel_error:.2e} of the output's scale" for r in failures)

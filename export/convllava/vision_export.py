@@ -17,10 +17,11 @@ from ...metrics import EmbeddingAgreement, compare_embeddings
 from ...preprocess import PreprocessConfig, preprocess
 from ...families.convllava import ConvLlavaEncoder
 from ..onnx_graphs import graph_files
-from .onnx_export import ValidationResult, export_onnx, validate_onnx
+from ..isolated import release_freed_memory, run_isolated, worth_isolating
+from .onnx_export import ValidationResult, export_onnx, torch_outputs, validate_onnx
 from ..probe_images import images_in, probe_images
 from ..trt_lint import LintReport, lint
-from .vision_model import VisionCheckpoint, load_vision_model
+from .vision_model import VisionCheckpoint, load_vision_model, open_vision_checkpoint
 
 N_PROBE_IMAGES = 6  # accuracy figures are pooled over this many images (x 16 to 576 tokens each)
 MAX_CALIBRATION_IMAGES = 64
@@ -59,6 +60,34 @@ def validation_shapes(config: PreprocessConfig) -> list[tuple[int, int]]:
     return [(h, w), (h, max(s, (w // 2) // s * s)), (max(s, (h * 3 // 4) // s * s), w)]
 
 
+class _Stages:
+    """This module's progress (a callable) as the Progress run_isolated's child reports to."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def stage(self, label: str) -> None:
+        self.progress(label)
+
+    def advance(self, done: int, total: int) -> None:
+        pass
+
+
+def _torch_side(ckpt: VisionCheckpoint | Path, tower: Path | None, fp32_path: Path, inputs: list[np.ndarray],
+                progress) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The PyTorch module: the fp32 graph written from it, and its outputs on ``inputs`` (what the graph is validated
+    against). ``ckpt`` is an opened checkpoint, or its folder (and ``tower``'s) to open here, in a child."""
+    if not isinstance(ckpt, VisionCheckpoint):
+        ckpt = open_vision_checkpoint(ckpt, tower)
+    config = ckpt.tower.preprocess
+    progress.stage("loading the vision tower and projector")
+    model = load_vision_model(ckpt)
+    progress.stage("exporting the fp32 graph")
+    export_onnx(model, fp32_path, config.crop_size, config.stride)
+    progress.stage(f"validating the fp32 graph against PyTorch at {', '.join(f'{x.shape[2]}x{x.shape[3]}' for x in inputs)}")
+    return torch_outputs(model, inputs)
+
+
 def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str] = ("fp32",),
                   calibration_dir: Path | None = None, progress: Progress = lambda msg: None,
                   threads: int | None = None) -> VisionExport:
@@ -66,16 +95,20 @@ def export_vision(ckpt: VisionCheckpoint, out_dir: Path, variants: Sequence[str]
     from ...quantize.onnx_variants import BF16_METHOD, bf16_backend, make_variant
 
     config = ckpt.tower.preprocess
-    progress("loading the vision tower and projector")
-    model = load_vision_model(ckpt)
-    progress("exporting the fp32 graph")
-    fp32_path = export_onnx(model, out_dir / "vision-fp32.onnx", config.crop_size, config.stride)
     rng = np.random.default_rng(0)
     shapes = validation_shapes(config)
     inputs = [rng.normal(0, 1, size=(1, 3, h, w)).astype(np.float32) for h, w in shapes]
-    progress(f"validating the fp32 graph against PyTorch at {', '.join(f'{h}x{w}' for h, w in shapes)}")
-    validation = validate_onnx(fp32_path, model, inputs, threads=threads)
-    del model
+    fp32_path = out_dir / "vision-fp32.onnx"
+    sources = (ckpt.store.folder, ckpt.tower.store.folder if ckpt.tower.prefix == "" else None)
+    if worth_isolating(*sources):
+        # PyTorch's side in a process of its own: after torch.onnx, onnxscript's rewriter keeps the last graph it
+        # matched in a module-level rule, and with it every parameter of the tower (2.8 GB at 1536 px): only the
+        # process's end returns them. ONNX Runtime's sessions below then have the memory to themselves.
+        expected = run_isolated(_torch_side, (*sources, fp32_path, inputs), _Stages(progress), "PyTorch export")
+    else:
+        expected = _torch_side(ckpt, None, fp32_path, inputs, _Stages(progress))
+    release_freed_memory()
+    validation = validate_onnx(fp32_path, expected, inputs, threads=threads)
     graphs = [VisionGraph("fp32", fp32_path, "fp32, exported by torch.onnx (dynamo)", lint(fp32_path),
                           validation=validation)]
 

@@ -203,8 +203,13 @@ class VisionGraph(nn.Module):
 
 
 def load_vision_model(ckpt: VisionCheckpoint) -> ConvLlavaVision:
-    """Build the module and copy every tensor in by name; every key used, every shape checked."""
-    model = ConvLlavaVision(ckpt.tower.config, ckpt.llava.mm.projector_type, ckpt.llava.llm.hidden_size)
+    """Build the module and put every tensor in by name; every key used, every shape checked.
+
+    The module is built on the meta device and the checkpoint's tensors (converted to fp32) become its parameters
+    (``assign``): one copy of the tower in memory, not a random-initialised one beside the loaded one (at 1536 px
+    the tower is 2.8 GB in fp32)."""
+    with torch.device("meta"):
+        model = ConvLlavaVision(ckpt.tower.config, ckpt.llava.mm.projector_type, ckpt.llava.llm.hidden_size)
     tower = ckpt.tower
     sources: dict[str, tuple[TensorStore, str]] = {}
     for name in model.state_dict():
@@ -226,5 +231,5 @@ def load_vision_model(ckpt: VisionCheckpoint) -> ConvLlavaVision:
         store = tower.store if first in tower.store else ckpt.store
         raise CheckpointError(f"{store.file_of(first)}: unexpected tensor {first!r} ({len(leftovers)} unused in all): "
                               "the config does not describe these weights")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -43,6 +43,7 @@ def chat_template(checkpoint: Path) -> ChatTemplate:
 class LlavaMiniExport(ExportFamily):
     name = "llava-mini"
     measures_agreement = False  # its prompts are pre-fused rows: measured by check against a reference bundle
+    vision_in_child = True
 
     @property
     def model_types(self):

@@ -346,3 +346,38 @@ def test_export_time_llm_agreement_is_measured_on_answers(q4_bundle):
     assert agree["measured_on"].startswith(f"{agree['n_positions']} answer positions")
     assert "int8 graph" in agree["measured_on"]  # the bundle's own default graph made the image rows
     assert 0 <= agree["kl_mean"] <= agree["kl_p99"] and 0 <= agree["top1"] <= 1
+
+
+def test_agreement_evaluating_the_image_once_gives_the_logits_of_each_prompt_from_position_0(q4_bundle):
+    """The export's agreement step evaluates the system prompt and the image once per image and each question after
+    them (export/convllava _after_shared_image). Every logit must be bit-identical to the same evaluation started
+    from position 0: the reference's greedy answers (the prompt through sequence_logits, then one token at a time)
+    and the candidate's teacher-forced rows (prompt and answer through sequence_logits)."""
+    from convllava_edge.backends.llm_llamacpp import LlamaCppBackend
+    from convllava_edge.export.convllava import (AGREEMENT_ANSWER_TOKENS, AGREEMENT_QUESTIONS, _after_shared_image,
+                                                 _greedy_answer)
+    from convllava_edge.manifest import load_manifest
+    from convllava_edge.prompt import VICUNA_V1, ImageSlot
+    from convllava_edge.quantize.accuracy import sequence_logits
+    from convllava_edge.tokenizer import PromptTokenizer
+
+    llm = LlamaCppBackend(q4_bundle / "llm-q4_k_m.gguf", n_ctx=1024, threads=2, kv_f32=True, trial=False)
+    try:
+        tokenizer = PromptTokenizer(llm, load_manifest(q4_bundle).tokenizer)
+        embeds = {"probe": np.random.default_rng(5).normal(0, 1, (16, llm.n_embd)).astype(np.float32)}
+        slot = ImageSlot("probe", 16)
+        prompts = [tokenizer.items(VICUNA_V1.render([(q, None)]), slot) for q in AGREEMENT_QUESTIONS]
+        shared = [_greedy_answer(llm, text) for text in _after_shared_image(llm, prompts, embeds)]
+        for items, (answer, rows) in zip(prompts, shared, strict=True):
+            expected, want = [sequence_logits(llm, items, embeds)[-1]], []
+            while len(want) < AGREEMENT_ANSWER_TOKENS and not llm.is_end(int(np.argmax(expected[-1]))):
+                want.append(int(np.argmax(expected[-1])))
+                llm.eval_tokens([want[-1]])
+                expected.append(llm.last_logits())
+            assert answer == want and len(answer) > 0 and np.array_equal(rows, np.stack(expected))
+        forced = [llm.eval_tokens(text + answer, all_logits=True)[-len(rows):]
+                  for (answer, rows), text in zip(shared, _after_shared_image(llm, prompts, embeds))]
+        for items, (answer, rows), got in zip(prompts, shared, forced, strict=True):
+            assert np.array_equal(got, sequence_logits(llm, list(items) + answer, embeds)[-len(rows):])
+    finally:
+        llm.close()
