@@ -14,6 +14,7 @@ dataclasses) and its errors (the project's one-line errors) are pickled back. Th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -96,13 +97,31 @@ def _child(conn, fn: Callable, args: tuple) -> None:
         conn.close()
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Keep spawn from running the caller's main script again in the child: multiprocessing re-imports ``__main__``
+    by its path or module name, and a script calling export_bundle without an ``if __name__ == "__main__"`` guard
+    would export again there (and fail: a process started during bootstrapping). ``fn`` lives in an importable
+    module, so the child needs nothing of ``__main__``; without ``__file__`` and with ``__spec__`` None it is not run."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    if main is not None:
+        main.__spec__ = None  # multiprocessing reads the attribute; None means "no module name"
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 def run_isolated(fn: Callable, args: tuple, progress, what: str) -> Any:
     """``fn(*args, progress)`` in a fresh process; its return value. ``fn`` is a module-level function (spawn
     pickles it by name), ``args`` picklable; ``what`` names the stage in the error when the process dies."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, fn, args), name=f"convllava-edge {what}")
-    process.start()
+    with _main_module_hidden():
+        process.start()
     send.close()  # the child's end: recv() sees EOF when the child is gone
     ended = False  # the child sent its last message and is exiting by itself
     try:

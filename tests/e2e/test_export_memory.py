@@ -105,3 +105,26 @@ def test_the_export_completes_inside_a_memory_limit_scaled_to_the_checkpoint(tmp
                                                        f"{run.stderr[-2000:]}"
     assert run.cgroup_peak is None or run.cgroup_peak <= limit
     assert (tmp_path / "bundle" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("family", ["convllava", "llava-mini"])
+def test_an_isolated_export_runs_from_a_script_without_a_main_guard(family, tiny, mini, tmp_path):
+    """A library user's script calling export_bundle at module level (no ``if __name__ == "__main__"``): the vision
+    export's process must not run the script again (multiprocessing's spawn re-imports ``__main__``). Every stage is
+    isolated here (ISOLATE_BYTES 0), as for a large checkpoint, for both built-in families."""
+    import subprocess
+    import sys
+
+    sft, tower = (tiny.bin_ckpt, None) if family == "convllava" else mini
+    script = tmp_path / "export_it.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "import convllava_edge.export.isolated as isolated\n"
+        "from convllava_edge.export.bundle import ExportOptions, export_bundle\n"
+        "isolated.ISOLATE_BYTES = 0\n"
+        f"export_bundle({str(sft)!r}, Path({str(tmp_path / 'bundle')!r}), ExportOptions(vision_types=('int8',), "
+        f"llm_type='Q8_0'), vision_tower={str(tower) if tower else None!r})\n"
+        "print('exported')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.count("exported") == 1, done.stderr[-3000:]
+    assert (tmp_path / "bundle" / "manifest.json").exists()
