@@ -13,11 +13,11 @@ import onnx
 import torch
 
 from ..errors import ExportError
+from ..quantize.onnx_variants import EXTERNAL_SIZE_THRESHOLD as SIZE_THRESHOLD  # one figure: the quantizer's round trip
 
 # Graphs whose weights exceed this go to ONNX external data: protobuf cannot serialise a message
 # over 2 GiB, and the 1536 tower alone holds ~669M fp32 parameters (2.7 GB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-SIZE_THRESHOLD = 1024  # onnx.save_model's size_threshold: smaller tensors stay inside the graph file
 # fp32 ONNX Runtime vs fp32 PyTorch: only summation order differs; 1e-4 of the output's scale leaves
 # room for deep towers' accumulated rounding while still catching any wrong op (those give ~1e-1).
 FP32_TOLERANCE = 1e-4

@@ -179,7 +179,9 @@ def _shape_inference_in_place(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-EXTERNAL_SIZE_THRESHOLD = 1024  # onnx.save_model's size_threshold, which the quantizer's round trip used
+# onnx.save_model's size_threshold: smaller tensors stay inside the graph file (our graphs' external data, and the
+# quantizer's round trip through it)
+EXTERNAL_SIZE_THRESHOLD = 1024
 _SKELETON_DATA_BYTES = 64 * 1024  # initializers this small keep their values in the skeleton (shape constants)
 
 
